@@ -1,0 +1,52 @@
+# Thin wrappers; the work happens in dev/stemflow_dev (python -m stemflow_dev ...).
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install up down demo test test-unit test-integration lint format models bench clean
+
+$(STAMP): constraints.txt requirements-dev.txt shared/pyproject.toml dev/pyproject.toml $(wildcard services/*/pyproject.toml)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -r requirements-dev.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+	dev/system-deps.sh
+
+up: install
+	$(BIN)/python -m stemflow_dev up
+
+down:
+	$(BIN)/python -m stemflow_dev down
+
+demo: install
+	$(BIN)/python -m stemflow_dev demo
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit: install
+	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
+
+test-integration: install
+	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+models: install
+	$(BIN)/python -m stemflow_dev.models download --repo .models
+
+bench: install
+	$(BIN)/python bench/pipeline.py
+
+clean:
+	rm -rf $(VENV) .stemflow test-artifacts

@@ -1,0 +1,755 @@
+"""The gateway's HTTP API at 1,000, 10,000 and 100,000 jobs, driven by wrk from another process.
+
+Starts one gateway process per size on the real local RabbitMQ, MongoDB and
+Redis (each in its own namespace, database and blob directory, all removed at
+the end), seeds it with jobs shaped like `state.new_job` makes them over four
+owners, and drives it with wrk (10 and 100 connections) for: get (cache hit,
+cache miss), list the first page and a deep cursor page (90% down the owner's
+jobs), and create with a 5 MB upload.
+Sizes are measured interleaved, scenario by scenario, so that the load of a
+shared machine drifting over minutes hits every size alike.
+
+The baseline, measured in the same run on the same processes and connections,
+is `GET /healthz` (the HTTP stack alone); every scenario is also given as a
+ratio to it. With `--baseline-pythonpath` (e.g. an older checkout's
+services/gateway/src) the same sizes are also served by that code, interleaved
+too, and compared. Prints p50/p95/p99, req/s and the gateway's CPU time per
+request, the list p95 ratio 100k/1k, the RSS growth of a 500 MB upload and the
+issue's reference peer figures; writes bench/results/gateway.json.
+
+    .venv/bin/python bench/gateway.py [--sizes 1000,10000,100000] [--duration 5] [--connections 10,100]
+
+Needs `wrk` (Debian: `apt-get install -y wrk`; installed automatically when run as root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+# This script is named like the service's package; its folder must not shadow `gateway` on the path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+RESULTS = HERE / "results"
+OWNERS = ("bench-0", "bench-1", "bench-2", "bench-3")
+UPLOADER = "bench-upload"
+PAGE = 20
+UPLOAD_MB = 5
+BIG_UPLOAD_MB = 500
+RSS_LIMIT_MB = 64
+SCENARIOS = ("healthz", "get_hit", "get_miss", "list_first", "list_deep", "create_5mb")
+# Run once over a list of distinct requests (each a cache miss), instead of repeating them for the duration.
+ONCE = ("get_miss",)
+# The issue's reference: a FastAPI + PostgreSQL peer (offset pagination with a full count), 10 connections, 1,000 jobs.
+PEER = {
+    "list_p50_ms": 30.0,
+    "list_p95_ms": 142.0,
+    "list_rps": 29.0,
+    "list_p50_ms_10k": 367.0,
+    "get_rps": 428.0,
+    "get_p99_ms": 134.0,
+    "upload_5mb_p50_ms": 61.0,
+}
+GOALS = {
+    "list_p95_ms": 10.0,
+    "list_p95_ratio_100k_1k": 1.5,
+    "get_hit_p50_ms": 2.0,
+    "get_hit_p99_ms": 10.0,
+    "get_hit_rps_c10": 3000.0,
+    "list_rps_c10": 1000.0,
+    "upload_5mb_p50_ms": 30.0,
+    "upload_500mb_rss_growth_mb": float(RSS_LIMIT_MB),
+}
+
+LUA = r"""
+local list_file, body_file, content_type = "%(list)s", "%(body)s", "%(ctype)s"
+local nthreads, once = %(threads)d, %(once)s
+local reqs, n, i, answered = {}, 0, 0, 0
+local counter = 0
+
+function setup(thread)
+  thread:set("tid", counter)
+  counter = counter + 1
+end
+
+function init(args)
+  local body = nil
+  if body_file ~= "" then
+    local f = io.open(body_file, "rb"); body = f:read("*a"); f:close()
+  end
+  local k = 0
+  for line in io.lines(list_file) do
+    if (not once) or k %% nthreads == tid then
+      local method, path, auth = line:match("^(%%S+)\t(%%S+)\t(.*)$")
+      local headers = {["Authorization"] = auth, ["Accept-Encoding"] = "gzip"}
+      if content_type ~= "" then headers["Content-Type"] = content_type end
+      n = n + 1
+      reqs[n] = wrk.format(method, path, headers, body)
+    end
+    k = k + 1
+  end
+  i = once and 0 or (tid %% n)
+end
+
+function request()
+  i = i + 1
+  if i > n then i = once and n or 1 end
+  return reqs[i]
+end
+
+if once then
+  response = function(status, headers, body)
+    answered = answered + 1
+    if answered >= n then wrk.thread:stop() end
+  end
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCHJSON {"requests":%%d,"duration_us":%%d,"p50_us":%%d,"p95_us":%%d,"p99_us":%%d,"mean_us":%%.1f,' ..
+    '"errors":{"connect":%%d,"read":%%d,"write":%%d,"status":%%d,"timeout":%%d}}\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(95), latency:percentile(99),
+    latency.mean, e.connect, e.read, e.write, e.status, e.timeout))
+end
+"""
+
+
+def require_wrk() -> str:
+    """The wrk executable; installed with apt-get when missing and we are root on Debian."""
+    found = shutil.which("wrk")
+    if found:
+        return found
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        print("wrk is missing: apt-get install -y wrk", flush=True)
+        subprocess.run(["apt-get", "install", "-y", "wrk"], check=True, stdout=subprocess.DEVNULL)
+        found = shutil.which("wrk")
+    if not found:
+        sys.exit("bench/gateway.py needs wrk: apt-get install -y wrk")
+    return found
+
+
+# --- the gateway's processes --------------------------------------------------------
+
+
+def group_pids(pgid: int) -> list[int]:
+    """The gateway's processes: its process group (one server, or a supervisor and its workers)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def process_cpu_s(pgid: int) -> float:
+    total = 0
+    for pid in group_pids(pgid):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kb(pgid: int, field_name: str) -> int:
+    """VmRSS or VmHWM summed over the gateway's processes."""
+    total = 0
+    for pid in group_pids(pgid):
+        try:
+            lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        except OSError:
+            continue
+        total += next((int(line.split()[1]) for line in lines if line.startswith(field_name + ":")), 0)
+    return total
+
+
+@dataclass
+class Target:
+    """One running gateway: which code (`variant`), how many jobs, and how to reach and measure it."""
+
+    variant: str
+    size: int
+    namespace: str
+    base_url: str
+    pid: int
+    jobs: Any
+    blob_dir: Path
+    keys: dict[str, str] = field(default_factory=dict)
+    lines: dict[str, list[str]] = field(default_factory=dict)
+    warm: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def auth(self) -> str:
+        return f"Bearer {self.keys[OWNERS[0]]}"
+
+
+class Wrk:
+    """Runs one wrk scenario against a gateway and reads its figures, with the gateway's CPU time."""
+
+    def __init__(self, executable: str, work: Path, duration_s: float, upload: tuple[Path, str]) -> None:
+        self.executable = executable
+        self.work = work
+        self.duration_s = duration_s
+        self.upload_body, self.upload_type = upload
+
+    def run(self, target: Target, scenario: str, connections: int) -> dict[str, Any]:
+        threads = min(2, connections)
+        once = scenario in ONCE
+        seconds = self.duration_s
+        body, content_type = None, ""
+        if scenario == "create_5mb":
+            body, content_type = self.upload_body, self.upload_type
+            # Each upload holds its connection for a while: at 100 connections a short run completes few.
+            seconds = max(seconds, connections / 10)
+        name = f"{target.variant}-{target.size}-{scenario}-{connections}"
+        listing = self.work / f"{name}.txt"
+        listing.write_text("\n".join(target.lines[scenario]) + "\n")
+        script = self.work / f"{name}.lua"
+        script.write_text(
+            LUA
+            % {
+                "list": listing,
+                "body": body or "",
+                "ctype": content_type,
+                "threads": threads,
+                "once": "true" if once else "false",
+            }
+        )
+        argv = [self.executable, f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "30s"]
+        cpu_before = process_cpu_s(target.pid)
+        out = subprocess.run([*argv, "-s", str(script), target.base_url], capture_output=True, text=True, check=True)
+        cpu = process_cpu_s(target.pid) - cpu_before
+        raw = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("BENCHJSON "))[10:])
+        requests = max(raw["requests"], 1)
+        return {
+            "connections": connections,
+            "requests": raw["requests"],
+            "rps": round(raw["requests"] / (raw["duration_us"] / 1e6), 1),
+            "p50_ms": raw["p50_us"] / 1000,
+            "p95_ms": raw["p95_us"] / 1000,
+            "p99_ms": raw["p99_us"] / 1000,
+            "mean_ms": round(raw["mean_us"] / 1000, 3),
+            "gateway_cpu_us_per_request": round(cpu * 1e6 / requests, 1),
+            "errors": {k: v for k, v in raw["errors"].items() if v},
+        }
+
+
+# --- seeding ------------------------------------------------------------------------
+
+
+def job_documents(count: int, base: float) -> Iterator[dict[str, Any]]:
+    """`count` jobs, newest first by index, a mix of finished and failed ones, like new_job makes them."""
+    from gateway import state
+    from stemflow_shared.events import JobOptions
+
+    options = JobOptions(stems=4, quality="balanced")
+    retention = timedelta(days=7)
+    for index in range(count):
+        created = base - index * 10.0
+        job_id = state.new_job_id(created)
+        now = datetime.fromtimestamp(created, UTC).replace(microsecond=0)
+        input_doc = {
+            "blob_key": f"jobs/{job_id}/upload",
+            "filename": f"song-{index}.wav",
+            "content_type": "audio/wav",
+            "size": 31_000_000,
+            "sha256": uuid.uuid4().hex * 2,
+        }
+        doc = state.new_job(job_id, OWNERS[index % len(OWNERS)], options, input_doc, now=now, retention=retention)
+        doc["expire_at"] = datetime.now(UTC) + retention
+        if index % 10 < 7:
+            finish(doc, job_id)
+        elif index % 10 == 7:
+            doc["status"] = "failed"
+            doc["error"] = {"code": "decode_failed", "message": "the file is not audio"}
+        yield doc
+
+
+def finish(doc: dict[str, Any], job_id: str) -> None:
+    """A completed job with four stems and a full analysis (beats and energy curve included)."""
+    doc["status"] = "completed"
+    doc["progress"] = 100.0
+    doc["stages"] = {s: {"status": "completed", "percent": 100.0} for s in ("ingest", "separation", "analysis")}
+    doc["audio"] = {"blob_key": f"jobs/{job_id}/audio.wav", "fingerprint": uuid.uuid4().hex, "duration_s": 180.0}
+    doc["result"] = {
+        "stems": [
+            {
+                "name": name,
+                "format": "wav",
+                "media_type": "audio/wav",
+                "blob_key": f"jobs/{job_id}/stems/{name}.wav",
+                "size": 31_752_044,
+                "duration_s": 180.0,
+            }
+            for name in ("vocals", "drums", "bass", "other")
+        ],
+        "separation": {"model": "htdemucs", "device": "cpu", "precision": "float32", "untrained": False},
+        "analysis": {
+            "tempo_bpm": 120.2,
+            "tempo_confidence": 0.91,
+            "key": "A minor",
+            "key_confidence": 0.77,
+            "loudness_lufs": -9.4,
+            "true_peak_dbfs": -0.3,
+            "rms_dbfs": -12.0,
+            "duration_s": 180.0,
+            "beat_count": 360,
+            "beats": [round(0.5 * b, 3) for b in range(360)],
+            "energy": [0.5] * 200,
+            "energy_hop_s": 0.9,
+            "source": "mix",
+        },
+    }
+
+
+def seed(jobs: Any, count: int, base: float) -> None:
+    batch: list[dict[str, Any]] = []
+    for doc in job_documents(count, base):
+        batch.append(doc)
+        if len(batch) == 5000:
+            jobs.insert_many(batch, ordered=False)
+            batch = []
+    if batch:
+        jobs.insert_many(batch, ordered=False)
+
+
+def multipart_body(path: Path, megabytes: int) -> str:
+    """A multipart form with a `megabytes` file written to `path`; returns its content type."""
+    boundary = "stemflowbench" + uuid.uuid4().hex
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="stems"\r\n\r\n4\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="song.wav"\r\n'
+        "Content-Type: audio/wav\r\n\r\n"
+    ).encode()
+    with open(path, "wb") as fh:
+        fh.write(head)
+        fh.write(os.urandom(megabytes * 1024 * 1024))
+        fh.write(f"\r\n--{boundary}--\r\n".encode())
+    return f"multipart/form-data; boundary={boundary}"
+
+
+def plan_requests(target: Target) -> None:
+    """Each scenario's requests (`METHOD\\tPATH\\tAuthorization` lines) and the jobs it needs cached first."""
+    from gateway.repository import encode_cursor
+
+    mine = [d["_id"] for d in target.jobs.find({"owner": OWNERS[0]}, {"_id": 1}).sort("_id", -1)]
+    everyone = [(d["_id"], d["owner"]) for d in target.jobs.find({}, {"_id": 1, "owner": 1}).sort("_id", -1)]
+    deep = encode_cursor(mine[int(len(mine) * 0.9) - 1])
+    auth = target.auth
+    target.lines = {
+        "healthz": ["GET\t/healthz\t-"],
+        "get_hit": [f"GET\t/v1/jobs/{j}\t{auth}" for j in mine[:100]],
+        "get_miss": [f"GET\t/v1/jobs/{j}\tBearer {target.keys[o]}" for j, o in everyone],
+        "list_first": [f"GET\t/v1/jobs?limit={PAGE}\t{auth}"],
+        "list_deep": [f"GET\t/v1/jobs?limit={PAGE}&cursor={deep}\t{auth}"],
+        "create_5mb": [f"POST\t/v1/jobs\tBearer {target.keys[UPLOADER]}"],
+    }
+    target.warm = {"get_hit": mine[:100]}
+
+
+# --- one scenario on one gateway ----------------------------------------------------
+
+
+def measure(wrk: Wrk, redis: Any, target: Target, scenario: str, connections: int) -> dict[str, Any]:
+    """Bring the cache to the state the scenario assumes, run it, and undo what it created."""
+    if scenario == "get_miss":
+        drop_cache(redis, target)
+    with httpx.Client(base_url=target.base_url, headers={"Authorization": target.auth}) as http:
+        for job_id in target.warm.get(scenario, []):
+            http.get(f"/v1/jobs/{job_id}").raise_for_status()
+    figures = wrk.run(target, scenario, connections)
+    if scenario == "create_5mb":
+        drop_uploads(target)
+    return figures
+
+
+def drop_cache(redis: Any, target: Target) -> None:
+    keys = list(redis.scan_iter(match=f"{target.namespace}:job:*", count=5000))
+    for start in range(0, len(keys), 5000):
+        redis.delete(*keys[start : start + 5000])
+
+
+def drop_uploads(target: Target) -> None:
+    """Remove the jobs and files the upload scenario made, so each size keeps its job count."""
+    target.jobs.delete_many({"owner": UPLOADER})
+    shutil.rmtree(target.blob_dir / "jobs", ignore_errors=True)
+
+
+def big_upload(target: Target) -> dict[str, Any]:
+    """Stream a 500 MB upload and measure the gateway's peak RSS growth (VmHWM after a reset, and sampled)."""
+    boundary = "stemflowbig" + uuid.uuid4().hex
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.wav"\r\n'
+        "Content-Type: audio/wav\r\n\r\n"
+    ).encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    chunk = os.urandom(1024 * 1024)
+
+    def body() -> Iterator[bytes]:
+        yield head
+        for _ in range(BIG_UPLOAD_MB):
+            yield chunk
+        yield tail
+
+    for member in group_pids(target.pid):
+        Path(f"/proc/{member}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    before = rss_kb(target.pid, "VmRSS")
+    samples = [before]
+    finished = threading.Event()
+
+    def sample() -> None:
+        # VmHWM is updated lazily by the kernel; sampling VmRSS as well catches the peak either way.
+        while not finished.wait(0.02):
+            samples.append(rss_kb(target.pid, "VmRSS"))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.perf_counter()
+    headers = {
+        "Authorization": f"Bearer {target.keys[UPLOADER]}",
+        "Content-Type": f"multipart/form-data; boundary={boundary}",
+        "Content-Length": str(len(head) + BIG_UPLOAD_MB * len(chunk) + len(tail)),
+    }
+    try:
+        response = httpx.post(f"{target.base_url}/v1/jobs", content=body(), headers=headers, timeout=300)
+    finally:
+        finished.set()
+        sampler.join()
+    seconds = time.perf_counter() - started
+    response.raise_for_status()
+    peak = max(rss_kb(target.pid, "VmHWM"), *samples)
+    drop_uploads(target)
+    return {
+        "megabytes": BIG_UPLOAD_MB,
+        "seconds": round(seconds, 2),
+        "rss_before_mb": round(before / 1024, 1),
+        "rss_peak_mb": round(peak / 1024, 1),
+        "rss_growth_mb": round((peak - before) / 1024, 1),
+    }
+
+
+# --- report -------------------------------------------------------------------------
+
+
+def add_ratios(variant: dict[str, Any]) -> None:
+    """Each scenario against the same run's /healthz; list p95 at the largest size against the smallest."""
+    for per_size in variant["sizes"].values():
+        for row in per_size["figures"].values():
+            floor = row["healthz"]
+            for name, fig in row.items():
+                if name != "healthz":
+                    fig["p50_vs_healthz"] = round(fig["p50_ms"] / max(floor["p50_ms"], 1e-3), 2)
+                    fig["rps_vs_healthz"] = round(fig["rps"] / max(floor["rps"], 1e-3), 3)
+    sizes = sorted(variant["sizes"], key=int)
+    first, last = variant["sizes"][sizes[0]]["figures"], variant["sizes"][sizes[-1]]["figures"]
+    variant["list_p95_ratio"] = {
+        conns: {
+            scenario: round(last[conns][scenario]["p95_ms"] / max(first[conns][scenario]["p95_ms"], 1e-3), 2)
+            for scenario in ("list_first", "list_deep")
+        }
+        for conns in first
+    }
+    variant["list_p95_ratio_sizes"] = f"{sizes[-1]}/{sizes[0]}"
+
+
+def against_baseline(results: dict[str, Any]) -> dict[str, Any]:
+    """req/s and CPU per request of the current code divided by the baseline code's, measured interleaved."""
+    current, baseline = results["current"]["sizes"], results["baseline"]["sizes"]
+    return {
+        size: {
+            conns: {
+                name: {
+                    "rps": round(fig["rps"] / max(baseline[size]["figures"][conns][name]["rps"], 1e-3), 2),
+                    "cpu_per_request": round(
+                        fig["gateway_cpu_us_per_request"]
+                        / max(baseline[size]["figures"][conns][name]["gateway_cpu_us_per_request"], 1e-3),
+                        2,
+                    ),
+                }
+                for name, fig in row.items()
+            }
+            for conns, row in per_size["figures"].items()
+        }
+        for size, per_size in current.items()
+    }
+
+
+def print_variant(label: str, variant: dict[str, Any]) -> None:
+    for size, per_size in variant["sizes"].items():
+        print(f"\n== {label}: {int(size):,} jobs ({per_size['owner_jobs']:,} for the measured owner)")
+        header = f"{'scenario':<12}{'conns':>6}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'req/s':>10}"
+        print(header + f"{'cpu µs/req':>12}{'vs healthz':>12}")
+        for row in per_size["figures"].values():
+            for name, fig in row.items():
+                ratio = f"{fig['rps_vs_healthz']:.2f}x" if "rps_vs_healthz" in fig else "baseline"
+                errors = f"  errors {fig['errors']}" if fig["errors"] else ""
+                print(
+                    f"{name:<12}{fig['connections']:>6}{fig['p50_ms']:>9.2f}{fig['p95_ms']:>9.2f}{fig['p99_ms']:>9.2f}"
+                    f"{fig['rps']:>10.0f}{fig['gateway_cpu_us_per_request']:>12.0f}{ratio:>12}{errors}"
+                )
+    print(f"\nlist p95 ratio {variant['list_p95_ratio_sizes']}: {variant['list_p95_ratio']}")
+
+
+def print_report(results: dict[str, Any]) -> None:
+    if "baseline" in results:
+        print_variant("baseline code", results["baseline"])
+    print_variant("current code", results["current"])
+    big = results["upload_500mb"]
+    print(f"500 MB upload: {big['seconds']} s, gateway RSS +{big['rss_growth_mb']} MB (limit {RSS_LIMIT_MB} MB)")
+    if "current_vs_baseline" in results:
+        print("\ncurrent / baseline code (req/s ratio, CPU-per-request ratio), measured interleaved:")
+        for size, per_size in results["current_vs_baseline"].items():
+            for conns, row in per_size.items():
+                cells = "  ".join(f"{n} {r['rps']:.2f}/{r['cpu_per_request']:.2f}" for n, r in row.items())
+                print(f"  {int(size):>7,} {conns:>4}  {cells}")
+    print("\nagainst the issue's peer (10 connections) and goals:")
+    for line in results["comparison"]:
+        print("  " + line)
+
+
+def compare(current: dict[str, Any], big: dict[str, Any]) -> list[str]:
+    sizes = sorted(current["sizes"], key=int)
+    small = current["sizes"][sizes[0]]["figures"]["c10"]
+    mid_size = sizes[min(1, len(sizes) - 1)]
+    mid = current["sizes"][mid_size]["figures"]["c10"]
+    worst_list_p95 = max(
+        current["sizes"][s]["figures"]["c10"][n]["p95_ms"] for s in sizes for n in ("list_first", "list_deep")
+    )
+    rows = [
+        ("list p50 ms", small["list_first"]["p50_ms"], PEER["list_p50_ms"], None),
+        ("list p95 ms (worst size)", worst_list_p95, PEER["list_p95_ms"], GOALS["list_p95_ms"]),
+        ("list req/s", small["list_first"]["rps"], PEER["list_rps"], GOALS["list_rps_c10"]),
+        (f"list p50 ms at {int(mid_size):,}", mid["list_first"]["p50_ms"], PEER["list_p50_ms_10k"], None),
+        (
+            "list p95 ratio (first, deep)",
+            max(current["list_p95_ratio"]["c10"].values()),
+            None,
+            GOALS["list_p95_ratio_100k_1k"],
+        ),
+        ("get hit p50 ms", small["get_hit"]["p50_ms"], None, GOALS["get_hit_p50_ms"]),
+        ("get hit p99 ms", small["get_hit"]["p99_ms"], PEER["get_p99_ms"], GOALS["get_hit_p99_ms"]),
+        ("get hit req/s", small["get_hit"]["rps"], PEER["get_rps"], GOALS["get_hit_rps_c10"]),
+        ("5 MB upload p50 ms", small["create_5mb"]["p50_ms"], PEER["upload_5mb_p50_ms"], GOALS["upload_5mb_p50_ms"]),
+        ("500 MB upload RSS MB", big["rss_growth_mb"], None, GOALS["upload_500mb_rss_growth_mb"]),
+    ]
+    lines = []
+    for label, ours, peer, goal in rows:
+        higher_better = "req/s" in label
+        text = f"{label:<32}{ours:>10.2f}"
+        if peer is not None:
+            factor = ours / peer if higher_better else peer / max(ours, 1e-3)
+            verdict = f"{factor:.1f}x better" if factor >= 1 else f"{1 / factor:.1f}x worse"
+            text += f"   peer {peer:>7g} ({verdict})"
+        if goal is not None:
+            met = ours >= goal if higher_better else ours <= goal
+            text += f"   goal {'>=' if higher_better else '<='} {goal:g}: {'met' if met else 'MISSED'}"
+        lines.append(text)
+    return lines
+
+
+# --- main ---------------------------------------------------------------------------
+
+
+class Bench:
+    """The gateways under test and the servers they share; everything it creates is removed by `close`."""
+
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        import redis as redis_sync
+        from pymongo import MongoClient
+
+        from stemflow_dev.fixtures import STATE_DIR
+        from stemflow_dev.procs import ProcessGroup
+        from stemflow_dev.stack import ensure_stack
+
+        self.args = args
+        self.work = work
+        self.urls = ensure_stack(STATE_DIR)
+        self.mongo: Any = MongoClient(self.urls.mongodb_url, tz_aware=True)
+        self.redis = redis_sync.from_url(self.urls.redis_url)
+        self.group = ProcessGroup()
+        self.targets: list[Target] = []
+
+    def start(self, variant: str, size: int, pythonpath: str | None) -> Target:
+        from stemflow_dev.services import Ports, service_env, service_specs
+
+        namespace = f"b{uuid.uuid4().hex[:8]}"
+        ports = Ports.free()
+        blob_dir = self.work / namespace / "blobs"
+        extra = {"LOG_LEVEL": "WARNING", "RATE_LIMIT_PER_MINUTE": str(10**12)}
+        extra.update(dict(kv.split("=", 1) for kv in self.args.env))
+        if pythonpath:
+            extra["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, os.environ.get("PYTHONPATH")]))
+        env = service_env(
+            self.urls,
+            namespace=namespace,
+            mongodb_db=f"stemflow_{namespace}",
+            blob_dir=blob_dir,
+            model_repo=self.work,
+            ports=ports,
+            extra=extra,
+        )
+        spec = next(s for s in service_specs(env, ports) if s.name == "gateway")
+        spec.name = f"gateway-{variant}-{size}"
+        target = Target(
+            variant=variant,
+            size=size,
+            namespace=namespace,
+            base_url=f"http://127.0.0.1:{ports.gateway}",
+            pid=0,
+            jobs=self.mongo[f"stemflow_{namespace}"]["jobs"],
+            blob_dir=blob_dir,
+        )
+        self.targets.append(target)
+        self.group.start([spec], self.work / "logs")
+        self.group.wait_ready(timeout=120)
+        target.pid = self.group.pid(spec.name)
+        target.keys = {o: create_key(self.urls.mongodb_url, f"stemflow_{namespace}", o) for o in (*OWNERS, UPLOADER)}
+        started = time.perf_counter()
+        seed(target.jobs, size, time.time())
+        print(f"{variant}: seeded {size:,} jobs in {time.perf_counter() - started:.1f} s", flush=True)
+        plan_requests(target)
+        return target
+
+    def close(self) -> None:
+        from stemflow_dev.fixtures import delete_namespace
+
+        self.group.stop()
+        for target in self.targets:
+            self.mongo.drop_database(f"stemflow_{target.namespace}")
+            for key in self.redis.scan_iter(match=f"{target.namespace}:*", count=5000):
+                self.redis.delete(key)
+            asyncio.run(delete_namespace(self.urls.amqp_url, target.namespace))
+        self.mongo.close()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    executable = require_wrk()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    connections = [int(c) for c in args.connections.split(",")]
+    variants = [("current", None)] + ([("baseline", args.baseline_pythonpath)] if args.baseline_pythonpath else [])
+    with tempfile.TemporaryDirectory(prefix="stemflow-bench-") as tmp:
+        work = Path(tmp)
+        bench = Bench(args, work)
+        try:
+            targets = [bench.start(variant, size, path) for variant, path in variants for size in sizes]
+            upload = work / "upload.bin"
+            wrk = Wrk(executable, work, args.duration, (upload, multipart_body(upload, UPLOAD_MB)))
+            results: dict[str, Any] = {
+                variant: {"sizes": {str(t.size): {"figures": {}} for t in targets if t.variant == variant}}
+                for variant, _ in variants
+            }
+            for target in targets:
+                results[target.variant]["sizes"][str(target.size)]["owner_jobs"] = len(target.lines["get_miss"]) // 4
+            for round_ in range(args.rounds):
+                for conns in connections:
+                    for scenario in SCENARIOS:
+                        # Innermost: every size and variant one after the other, so drifting load hits all alike.
+                        for target in targets:
+                            figures = measure(wrk, bench.redis, target, scenario, conns)
+                            row = results[target.variant]["sizes"][str(target.size)]["figures"]
+                            row.setdefault(f"c{conns}", {}).setdefault(scenario, []).append(figures)
+                print(f"round {round_ + 1} of {args.rounds} done", flush=True)
+            for variant in results.values():
+                for per_size in variant["sizes"].values():
+                    for row in per_size["figures"].values():
+                        for name, runs in row.items():
+                            row[name] = median_figures(runs)
+            results["upload_500mb"] = big_upload(targets[0])
+            return results
+        finally:
+            bench.close()
+
+
+def median_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One figure set from several rounds: the median of each number (the run itself when there is one)."""
+    if len(runs) == 1:
+        return runs[0]
+    merged = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, int | float) and key != "connections":
+            merged[key] = statistics.median(r[key] for r in runs)
+    merged["rounds"] = len(runs)
+    return merged
+
+
+def create_key(mongodb_url: str, database: str, owner: str) -> str:
+    from pymongo import AsyncMongoClient
+
+    from stemflow_shared.auth import ApiKeys
+
+    async def create() -> str:
+        client: AsyncMongoClient[Any] = AsyncMongoClient(mongodb_url)
+        try:
+            return await ApiKeys(client[database]).create(owner)
+        finally:
+            await client.close()
+
+    return asyncio.run(create())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1000,10000,100000")
+    parser.add_argument("--connections", default="10,100")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per scenario")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat every scenario; medians are reported")
+    parser.add_argument("--env", action="append", default=[], help="extra gateway setting, NAME=value")
+    parser.add_argument("--baseline-pythonpath", help="also run the gateway from this code (first on PYTHONPATH)")
+    parser.add_argument("--name", default="gateway", help="results file name under bench/results/")
+    args = parser.parse_args()
+    results = run(args)
+    for variant in ("current", "baseline"):
+        if variant in results:
+            add_ratios(results[variant])
+    if "baseline" in results:
+        results["current_vs_baseline"] = against_baseline(results)
+    results.update(
+        {
+            "benchmark": "gateway",
+            "machine": {
+                "cpus": os.cpu_count(),
+                "load_average_at_end": os.getloadavg(),
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+            },
+            "duration_s_per_scenario": args.duration,
+            "rounds": args.rounds,
+            "in_run_baseline": "GET /healthz on the same gateway process, same wrk settings, same run",
+            "baseline_code": args.baseline_pythonpath,
+            "peer_reference": PEER,
+            "goals": GOALS,
+            "comparison": compare(results["current"], results["upload_500mb"]),
+        }
+    )
+    print_report(results)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{args.name}.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""Separator speed and memory on the production htdemucs architecture with random weights.
+
+Speed does not depend on weight values. Every figure is a ratio against plain demucs measured in
+the same run, on this machine's cores:
+- rtf: the worker's real-time factor on 60 s per quality preset against demucs.apply.apply_model
+  (shifts 1, overlap 0.25), and the largest difference from apply_model with the preset's settings;
+- throughput: the worker (jobs in flight = its prefetch) on 10 songs of 30 s against the demucs
+  command line run once per song, same model from a local repository, same settings, start-up paid;
+- rss: peak RSS of the worker for 1, 10 and 60 minutes of audio and of apply_model on 60 s, each
+  in a process of its own.
+
+    .venv/bin/python bench/separator.py [--threads 2] [--only rtf,throughput,rss] [--minutes 1,10,60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import soundfile as sf
+import torch
+import yaml
+
+# Run as a script, this file's folder comes first on sys.path and its name would shadow the
+# separator package it measures.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+if TYPE_CHECKING:
+    from separator.engine import SegmentEngine
+    from separator.models import LoadedModel
+    from separator.stream import Separated
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SAMPLERATE = 44100
+MODEL = "htdemucs"
+BASELINE = {"shifts": 1, "overlap": 0.25}
+GOALS = {"fast_rtf": 1.0, "peak_rss_mb": 1536, "throughput_ratio": 1.3, "long_rss_ratio": 1.2}
+
+
+def write_repo(repo: Path) -> Path:
+    """A demucs model repository holding the production htdemucs architecture as `htdemucs`."""
+    from demucs.states import get_state, save_with_checksum
+
+    from stemflow_dev.models import make_production_htdemucs
+
+    repo.mkdir(parents=True, exist_ok=True)
+    model = make_production_htdemucs()
+    args, kwargs = model._init_args_kwargs
+    package = {"klass": type(model), "args": args, "kwargs": kwargs, "state": get_state(model, None, half=True)}
+    save_with_checksum(package, repo / "benchhtd.th")
+    (repo / f"{MODEL}.yaml").write_text(yaml.safe_dump({"models": ["benchhtd"]}))
+    return repo
+
+
+def load(repo: Path) -> LoadedModel:
+    from separator.models import ModelCache
+
+    return ModelCache(repo, "cpu").get(MODEL)
+
+
+def write_song(path: Path, seconds: float, seed: int = 0) -> Path:
+    """A synthetic song (chords, a beat, hiss), written a second at a time so no process holds it all."""
+    rng = np.random.default_rng(seed)
+    notes = 110 * 2 ** (rng.integers(0, 24, size=6) / 12)
+    with sf.SoundFile(path, "w", SAMPLERATE, 2, "FLOAT") as file:
+        for second in range(int(np.ceil(seconds))):
+            count = min(SAMPLERATE, int(seconds * SAMPLERATE) - second * SAMPLERATE)
+            t = (second * SAMPLERATE + np.arange(count)) / SAMPLERATE
+            tone = sum(0.08 * np.sin(2 * np.pi * f * t + i) for i, f in enumerate(notes))
+            beat = 0.3 * np.exp(-20 * (t % 0.5)) * np.sin(2 * np.pi * 60 * t)
+            hiss = 0.02 * rng.standard_normal((2, count))
+            file.write((np.stack([tone + beat, 0.8 * tone + beat]) + hiss).T.astype(np.float32))
+    return path
+
+
+def worker_job(
+    engine: SegmentEngine, model: LoadedModel, song: Path, out_dir: Path, quality: str, fmt: str = "wav"
+) -> tuple[Separated, dict[str, tuple[Path, int]]]:
+    from separator.files import separate_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return separate_file(engine, model, song, out_dir, fmt=fmt, quality=quality)
+
+
+def apply_model_run(
+    model: LoadedModel, mix: np.ndarray, shifts: int, overlap: float, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Plain demucs, normalised as demucs.api.Separator does."""
+    from demucs.apply import apply_model
+
+    wav = torch.from_numpy(mix)
+    ref = wav.mean(0)
+    mean, std = ref.mean(), ref.std() + 1e-8
+    random.seed(seed)
+    with torch.no_grad():
+        out = apply_model(model.model, ((wav - mean) / std)[None], shifts=shifts, overlap=overlap, split=True)
+    return {name: (source * std + mean).numpy() for name, source in zip(model.sources, out[0], strict=True)}
+
+
+def bench_rtf(repo: Path, tmp: Path, seconds: float) -> dict:
+    from separator.engine import SegmentEngine
+    from separator.options import QUALITY_PRESETS
+
+    model = load(repo)
+    song = write_song(tmp / "rtf.wav", seconds)
+    mix = sf.read(song, dtype="float32", always_2d=True)[0].T.copy()
+    started = time.perf_counter()
+    apply_model_run(model, mix, **BASELINE)
+    baseline_rtf = seconds / (time.perf_counter() - started)
+    print(f"apply_model (shifts 1, overlap 0.25): {baseline_rtf:.2f}x real time", flush=True)
+    presets = {}
+    with SegmentEngine("cpu") as engine:
+        for quality, preset in QUALITY_PRESETS.items():
+            started = time.perf_counter()
+            _, files = worker_job(engine, model, song, tmp / quality, quality)
+            rtf = seconds / (time.perf_counter() - started)
+            expected = apply_model_run(model, mix, int(preset["shifts"]), preset["overlap"])
+            difference = max(
+                float(np.abs(sf.read(path, dtype="float32", always_2d=True)[0].T - expected[name]).max())
+                for name, (path, _) in files.items()
+            )
+            presets[quality] = {"rtf": rtf, "ratio": rtf / baseline_rtf, "max_difference": difference}
+            print(
+                f"worker {quality}: {rtf:.2f}x real time, {rtf / baseline_rtf:.2f}x apply_model, "
+                f"max difference from apply_model {difference:.2e}",
+                flush=True,
+            )
+    return {"seconds": seconds, "apply_model_rtf": baseline_rtf, "presets": presets}
+
+
+def bench_throughput(repo: Path, tmp: Path, songs: int, seconds: float, threads: int, compiled: bool) -> dict:
+    from separator.engine import SegmentEngine
+    from separator.settings import Settings
+
+    model = load(repo)
+    paths = [write_song(tmp / f"song{i}.wav", seconds, seed=i) for i in range(songs)]
+    in_flight = Settings.model_fields["prefetch"].default
+    with SegmentEngine("cpu", compile_models=compiled) as engine, ThreadPoolExecutor(in_flight) as pool:
+        # A running worker has its model loaded (and compiled) before the first job.
+        engine.warm_up(model.model.models[0])
+        started = time.perf_counter()
+        jobs = [pool.submit(worker_job, engine, model, p, tmp / "worker" / p.stem, "fast") for p in paths]
+        for job in jobs:
+            job.result()
+        worker_s = time.perf_counter() - started
+    print(f"worker: {songs} songs of {seconds:.0f} s in {worker_s:.1f} s", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    command = [sys.executable, "-m", "demucs", "--repo", str(repo), "-n", MODEL, "--shifts", "0", "--overlap", "0.1"]
+    command += ["-d", "cpu", "--float32", "-o", str(tmp / "cli")]
+    started = time.perf_counter()
+    for path in paths:
+        subprocess.run([*command, str(path)], env=env, check=True, capture_output=True)
+    cli_s = time.perf_counter() - started
+    print(f"demucs CLI: {songs} songs in {cli_s:.1f} s; worker throughput {cli_s / worker_s:.2f}x the CLI", flush=True)
+    return {
+        "songs": songs,
+        "seconds": seconds,
+        "in_flight": in_flight,
+        "worker_s": worker_s,
+        "cli_s": cli_s,
+        "ratio": cli_s / worker_s,
+    }
+
+
+def bench_rss(repo: Path, tmp: Path, minutes: list[float], threads: int, compiled: bool) -> dict:
+    def child(*args: str) -> dict:
+        command = [sys.executable, __file__, "--child", *args, "--repo", str(repo), "--threads", str(threads)]
+        command += ["--compile"] if compiled else []
+        return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+
+    baseline = child("apply_model", str(write_song(tmp / "rss-baseline.wav", 60)))
+    print(f"apply_model on 60 s: peak RSS {baseline['peak_rss_mb']:.0f} MB", flush=True)
+    sizes = {}
+    for size in minutes:
+        song = write_song(tmp / f"rss{size:g}.wav", size * 60)
+        sizes[f"{size:g}"] = child("worker", str(song))
+        song.unlink()
+        print(
+            f"worker on {size:g} min: peak RSS {sizes[f'{size:g}']['peak_rss_mb']:.0f} MB "
+            f"in {sizes[f'{size:g}']['seconds_taken']:.0f} s",
+            flush=True,
+        )
+    first, last = sizes[f"{minutes[0]:g}"]["peak_rss_mb"], sizes[f"{minutes[-1]:g}"]["peak_rss_mb"]
+    print(f"peak RSS {minutes[-1]:g} min / {minutes[0]:g} min: {last / first:.3f}", flush=True)
+    return {"apply_model_60s": baseline, "worker": sizes, "torch_compile": compiled, "long_over_short": last / first}
+
+
+def run_child(kind: str, song: Path, repo: Path, compiled: bool) -> None:
+    """One measurement in a fresh process: its peak RSS, printed as JSON."""
+    from separator.engine import SegmentEngine
+
+    model = load(repo)
+    started = time.perf_counter()
+    if kind == "apply_model":
+        apply_model_run(model, sf.read(song, dtype="float32", always_2d=True)[0].T.copy(), **BASELINE)
+    else:
+        with tempfile.TemporaryDirectory() as out, SegmentEngine("cpu", compile_models=compiled) as engine:
+            worker_job(engine, model, song, Path(out), "fast", fmt="flac")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_rss_mb": peak, "seconds_taken": time.perf_counter() - started}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", default="rtf,throughput,rss")
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--songs", type=int, default=10)
+    parser.add_argument("--song-seconds", type=float, default=30.0)
+    parser.add_argument("--minutes", default="1,10,60")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the worker's model (throughput, rss)")
+    parser.add_argument("--child", nargs=2, metavar=("KIND", "SONG"), help=argparse.SUPPRESS)
+    parser.add_argument("--repo", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        run_child(args.child[0], Path(args.child[1]), args.repo, args.compile)
+        return
+    sections = args.only.split(",")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "separator.json"
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    with tempfile.TemporaryDirectory(prefix="bench-separator-") as tmp_name:
+        tmp = Path(tmp_name)
+        repo = write_repo(tmp / "repo")
+        common = {
+            "threads": args.threads,
+            "model": "htdemucs (production architecture, random weights)",
+            "device": "cpu",
+            "precision": "float32",
+            "torch": torch.__version__,
+            "goals": GOALS,
+        }
+        results.update(common)
+        if "rtf" in sections:
+            results["rtf"] = bench_rtf(repo, tmp, args.seconds)
+        if "throughput" in sections:
+            results["throughput"] = bench_throughput(
+                repo, tmp, args.songs, args.song_seconds, args.threads, args.compile
+            )
+        if "rss" in sections:
+            results["rss"] = bench_rss(
+                repo, tmp, [float(m) for m in args.minutes.split(",")], args.threads, args.compile
+            )
+        out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""What tracing costs the gateway: throughput with tracing off, on at 100% sampling, and sampled at 10%.
+
+Three gateway processes run side by side on the real local RabbitMQ, MongoDB and
+Redis (their own namespace, database and blob directory, removed at the end):
+
+- off:      no OTEL_* variables, so no SDK (the baseline, measured in the same run);
+- always_on: OTEL_TRACES_SAMPLER=always_on, every request traced and exported;
+- ratio_10: OTEL_TRACES_SAMPLER=parentbased_traceidratio, OTEL_TRACES_SAMPLER_ARG=0.1,
+            the sampler we recommend as the deployments' default. (The SDK's own
+            default, parentbased_always_on, samples every request that arrives
+            without a parent, as client requests do: at the gateway it is always_on.)
+
+Spans go over OTLP/HTTP to a sink in another process that reads and discards
+them, so the export cost is real but no collector is needed. wrk drives each
+gateway in turn (interleaved rounds, medians) for two reads: a job's GET served
+from the cache, and the first page of the job list. The gateway is pinned to one
+CPU, wrk and the sink to another, where the machine has two. Prints req/s, the
+gateway's CPU time per request and the loss against `off`; writes
+bench/results/tracing.json. Goals: at most 10% loss at 100% sampling, 3% with
+the default sampler.
+
+    .venv/bin/python bench/tracing.py [--duration 5] [--rounds 3] [--connections 10] [--jobs 40]
+
+Needs `wrk` (Debian: `apt-get install -y wrk`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# This folder holds a bench named gateway.py: keep it from shadowing the service's package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+CONFIGS: dict[str, dict[str, str]] = {
+    "off": {},
+    "always_on": {"OTEL_TRACES_SAMPLER": "always_on"},
+    "ratio_10": {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"},
+}
+GOALS = {"always_on": 0.10, "ratio_10": 0.03}
+
+
+# --- the OTLP sink (runs as `bench/tracing.py --sink PORT`) ----------------------------------
+
+
+def serve_sink(port: int) -> None:
+    """Accept OTLP/HTTP exports and discard them; GET /stats says how much arrived."""
+    received = {"exports": 0, "bytes": 0}
+    lock = threading.Lock()
+
+    class Sink(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            size = int(self.headers.get("Content-Length", 0))
+            self.rfile.read(size)
+            with lock:
+                received["exports"] += 1
+                received["bytes"] += size
+            # An empty body is an empty ExportTraceServiceResponse.
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            with lock:
+                body = json.dumps(received).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return None
+
+    ThreadingHTTPServer(("127.0.0.1", port), Sink).serve_forever()
+
+
+# --- measuring --------------------------------------------------------------------------------
+
+
+def pinned(cpu: int | None, argv: list[str]) -> list[str]:
+    return argv if cpu is None else ["taskset", "-c", str(cpu), *argv]
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (and its reaped children), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(url: str, key: str, connections: int, duration_s: int, cpu: int | None) -> dict[str, float]:
+    """Requests per second (and count) of one wrk run; any non-2xx answer is an error."""
+    argv = [
+        shutil.which("wrk") or "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{duration_s}s",
+        "-H",
+        f"Authorization: Bearer {key}",
+        url,
+    ]
+    result = subprocess.run(pinned(cpu, argv), capture_output=True, text=True, check=True, timeout=duration_s + 60)
+    out = result.stdout
+    if "Non-2xx or 3xx responses" in out or "Socket errors" in out:
+        raise RuntimeError(f"wrk saw errors against {url}:\n{out}")
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    return {"rps": rps, "requests": requests}
+
+
+@contextmanager
+def gateways(args: argparse.Namespace, sink_url: str, cpu: int | None) -> Iterator[dict[str, Any]]:
+    """The three gateways, a seeded API key and job, torn down with their data at the end."""
+    import asyncio
+
+    from pymongo import AsyncMongoClient
+
+    from stemflow_dev.fixtures import STATE_DIR, delete_namespace
+    from stemflow_dev.procs import ProcessGroup, ServiceSpec
+    from stemflow_dev.services import Ports, service_env
+    from stemflow_dev.stack import ensure_stack
+    from stemflow_shared.auth import ApiKeys
+
+    urls = ensure_stack(STATE_DIR)
+    namespace = f"bt{uuid.uuid4().hex[:8]}"
+    database = f"stemflow_{namespace}"
+    ports = {config: Ports.free().gateway for config in CONFIGS}
+    for name in [v for v in os.environ if v.startswith("OTEL_")]:
+        del os.environ[name]  # the baseline must run without any SDK configuration
+    with tempfile.TemporaryDirectory() as tmp:
+        env = service_env(
+            urls,
+            namespace=namespace,
+            mongodb_db=database,
+            blob_dir=Path(tmp) / "blobs",
+            model_repo=Path(tmp) / "models",
+            ports=Ports(gateway=ports["off"]),
+            extra={"LOG_LEVEL": "WARNING", "RATE_LIMIT_PER_MINUTE": "0"},
+        )
+        tracing = {"OTEL_EXPORTER_OTLP_ENDPOINT": sink_url, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
+        specs = [
+            ServiceSpec(
+                name=f"gateway-{config}",
+                argv=pinned(cpu, [sys.executable, "-m", "gateway.main"]),
+                env={**env, "HTTP_PORT": str(ports[config]), **(tracing if extra else {}), **extra},
+                ready_url=f"http://127.0.0.1:{ports[config]}/readyz",
+            )
+            for config, extra in CONFIGS.items()
+        ]
+        group = ProcessGroup()
+        try:
+            group.start(specs, Path(tmp) / "logs")
+            group.wait_ready(timeout=120)
+
+            async def create_key() -> str:
+                client: AsyncMongoClient[Any] = AsyncMongoClient(urls.mongodb_url)
+                try:
+                    return await ApiKeys(client[database]).create("bench-tracing")
+                finally:
+                    await client.close()
+
+            key = asyncio.run(create_key())
+            job_id = seed(f"http://127.0.0.1:{ports['off']}", key, args.jobs)
+            yield {
+                "ports": ports,
+                "key": key,
+                "job_id": job_id,
+                "pids": {c: group.pid(f"gateway-{c}") for c in CONFIGS},
+            }
+        finally:
+            group.stop()
+
+            async def clean() -> None:
+                client: AsyncMongoClient[Any] = AsyncMongoClient(urls.mongodb_url)
+                await client.drop_database(database)
+                await client.close()
+                await delete_namespace(urls.amqp_url, namespace)
+
+            asyncio.run(clean())
+
+
+def seed(base_url: str, key: str, jobs: int) -> str:
+    """Submit `jobs` small uploads (they stay queued: no worker runs); return the last job's id."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    buffer = io.BytesIO()
+    sf.write(buffer, np.zeros((22050, 2), dtype=np.float32), 44100, format="WAV", subtype="PCM_16")
+    job_id = ""
+    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
+        for _ in range(jobs):
+            response = client.post("/v1/jobs", files={"file": ("s.wav", buffer.getvalue(), "audio/wav")})
+            response.raise_for_status()
+            job_id = response.json()["id"]
+        assert client.get(f"/v1/jobs/{job_id}").status_code == 200
+        assert len(client.get("/v1/jobs").json()["items"]) == min(jobs, 20)
+    return job_id
+
+
+def measure(args: argparse.Namespace, ctx: dict[str, Any], cpus: tuple[int | None, int | None]) -> dict[str, Any]:
+    scenarios = {"get_cached": f"/v1/jobs/{ctx['job_id']}", "list_first_page": "/v1/jobs"}
+    _, load_cpu = cpus
+    samples: dict[str, dict[str, list[dict[str, float]]]] = {s: {c: [] for c in CONFIGS} for s in scenarios}
+    for port in ctx["ports"].values():  # warm up every process and path once
+        for path in scenarios.values():
+            wrk(f"http://127.0.0.1:{port}{path}", ctx["key"], args.connections, 1, load_cpu)
+    for round_index in range(args.rounds):
+        order = list(CONFIGS)[round_index % len(CONFIGS) :] + list(CONFIGS)[: round_index % len(CONFIGS)]
+        for scenario, path in scenarios.items():
+            for config in order:
+                pid = ctx["pids"][config]
+                cpu_before = process_cpu_s(pid)
+                run = wrk(
+                    f"http://127.0.0.1:{ctx['ports'][config]}{path}",
+                    ctx["key"],
+                    args.connections,
+                    args.duration,
+                    load_cpu,
+                )
+                run["cpu_ms_per_request"] = 1000 * (process_cpu_s(pid) - cpu_before) / max(run["requests"], 1)
+                samples[scenario][config].append(run)
+                print(
+                    f"  round {round_index + 1} {scenario:>15} {config:>9}: {run['rps']:9.0f} req/s "
+                    f"{run['cpu_ms_per_request']:.3f} ms CPU/req",
+                    flush=True,
+                )
+    return samples
+
+
+def summarise(samples: dict[str, Any]) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for scenario, by_config in samples.items():
+        row: dict[str, Any] = {}
+        for config, runs in by_config.items():
+            row[config] = {
+                "rps_median": round(statistics.median(r["rps"] for r in runs), 1),
+                "rps_runs": [round(r["rps"], 1) for r in runs],
+                "cpu_ms_per_request": round(statistics.median(r["cpu_ms_per_request"] for r in runs), 4),
+            }
+        base = row["off"]
+        for config in CONFIGS:
+            if config == "off":
+                continue
+            row[config]["throughput_ratio_vs_off"] = round(row[config]["rps_median"] / base["rps_median"], 4)
+            row[config]["throughput_loss"] = round(1 - row[config]["throughput_ratio_vs_off"], 4)
+            row[config]["cpu_ratio_vs_off"] = round(row[config]["cpu_ms_per_request"] / base["cpu_ms_per_request"], 4)
+            row[config]["goal_max_loss"] = GOALS[config]
+            row[config]["meets_goal"] = row[config]["throughput_loss"] <= GOALS[config]
+        results[scenario] = row
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=5, help="seconds of each wrk run")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per configuration")
+    parser.add_argument("--connections", type=int, default=10)
+    parser.add_argument("--jobs", type=int, default=40, help="jobs seeded for the list")
+    parser.add_argument("--sink", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.sink:
+        serve_sink(args.sink)
+        return
+    if shutil.which("wrk") is None:
+        sys.exit("bench/tracing.py needs wrk: apt-get install -y wrk")
+
+    from stemflow_dev.services import Ports
+
+    available = sorted(os.sched_getaffinity(0))
+    cpus = (available[0], available[1]) if len(available) >= 2 and shutil.which("taskset") else (None, None)
+    sink_port = Ports.free().gateway
+    sink = subprocess.Popen(pinned(cpus[1], [sys.executable, __file__, "--sink", str(sink_port)]))
+    sink_url = f"http://127.0.0.1:{sink_port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # another process: its readiness can only be polled
+            try:
+                httpx.get(f"{sink_url}/stats", timeout=1)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        with gateways(args, sink_url, cpus[0]) as ctx:
+            samples = measure(args, ctx, cpus)
+        exported = httpx.get(f"{sink_url}/stats", timeout=5).json()
+    finally:
+        sink.terminate()
+        sink.wait()
+
+    report = {
+        "what": "gateway throughput with tracing off, always_on (100%) and parentbased_traceidratio 0.1",
+        "baseline": "the `off` gateway, same run, same wrk settings, interleaved rounds",
+        "default_sampler_measured": "parentbased_traceidratio, OTEL_TRACES_SAMPLER_ARG=0.1",
+        "duration_s": args.duration,
+        "rounds": args.rounds,
+        "connections": args.connections,
+        "pinned_cpus": {"gateway": cpus[0], "wrk_and_sink": cpus[1]},
+        "exported_to_sink": exported,
+        "scenarios": summarise(samples),
+    }
+    print()
+    for scenario, row in report["scenarios"].items():
+        print(
+            f"{scenario}: off {row['off']['rps_median']:.0f} req/s, {row['off']['cpu_ms_per_request']:.3f} ms CPU/req"
+        )
+        for config in ("always_on", "ratio_10"):
+            r = row[config]
+            verdict = "meets" if r["meets_goal"] else "MISSES"
+            print(
+                f"  {config:>9}: {r['rps_median']:.0f} req/s, ratio {r['throughput_ratio_vs_off']:.3f} "
+                f"(loss {100 * r['throughput_loss']:.1f}%, goal <= {100 * r['goal_max_loss']:.0f}%: {verdict}), "
+                f"CPU/req x{r['cpu_ratio_vs_off']:.2f}"
+            )
+    print(f"exported to the sink: {exported['exports']} requests, {exported['bytes']} bytes")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "tracing.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,434 @@
+"""The subcommands: each takes the parsed arguments and returns an exit code."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+from . import config as config_module
+from .api import TERMINAL_STATUSES, Api, is_url
+from .config import Config, events_base
+from .display import Board, analysis_table, job_name, job_summary, jobs_table, stems_table
+from .errors import CliError, Exit
+from .events import JOB_PROGRESS, TERMINAL_EVENTS, EventStream
+
+
+@dataclass
+class Context:
+    config: Config
+    out: Console
+    err: Console
+    json: bool = False
+    quiet: bool = False
+
+    def api(self) -> Api:
+        return Api(self.config.url, self.config.require_key())
+
+    @property
+    def live(self) -> bool:
+        """Whether to draw progress bars (never in --json or --quiet mode)."""
+        return not (self.json or self.quiet)
+
+    def emit(self, document: Any) -> None:
+        """One JSON document on its own line of stdout (--json output is JSON Lines)."""
+        sys.stdout.write(json.dumps(document, separators=(",", ":")) + "\n")
+        sys.stdout.flush()
+
+    def report(self, error: CliError) -> None:
+        if self.json:
+            sys.stderr.write(json.dumps(error.as_json()) + "\n")
+            sys.stderr.flush()
+            return
+        self.err.print(f"[bold red]error:[/] {error.message}", highlight=False, markup=True)
+        if error.hint:
+            self.err.print(f"[dim]hint: {error.hint}[/]", highlight=False)
+
+    def say(self, message: str) -> None:
+        if not (self.json or self.quiet):
+            self.err.print(message, highlight=False)
+
+
+class Outcome:
+    """The exit code of a command that handles several jobs: the highest of their failures."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.code = Exit.OK
+
+    def fail(self, error: CliError) -> None:
+        self.ctx.report(error)
+        self.code = max(self.code, error.exit_code)
+
+    async def each(self, items: list[str], action: Callable[[str], Awaitable[None]]) -> int:
+        for item in items:
+            try:
+                await action(item)
+            except CliError as error:
+                self.fail(error)
+        return int(self.code)
+
+
+# ---- submit
+
+
+async def submit(
+    ctx: Context, songs: list[str], options: dict[str, Any], *, wait: bool, out: Path | None, timeout: float | None
+) -> int:
+    for song in songs:
+        if not is_url(song) and not Path(song).is_file():
+            raise CliError(f"no such file: {song}", Exit.USAGE, hint="give audio files or http(s) URLs")
+    outcome = Outcome(ctx)
+    jobs: dict[str, dict[str, Any]] = {}
+    async with ctx.api() as api:
+        with Board(ctx.err, enabled=ctx.live) as board:
+            for index, song in enumerate(songs):
+                try:
+                    doc = await _submit_one(api, board, f"upload-{index}", song, options)
+                except CliError as error:
+                    outcome.fail(error)
+                    continue
+                jobs[doc["id"]] = doc
+                if not wait:
+                    ctx.say(f"submitted {job_name(doc)} as job [bold]{doc['id']}[/] ({doc['status']})")
+            if wait and jobs:
+                try:
+                    await _follow(ctx, api, jobs, board, timeout)
+                except CliError as error:
+                    outcome.fail(error)
+                    _emit_all(ctx, jobs.values())
+                    return int(outcome.code)
+        files = await _finish(ctx, api, jobs, outcome, out) if wait else {}
+    _emit_all(ctx, jobs.values(), files)
+    if not wait and jobs:
+        ctx.say("follow them with [bold]stemflow watch[/], or [bold]stemflow status JOB[/]")
+    return int(outcome.code)
+
+
+async def _submit_one(api: Api, board: Board, key: str, song: str, options: dict[str, Any]) -> dict[str, Any]:
+    if is_url(song):
+        board.add(key, song.rsplit("/", 1)[-1] or song)
+        doc = await api.submit_url(song, options)
+    else:
+        path = Path(song)
+        total = max(path.stat().st_size, 1)
+        sent = 0
+
+        def on_bytes(count: int) -> None:
+            nonlocal sent
+            sent += count
+            board.uploaded(key, min(sent / total, 1.0))
+
+        board.add(key, path.name)
+        doc = await api.submit_file(path, options, on_bytes)
+    board.rename(key, doc["id"])
+    board.update(doc["id"], doc["status"], doc.get("progress"))
+    return doc
+
+
+async def _follow(ctx: Context, api: Api, jobs: dict[str, dict[str, Any]], board: Board, timeout: float | None) -> None:
+    """Follow `jobs` over the WebSocket until each has ended; `jobs` ends up holding their final documents."""
+    pending = {job_id for job_id, doc in jobs.items() if doc["status"] not in TERMINAL_STATUSES}
+    if not pending:
+        return
+    first = jobs[next(iter(pending))]
+    url = ctx.config.events_url or events_base(first["links"]["events"])
+    stream = EventStream(url, ctx.config.require_key(), sorted(pending))
+
+    async def settle(job_id: str) -> None:
+        doc = await api.job(job_id)
+        jobs[job_id] = doc
+        board.update(job_id, doc["status"], doc.get("progress"))
+        if doc["status"] in TERMINAL_STATUSES:
+            pending.discard(job_id)
+
+    try:
+        async with asyncio.timeout(timeout), contextlib.aclosing(stream.frames()) as frames:
+            async for frame in frames:
+                kind = frame.get("type")
+                job_id = frame.get("job_id")
+                if kind == "subscribed" and job_id in pending:
+                    # The subscription is live now; one read covers whatever happened before it.
+                    await settle(job_id)
+                elif kind == "batch":
+                    for event in frame["events"]:
+                        subject = event.get("subject")
+                        if subject not in pending:
+                            continue
+                        if event["type"] in TERMINAL_EVENTS:
+                            await settle(subject)
+                        elif event["type"] == JOB_PROGRESS:
+                            data = event.get("data") or {}
+                            board.update(subject, data.get("status", ""), data.get("progress"))
+                elif kind == "error" and job_id in pending:
+                    pending.discard(job_id)
+                    raise CliError(f"the notifier does not know job {job_id}: {frame.get('message')}", Exit.NOT_FOUND)
+                if not pending:
+                    return
+    except TimeoutError as exc:
+        raise CliError(
+            f"{len(pending)} job(s) still running after {timeout:g} s: {', '.join(sorted(pending))}",
+            Exit.TIMEOUT,
+            hint="they go on on the server: `stemflow watch` follows them, `stemflow download JOB` fetches results",
+        ) from exc
+
+
+async def _finish(
+    ctx: Context, api: Api, jobs: dict[str, dict[str, Any]], outcome: Outcome, out: Path | None
+) -> dict[str, dict[str, str]]:
+    """Report each ended job; download the stems of completed ones when asked."""
+    files: dict[str, dict[str, str]] = {}
+    used: set[str] = set()
+    for job_id, doc in jobs.items():
+        if doc["status"] == "completed":
+            if out is not None:
+                folder = out / _folder_name(doc, used)
+                try:
+                    files[job_id] = await _download_stems(ctx, api, doc, folder, None)
+                except CliError as error:
+                    outcome.fail(error)
+            if not ctx.json:
+                for table in (stems_table(doc, files.get(job_id)), analysis_table(doc)):
+                    if table is not None:
+                        ctx.out.print(table)
+        elif doc["status"] == "failed":
+            error = doc.get("error") or {}
+            outcome.fail(
+                CliError(
+                    f"job {job_id} ({job_name(doc)}) failed: {error.get('code', '?')}: {error.get('message', '')}",
+                    Exit.JOB_FAILED,
+                )
+            )
+        else:
+            outcome.fail(CliError(f"job {job_id} ({job_name(doc)}) was {doc['status']}", Exit.JOB_FAILED))
+    return files
+
+
+def _folder_name(doc: dict[str, Any], used: set[str]) -> str:
+    name = job_name(doc)
+    base = Path(urlsplit(name).path).stem if is_url(name) else Path(name).stem
+    base = re.sub(r"[^\w.-]+", "_", base).strip("._") or doc["id"]
+    folder = base if base not in used else f"{base}-{doc['id'][:8]}"
+    used.add(folder)
+    return folder
+
+
+def _emit_all(ctx: Context, docs: Any, files: dict[str, dict[str, str]] | None = None) -> None:
+    if not ctx.json:
+        return
+    for doc in docs:
+        ctx.emit({**doc, "files": files[doc["id"]]} if files and doc["id"] in files else doc)
+
+
+# ---- downloads
+
+
+async def _download_stems(
+    ctx: Context, api: Api, doc: dict[str, Any], folder: Path, names: list[str] | None
+) -> dict[str, str]:
+    stems = doc["result"]["stems"]
+    if names:
+        known = {s["name"] for s in stems}
+        missing = [n for n in names if n not in known]
+        if missing:
+            raise CliError(
+                f"job {doc['id']} has no stem {', '.join(missing)} (it has {', '.join(sorted(known))})", Exit.NOT_FOUND
+            )
+        stems = [s for s in stems if s["name"] in names]
+    folder.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
+    with _transfer_bars(ctx) as bars:
+        for stem in stems:
+            dest = folder / f"{stem['name']}.{stem['format']}"
+            task = bars.add_task(dest.name, total=stem["size"] or None)
+            await api.download(stem["url"], dest, lambda n, task=task: bars.advance(task, n))
+            files[stem["name"]] = str(dest)
+    return files
+
+
+def _transfer_bars(ctx: Context) -> Progress:
+    return Progress(
+        TextColumn("{task.description}", markup=False),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=ctx.err,
+        disable=not ctx.live,
+    )
+
+
+async def download(ctx: Context, job_id: str, *, out: Path | None, stems: list[str] | None, as_zip: bool) -> int:
+    async with ctx.api() as api:
+        doc = await api.job(job_id)
+        if doc["status"] != "completed":
+            raise CliError(
+                f"job {job_id} is {doc['status']}: stems exist only once the job has completed",
+                Exit.CONFLICT if doc["status"] not in ("failed", "cancelled") else Exit.JOB_FAILED,
+                hint="wait with `stemflow watch`" if doc["status"] not in TERMINAL_STATUSES else "",
+            )
+        if as_zip:
+            folder = out or Path(".")
+            folder.mkdir(parents=True, exist_ok=True)
+            dest = folder / f"{job_id}-stems.zip"
+            with _transfer_bars(ctx) as bars:
+                task = bars.add_task(dest.name, total=None)
+                await api.download(doc["links"]["stems_zip"], dest, lambda n: bars.advance(task, n))
+            files = {"zip": str(dest)}
+        else:
+            files = await _download_stems(ctx, api, doc, out or Path(job_id), stems)
+    if ctx.json:
+        ctx.emit({"id": job_id, "files": files})
+    else:
+        for name, path in files.items():
+            ctx.out.print(f"{name}\t{path}", highlight=False, soft_wrap=True)
+    return 0
+
+
+# ---- one-job commands
+
+
+async def status(ctx: Context, job_ids: list[str]) -> int:
+    async with ctx.api() as api:
+
+        async def show(job_id: str) -> None:
+            doc = await api.job(job_id)
+            if ctx.json:
+                ctx.emit(doc)
+            else:
+                ctx.out.print(job_summary(doc))
+
+        return await Outcome(ctx).each(job_ids, show)
+
+
+async def cancel(ctx: Context, job_ids: list[str]) -> int:
+    async with ctx.api() as api:
+
+        async def stop(job_id: str) -> None:
+            doc = await api.cancel(job_id)
+            if ctx.json:
+                ctx.emit(doc)
+            else:
+                ctx.out.print(f"cancelled job {job_id} ({job_name(doc)})", highlight=False)
+
+        return await Outcome(ctx).each(job_ids, stop)
+
+
+async def delete(ctx: Context, job_ids: list[str]) -> int:
+    async with ctx.api() as api:
+
+        async def remove(job_id: str) -> None:
+            await api.delete(job_id)
+            if ctx.json:
+                ctx.emit({"id": job_id, "deleted": True})
+            else:
+                ctx.out.print(f"deleted job {job_id} and its files", highlight=False)
+
+        return await Outcome(ctx).each(job_ids, remove)
+
+
+async def list_jobs(ctx: Context, *, status: str | None, limit: int, cursor: str | None, every: bool) -> int:
+    items: list[dict[str, Any]] = []
+    async with ctx.api() as api:
+        while True:
+            page = await api.jobs(status=status, limit=limit, cursor=cursor)
+            items.extend(page["items"])
+            cursor = page.get("next_cursor")
+            if not (every and cursor):
+                break
+    if ctx.json:
+        ctx.emit({"items": items, "next_cursor": cursor})
+        return 0
+    ctx.out.print(jobs_table(items))
+    if cursor:
+        ctx.say(f"more: stemflow list --cursor {cursor}")
+    return 0
+
+
+# ---- watch
+
+
+async def watch(ctx: Context, *, count: int | None, timeout: float | None) -> int:
+    """All of this key's jobs, live, until Ctrl-C, `count` jobs have ended or `timeout` seconds."""
+    key = ctx.config.require_key()
+    async with ctx.api() as api:
+        recent = (await api.jobs(limit=20))["items"]
+        url = await _events_url(ctx, api, recent)
+        with Board(ctx.err, enabled=ctx.live) as board:
+            for doc in reversed(recent):
+                if doc["status"] not in TERMINAL_STATUSES:
+                    board.add(doc["id"], job_name(doc))
+                    board.update(doc["id"], doc["status"], doc.get("progress"))
+            ended = 0
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout), contextlib.aclosing(EventStream(url, key).frames()) as frames:
+                    async for frame in frames:
+                        if ctx.json and frame.get("type") == "subscribed":
+                            ctx.emit(frame)
+                        for event in frame.get("events") or []:
+                            ended += await _watched(ctx, api, board, event)
+                            if count is not None and ended >= count:
+                                return 0
+    return 0
+
+
+async def _watched(ctx: Context, api: Api, board: Board, event: dict[str, Any]) -> int:
+    """Show one job event; 1 when it ends a job."""
+    if ctx.json:
+        ctx.emit(event)
+    job_id = event.get("subject") or ""
+    if ctx.live and job_id not in board:
+        try:
+            board.add(job_id, job_name(await api.job(job_id)))
+        except CliError:
+            board.add(job_id, job_id)
+    data = event.get("data") or {}
+    final = TERMINAL_EVENTS.get(event.get("type", ""))
+    board.update(job_id, final or data.get("status", ""), data.get("progress"))
+    return 1 if final else 0
+
+
+async def _events_url(ctx: Context, api: Api, recent: list[dict[str, Any]]) -> str:
+    """The notifier's URL: configured, else the gateway's /config.json, else a job's `links.events`."""
+    if ctx.config.events_url:
+        return ctx.config.events_url
+    published = (await api.page_config()).get("events_url")
+    if isinstance(published, str) and published.startswith(("ws://", "wss://")):
+        return published
+    if recent:
+        return events_base(recent[0]["links"]["events"])
+    raise CliError(
+        "cannot tell where the notifier's WebSocket is",
+        Exit.USAGE,
+        hint="set STEMFLOW_EVENTS_URL or --events-url (e.g. ws://127.0.0.1:8001/v1/ws)",
+    )
+
+
+# ---- configure
+
+
+def configure(ctx: Context, settings: dict[str, str | None], *, ask_key: bool) -> int:
+    values = {k: v for k, v in settings.items() if v}
+    if ask_key and "api_key" not in values:
+        import getpass
+
+        values["api_key"] = getpass.getpass("API key: ").strip()
+    if not any(values.values()):
+        raise CliError("nothing to save", Exit.USAGE, hint="give --url, --events-url or --api-key")
+    # Check the values before writing them.
+    config_module.load(values, {}, ctx.config.path)
+    config_module.write(ctx.config.path, {k: v for k, v in values.items() if v})
+    if ctx.json:
+        ctx.emit({"path": str(ctx.config.path), "saved": sorted(values)})
+    else:
+        ctx.out.print(f"saved {', '.join(sorted(values))} to {ctx.config.path}", highlight=False)
+    return 0

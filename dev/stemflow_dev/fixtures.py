@@ -1,0 +1,128 @@
+"""Pytest fixtures for real RabbitMQ, MongoDB and Redis, isolated per test run.
+
+Servers come from testcontainers when a Docker engine answers, otherwise from
+the local stack mechanism (`stemflow_dev.stack`), which reuses running servers
+or starts them. Each run gets its own namespace: exchange and queue prefix,
+MongoDB database and Redis key prefix, removed at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from .stack import StackUrls, docker_available, ensure_stack, start_containers
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+STATE_DIR = Path(os.environ.get("STEMFLOW_STATE_DIR", REPO_ROOT / ".stemflow"))
+
+
+@dataclass(frozen=True)
+class Isolation:
+    namespace: str
+    mongodb_db: str
+
+    @property
+    def redis_prefix(self) -> str:
+        return f"{self.namespace}:"
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[StackUrls]:
+    """URLs of live RabbitMQ, MongoDB and Redis servers."""
+    if os.environ.get("STEMFLOW_TEST_DOCKER", "auto") != "0" and docker_available():
+        urls, stop = start_containers()
+        try:
+            yield urls
+        finally:
+            stop()
+    else:
+        yield ensure_stack(STATE_DIR)
+
+
+@pytest.fixture(scope="session")
+def isolation() -> Isolation:
+    ns = f"t{uuid.uuid4().hex[:10]}"
+    return Isolation(namespace=ns, mongodb_db=f"stemflow_{ns}")
+
+
+@pytest.fixture(scope="session")
+def base_env(stack: StackUrls, isolation: Isolation, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment variables every service under test shares."""
+    blob_dir = tmp_path_factory.mktemp("blobs")
+    return {
+        "AMQP_URL": stack.amqp_url,
+        "MONGODB_URL": stack.mongodb_url,
+        "MONGODB_DB": isolation.mongodb_db,
+        "REDIS_URL": stack.redis_url,
+        "STEMFLOW_NAMESPACE": isolation.namespace,
+        "BLOB_BACKEND": "filesystem",
+        "BLOB_DIR": str(blob_dir),
+        "LOG_LEVEL": "INFO",
+    }
+
+
+@pytest_asyncio.fixture(scope="session")
+async def mongo_db(stack: StackUrls, isolation: Isolation) -> AsyncIterator[object]:
+    from pymongo import AsyncMongoClient
+
+    client: AsyncMongoClient = AsyncMongoClient(stack.mongodb_url, tz_aware=True)
+    try:
+        yield client[isolation.mongodb_db]
+    finally:
+        await client.drop_database(isolation.mongodb_db)
+        await client.close()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def redis_client(stack: StackUrls, isolation: Isolation) -> AsyncIterator[object]:
+    import redis.asyncio as redis
+
+    client = redis.from_url(stack.redis_url)
+    try:
+        yield client
+    finally:
+        keys = [k async for k in client.scan_iter(match=f"{isolation.redis_prefix}*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
+@pytest_asyncio.fixture(scope="session", autouse=False)
+async def broker_cleanup(stack: StackUrls, isolation: Isolation) -> AsyncIterator[None]:
+    """Delete this run's exchanges and queues at the end of the session."""
+    yield
+    await delete_namespace(stack.amqp_url, isolation.namespace)
+
+
+async def delete_namespace(amqp_url: str, namespace: str) -> None:
+    """Remove every exchange and queue a namespace declared (queue names from the topology)."""
+    import aio_pika
+
+    from stemflow_shared.topology import ALL_QUEUES, Names
+
+    names = Names(namespace)
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        queues = [names.queue(q) for q in ALL_QUEUES if not q.per_replica]
+        queues.append(names.dead_letter_queue)
+        for queue in queues:
+            channel = await connection.channel()
+            try:
+                await channel.queue_delete(queue)
+            except Exception:
+                pass
+        for exchange in (names.work_exchange, names.exchange, names.dead_letter_exchange):
+            channel = await connection.channel()
+            try:
+                await channel.exchange_delete(exchange)
+            except Exception:
+                pass
+    finally:
+        await connection.close()

@@ -1,0 +1,1 @@
+"""Stemflow analyzer: musical facts with librosa on CPU cores."""

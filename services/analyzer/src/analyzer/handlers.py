@@ -1,0 +1,111 @@
+"""`audio.ingested` in, `analysis.completed` (or `.failed`) out; the work runs in warm processes."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import soundfile as sf
+from opentelemetry import trace
+
+from stemflow_shared import metrics, telemetry
+from stemflow_shared.events import (
+    ANALYSIS_COMPLETED,
+    ANALYSIS_FAILED,
+    AUDIO_INGESTED,
+    AnalysisCompleted,
+    AnalysisResult,
+    AudioIngested,
+    ErrorInfo,
+    Event,
+    EventSpec,
+    StageFailed,
+    event_id,
+    make_event,
+)
+from stemflow_shared.idempotency import is_cancelled
+from stemflow_shared.messaging import Handler
+from stemflow_shared.storage import BlobNotFound
+
+from .features import Step, analyze, warm_up
+
+log = logging.getLogger(__name__)
+SOURCE = "/stemflow/analyzer"
+
+
+def start_worker() -> None:
+    """Process initialiser: one thread per process, and every code path compiled before the first job."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+    warm_up()
+
+
+def analyze_file(path: str) -> tuple[dict[str, Any], list[Step]]:
+    """Runs in a worker process: read the normalised audio and measure it; the facts and the steps' times."""
+    steps: list[Step] = []
+    samples, sr = sf.read(path, dtype="float32", always_2d=True)
+    facts = dataclasses.asdict(analyze(samples.T.copy(), sr, steps))
+    return facts, steps
+
+
+def record_steps(steps: list[Step], duration_s: float) -> None:
+    """The worker process's steps as `analysis.<step>` spans under the current (consumer) span."""
+    if not trace.get_current_span().get_span_context().is_valid:
+        return  # tracing is off
+    for name, start, end in steps:
+        span = telemetry.tracer().start_span(f"analysis.{name}", start_time=start)
+        span.set_attribute("stemflow.audio.duration_s", duration_s)
+        span.end(end_time=end)
+
+
+class Analyzer:
+    def __init__(self, pool: ProcessPoolExecutor, blobs: Any, redis: Any, settings: Any) -> None:
+        self._pool = pool
+        self._blobs = blobs
+        self._redis = redis
+        self._settings = settings
+
+    def handlers(self) -> dict[EventSpec[Any], Handler]:
+        return {AUDIO_INGESTED: self.on_ingested}
+
+    async def on_ingested(self, event: Event[AudioIngested]) -> list[Event[Any]]:
+        job = event.data
+        if not job.options.analyze:
+            return []
+        if await is_cancelled(self._redis, self._settings.redis_prefix, job.job_id):
+            return []
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            async with self._blobs.local_path(job.audio.blob_key) as path:
+                facts, steps = await loop.run_in_executor(self._pool, analyze_file, str(Path(path)))
+            record_steps(steps, job.audio.duration_s)
+            result = AnalysisResult(**facts, source="mix")
+        except BlobNotFound:
+            return [self._failed(job.job_id, "audio_missing", "the normalised audio is gone")]
+        except (ValueError, sf.LibsndfileError) as exc:
+            metrics.STAGE_FAILURES.labels("analysis", "analysis_error").inc()
+            return [self._failed(job.job_id, "analysis_error", str(exc)[:500])]
+        elapsed = time.perf_counter() - started
+        log.info(
+            "analysed %.1f s of audio in %.2f s: %.1f BPM, %s",
+            job.audio.duration_s,
+            elapsed,
+            result.tempo_bpm,
+            result.key,
+        )
+        metrics.STAGE_DURATION.labels("analysis", "", "completed").observe(elapsed)
+        metrics.AUDIO_SECONDS.labels("analysis").inc(job.audio.duration_s)
+        metrics.REALTIME_FACTOR.labels("analysis").observe(job.audio.duration_s / max(elapsed, 1e-6))
+        data = AnalysisCompleted(job_id=job.job_id, analysis=result)
+        return [make_event(ANALYSIS_COMPLETED, data, source=SOURCE, id=event_id(job.job_id, ANALYSIS_COMPLETED.name))]
+
+    def _failed(self, job_id: str, code: str, message: str) -> Event[Any]:
+        data = StageFailed(job_id=job_id, error=ErrorInfo(code=code, message=message))
+        return make_event(ANALYSIS_FAILED, data, source=SOURCE, id=event_id(job_id, ANALYSIS_FAILED.name))

@@ -1,0 +1,87 @@
+"""Key of a mix: its pitch-class profile correlated with the 24 major and minor key profiles."""
+
+from functools import cache
+
+import librosa
+import numpy as np
+import soxr
+
+PITCH_CLASSES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
+UNKNOWN = "unknown"
+
+# Up to 2.7 kHz: the fundamentals of everything tonal and their first
+# harmonics; higher partials only blur the profile.
+KEY_RATE = 5512.5
+# 0.74 s windows: 1.35 Hz bins, which keep semitones apart down to the bass.
+_N_FFT = 4096
+_HOP = 2048
+# Chroma bins per semitone: fine enough to find the recording's tuning.
+_SUB = 10
+# Log compression, so that a few loud notes do not outweigh the harmony.
+_COMPRESSION = 10.0
+
+# Albrecht & Shanahan (2013), counted from 490 common-practice pieces. Their
+# minor profile blends natural and harmonic minor, so songs with a flat
+# seventh are pushed to the relative major less than with Temperley's
+# (Kostka-Payne) harmonic-minor profile; Krumhansl-Kessler's probe-tone
+# ratings give non-scale tones over a third of the tonic's weight, which
+# blurs keys once harmonics leak into the chroma. MIREX scores on 48 songs
+# from tests/synth.py: harmonic-minor and plain major progressions, KK 0.95,
+# Temperley 1.00, A-S 1.00; modal ones (i-bVII-bVI, I-bVII-IV), 0.82, 0.79, 0.84.
+_MAJOR = (0.238, 0.006, 0.111, 0.006, 0.137, 0.094, 0.016, 0.214, 0.009, 0.080, 0.008, 0.081)
+_MINOR = (0.220, 0.006, 0.104, 0.123, 0.019, 0.103, 0.012, 0.214, 0.062, 0.022, 0.061, 0.052)
+
+
+def estimate(y: np.ndarray, sr: float) -> tuple[str, float]:
+    """The most likely key of mono `y` and a 0..1 confidence; ("unknown", 0.0) for silence."""
+    profile = pitch_profile(soxr.resample(y, sr, KEY_RATE))
+    if np.ptp(profile) <= 1e-9 * profile.max():
+        return UNKNOWN, 0.0
+    z = (profile - profile.mean()) / profile.std()
+    scores = _key_templates() @ z / 12
+    runner_up, best = np.argsort(scores)[-2:]
+    # The share of the runner-up's distance to a perfect fit that the winner
+    # closes: 0 for a tie, 1 for a perfect, unrivalled match.
+    confidence = (scores[best] - scores[runner_up]) / max(1 - scores[runner_up], 1e-9)
+    return key_name(int(best)), float(np.clip(confidence, 0.0, 1.0))
+
+
+def key_name(index: int) -> str:
+    """Template index (0-11 major from C, 12-23 minor from C) to a name like "F# minor"."""
+    mode = "major" if index < 12 else "minor"
+    return f"{PITCH_CLASSES[index % 12]} {mode}"
+
+
+def pitch_profile(y: np.ndarray) -> np.ndarray:
+    """Energy per pitch class (C first) of mono `y` at `KEY_RATE`, measured in the recording's own tuning."""
+    if y.size < _N_FFT:
+        y = np.pad(y, (0, _N_FFT - y.size))
+    magnitude = np.abs(librosa.stft(y, n_fft=_N_FFT, hop_length=_HOP))
+    peak = magnitude.max()
+    if peak == 0:
+        return np.zeros(12)
+    # The filterbank is linear, so averaging the spectrum first gives the mean chroma for 1/120 of the work.
+    spectrum = np.log1p(_COMPRESSION / peak * magnitude).mean(axis=1)
+    fine = _chroma_bank() @ spectrum
+    offset = _tuning_offset(fine)
+    # Each pitch class gets the semitone-wide window centred on its tuned pitch.
+    return np.roll(fine, _SUB // 2 - offset).reshape(12, _SUB).sum(axis=1)
+
+
+def _tuning_offset(fine: np.ndarray) -> int:
+    """How many fine bins the recording sits above equal temperament at A440 (circular mean)."""
+    phase = np.angle(np.sum(fine * np.exp(2j * np.pi * np.arange(fine.size) / _SUB)))
+    return round(phase / (2 * np.pi) * _SUB)
+
+
+@cache
+def _chroma_bank() -> np.ndarray:
+    return librosa.filters.chroma(sr=KEY_RATE, n_fft=_N_FFT, n_chroma=12 * _SUB, dtype=np.float32)
+
+
+@cache
+def _key_templates() -> np.ndarray:
+    """(24, 12): each key's profile rotated to its tonic, standardised so a dot product is a correlation."""
+    rows = [np.roll(profile, tonic) for profile in (_MAJOR, _MINOR) for tonic in range(12)]
+    templates = np.array(rows)
+    return (templates - templates.mean(axis=1, keepdims=True)) / templates.std(axis=1, keepdims=True)

@@ -1,0 +1,136 @@
+"""analyze() against synthetic songs and test signals whose tempo, key and levels are known by construction."""
+
+import math
+
+import numpy as np
+import pyloudnorm
+import pytest
+import synth
+from synth import RATE
+
+from analyzer.features import LOUDNESS_FLOOR_LUFS, SILENCE_DBFS, Analysis, analyze, warm_up
+from analyzer.keys import PITCH_CLASSES, UNKNOWN
+
+TEMPI = (60, 72, 88, 100, 116, 132, 150, 176)
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[tuple[float, str, Analysis]]:
+    """All 24 keys, each tempo of the sweep three times; four bars, and at least 8 s."""
+    songs = []
+    for i in range(24):
+        bpm, tonic, mode = TEMPI[i % 8], (7 * i) % 12, "major" if i < 12 else "minor"
+        samples = synth.song(bpm, tonic, mode, seconds=max(8.0, 17 * 60 / bpm), seed=i)
+        songs.append((bpm, synth.key_name(tonic, mode), analyze(samples, RATE)))
+    return songs
+
+
+def mirex_score(estimate: str, reference: str) -> float:
+    """MIREX key score: 1 exact, 0.5 fifth, 0.3 relative, 0.2 parallel, else 0."""
+    (est_pc, est_mode), (ref_pc, ref_mode) = estimate.split(), reference.split()
+    est, ref = PITCH_CLASSES.index(est_pc), PITCH_CLASSES.index(ref_pc)
+    if est_mode == ref_mode:
+        return {0: 1.0, 5: 0.5, 7: 0.5}.get((est - ref) % 12, 0.0)
+    relative = 9 if ref_mode == "major" else 3
+    return {relative: 0.3, 0: 0.2}.get((est - ref) % 12, 0.0)
+
+
+def test_tempo_within_4_percent_across_60_to_180_bpm(corpus):
+    misses = [(bpm, round(a.tempo_bpm, 1)) for bpm, _, a in corpus if abs(a.tempo_bpm / bpm - 1) > 0.04]
+    assert 1 - len(misses) / len(corpus) >= 0.95, misses
+
+
+def test_key_mirex_score_across_all_24_keys(corpus):
+    scores = [mirex_score(a.key, key) for _, key, a in corpus]
+    assert np.mean(scores) >= 0.9, [(key, a.key) for _, key, a in corpus if a.key != key]
+
+
+@pytest.mark.parametrize("bpm", [63.3, 97.0, 123.4, 171.1])
+def test_click_track_tempo_to_a_fifth_of_a_bpm_and_beats_on_the_clicks(bpm):
+    analysis = analyze(synth.click_track(bpm, seconds=10.0), RATE)
+    clicks = np.arange(0.25, 10.0 - 0.01, 60 / bpm)
+    beats = np.array(analysis.beats)
+    assert analysis.tempo_bpm == pytest.approx(bpm, abs=0.2)
+    assert analysis.tempo_confidence > 0.6
+    assert np.abs(beats[:, None] - clicks[None, :]).min(axis=1).max() < 0.03
+    assert analysis.beat_count >= len(clicks) - 2
+
+
+def test_beats_and_energy_are_consistent_with_duration(corpus):
+    for bpm, _, a in corpus:
+        beats = np.array(a.beats)
+        assert a.beat_count == beats.size
+        # Beats are rounded to the millisecond.
+        assert np.all(np.diff(beats) > 0) and beats[0] >= 0 and beats[-1] <= a.duration_s + 0.0005
+        expected = a.duration_s * bpm / 60
+        assert 0.75 * expected <= a.beat_count <= expected + 1.01
+        assert a.energy_hop_s == pytest.approx(0.1)
+        assert abs(len(a.energy) - a.duration_s / a.energy_hop_s) < 1
+        assert min(a.energy) >= 0 and max(a.energy) == 1.0
+
+
+def test_energy_follows_the_level():
+    quiet_then_loud = np.concatenate([synth.sine(440, 0.01, 2.0), synth.sine(440, 0.3, 2.0)], axis=1)
+    energy = np.array(analyze(quiet_then_loud, RATE).energy)
+    assert energy[:19].max() < 0.05 and energy[21:].min() > 0.95
+
+
+def test_confidences_separate_music_from_noise(corpus):
+    noise = 0.1 * np.random.default_rng(1).standard_normal((2, 10 * RATE)).astype(np.float32)
+    analysis = analyze(noise, RATE)
+    assert analysis.tempo_confidence < 0.2
+    assert analysis.key_confidence < 0.3
+    assert np.median([a.tempo_confidence for *_, a in corpus]) > 0.4
+    assert np.median([a.key_confidence for *_, a in corpus]) > 0.5
+
+
+@pytest.mark.parametrize("cents", [-31.8, 40.0])
+def test_key_survives_a_detuned_recording(cents):
+    samples = synth.song(120, 2, "minor", seconds=8.0, seed=3, tuning_cents=cents)
+    assert analyze(samples, RATE).key == "D minor"
+
+
+@pytest.mark.parametrize("rate", [44100, 48000])
+def test_loudness_of_a_1khz_sine_at_minus_20_dbfs_rms(rate):
+    # BS.1770: K-weighting is ~0 dB at 1 kHz and cancels the -0.691 offset, so
+    # one channel reads its mean square in dB; two identical channels 3 dB more.
+    mono = analyze(synth.sine(1000, 0.1, 5.0, rate), rate)
+    stereo = analyze(synth.sine(1000, 0.1, 5.0, rate, channels=2), rate)
+    assert mono.loudness_lufs == pytest.approx(-20.0, abs=0.5)
+    assert stereo.loudness_lufs == pytest.approx(-20.0 + 10 * math.log10(2), abs=0.5)
+    assert stereo.rms_dbfs == pytest.approx(-20.0, abs=0.01)
+    assert stereo.true_peak_dbfs == pytest.approx(-20.0 + 10 * math.log10(2), abs=0.1)
+
+
+def test_loudness_matches_pyloudnorm_on_a_song():
+    samples = synth.song(116, 4, "major", seconds=8.0, seed=5)
+    reference = pyloudnorm.Meter(RATE).integrated_loudness(samples.T.astype(np.float64))
+    assert analyze(samples, RATE).loudness_lufs == pytest.approx(reference, abs=0.01)
+
+
+def test_true_peak_finds_the_peak_between_samples():
+    samples = synth.intersample_peaks(amp=0.9)
+    sample_peak = 20 * math.log10(float(np.abs(samples).max()))
+    true_peak = analyze(samples, RATE).true_peak_dbfs
+    assert true_peak > sample_peak + 2.5
+    assert true_peak == pytest.approx(20 * math.log10(0.9), abs=0.2)
+
+
+@pytest.mark.parametrize("frames", [0, 1, 1000, RATE])
+def test_silence_and_short_input_give_floors_not_errors(frames):
+    analysis = analyze(np.zeros((2, frames), np.float32), RATE)
+    assert (analysis.tempo_bpm, analysis.tempo_confidence, analysis.beats) == (0.0, 0.0, [])
+    assert (analysis.key, analysis.key_confidence) == (UNKNOWN, 0.0)
+    assert analysis.loudness_lufs == LOUDNESS_FLOOR_LUFS
+    assert analysis.true_peak_dbfs == analysis.rms_dbfs == SILENCE_DBFS
+    assert analysis.duration_s == frames / RATE
+    assert all(e == 0.0 for e in analysis.energy)
+
+
+def test_mono_and_one_dimensional_input_agree():
+    samples = synth.song(100, 7, "major", seconds=8.0, seed=2)[:1]
+    assert analyze(samples, RATE) == analyze(samples[0], RATE)
+
+
+def test_warm_up_runs():
+    warm_up()

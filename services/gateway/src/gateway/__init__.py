@@ -1,0 +1,1 @@
+"""Stemflow gateway: the public HTTP API and the owner of job state."""

@@ -1,0 +1,155 @@
+"""Results of finished jobs: one stem (HTTP Range), all stems as a streamed zip, the full analysis."""
+
+from __future__ import annotations
+
+import re
+import zipfile
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Header, Request, Response
+from fastapi.responses import StreamingResponse
+
+from stemflow_shared.auth import Principal
+from stemflow_shared.storage import BlobNotFound
+
+from .deps import Owner, jobs_of, not_found
+from .problems import Problem
+
+router = APIRouter(prefix="/v1")
+
+
+async def _finished_job(request: Request, job_id: str, who: Principal) -> dict[str, Any]:
+    doc = await jobs_of(request).repo.get(job_id, who.owner)
+    if doc is None:
+        raise not_found(job_id)
+    if doc["status"] != "completed":
+        raise Problem(409, "job_not_completed", f"job {job_id} is {doc['status']}", job_status=doc["status"])
+    return doc
+
+
+@router.get("/jobs/{job_id}/stems/{stem}")
+async def download_stem(
+    request: Request,
+    job_id: str,
+    stem: str,
+    who: Owner,
+    range_header: Annotated[str | None, Header(alias="Range")] = None,
+) -> Response:
+    """One stem file; a single byte range is honoured."""
+    doc = await _finished_job(request, job_id, who)
+    info = next((s for s in doc["result"]["stems"] if s["name"] == stem), None)
+    if info is None:
+        raise Problem(404, "stem_not_found", f"job {job_id} has no stem {stem!r}")
+    blobs = jobs_of(request).blobs
+    try:
+        size = await blobs.size(info["blob_key"])
+    except BlobNotFound as exc:
+        raise Problem(404, "stem_not_found", f"the file of stem {stem!r} is gone") from exc
+    filename = f"{stem}.{info['format']}"
+    headers = {
+        "Accept-Ranges": "bytes",
+        "Content-Disposition": f'attachment; filename="{filename}"',
+        "ETag": f'"{job_id}-{stem}-{size}"',
+    }
+    start, end, status_code = 0, size, 200
+    if range_header:
+        start, end = _parse_range(range_header, size)
+        status_code = 206
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    headers["Content-Length"] = str(end - start)
+    return StreamingResponse(
+        blobs.read(info["blob_key"], start, end),
+        status_code=status_code,
+        media_type=info["media_type"],
+        headers=headers,
+    )
+
+
+def _parse_range(header: str, size: int) -> tuple[int, int]:
+    """[start, end) of a single `bytes=` range; 416 when it cannot be served."""
+    match = re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", header)
+    if not match or match.groups() == ("", ""):
+        raise Problem(
+            416,
+            "range_not_satisfiable",
+            "only one bytes=a-b range is supported",
+            headers={"Content-Range": f"bytes */{size}"},
+        )
+    first, last = match.groups()
+    if first == "":
+        start, end = max(size - int(last), 0), size
+    else:
+        start = int(first)
+        end = min(int(last) + 1, size) if last else size
+    if start >= size or start >= end:
+        raise Problem(
+            416, "range_not_satisfiable", f"the file has {size} bytes", headers={"Content-Range": f"bytes */{size}"}
+        )
+    return start, end
+
+
+@router.get("/jobs/{job_id}/stems.zip")
+async def download_zip(request: Request, job_id: str, who: Owner) -> Response:
+    """Every stem in one zip, streamed as it is built."""
+    doc = await _finished_job(request, job_id, who)
+    stems = doc["result"]["stems"]
+    if not stems:
+        raise Problem(404, "stem_not_found", f"job {job_id} has no stems")
+    blobs = jobs_of(request).blobs
+    return StreamingResponse(
+        _zip_stream(blobs, stems),
+        media_type="application/zip",
+        headers={"Content-Disposition": f'attachment; filename="{job_id}-stems.zip"'},
+    )
+
+
+class _Sink:
+    """A write-only file for zipfile that hands its bytes to the response as they come."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.offset = 0
+
+    def write(self, data: bytes) -> int:
+        self.chunks.append(bytes(data))
+        self.offset += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.offset
+
+    def flush(self) -> None:
+        return None
+
+    def take(self) -> bytes:
+        data = b"".join(self.chunks)
+        self.chunks.clear()
+        return data
+
+
+async def _zip_stream(blobs: Any, stems: list[dict[str, Any]]) -> AsyncIterator[bytes]:
+    sink = _Sink()
+    # Audio does not deflate well; storing keeps the zip fast to build and to open.
+    with zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:  # type: ignore[arg-type]
+        for stem in stems:
+            arcname = f"{stem['name']}.{stem['format']}"
+            with archive.open(arcname, mode="w", force_zip64=True) as entry:
+                async for chunk in blobs.read(stem["blob_key"]):
+                    entry.write(chunk)
+                    yield sink.take()
+            yield sink.take()
+    yield sink.take()
+
+
+@router.get("/jobs/{job_id}/analysis")
+async def get_analysis(request: Request, job_id: str, who: Owner) -> Response:
+    """The full analysis, beat times and energy curve included."""
+    doc = await jobs_of(request).repo.get(job_id, who.owner)
+    if doc is None:
+        raise not_found(job_id)
+    analysis = (doc.get("result") or {}).get("analysis")
+    if analysis is None:
+        raise Problem(409, "analysis_not_ready", f"job {job_id} has no analysis yet", job_status=doc["status"])
+    return Response(orjson.dumps(analysis), media_type="application/json")

@@ -1,0 +1,243 @@
+"""The gateway's job use cases, shared by the HTTP routes and the event handlers."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+import orjson
+from redis.exceptions import RedisError
+
+from stemflow_shared import metrics
+from stemflow_shared.events import (
+    JOB_COMPLETED,
+    JOB_SUBMITTED,
+    TERMINAL_JOB_STATUSES,
+    Event,
+    InputRef,
+    JobCompleted,
+    JobOptions,
+    JobSubmitted,
+    make_event,
+)
+from stemflow_shared.idempotency import cancel_flag_key
+from stemflow_shared.messaging import PermanentError
+from stemflow_shared.reuse import ResultIndex
+from stemflow_shared.storage import job_prefix
+
+from . import state, views
+from .cache import JobCache
+from .outbox import OutboxRelay
+from .repository import JobRepository
+
+log = logging.getLogger(__name__)
+UNFINISHED = ("queued", "ingesting", "processing")
+
+
+class Jobs:
+    def __init__(
+        self,
+        repo: JobRepository,
+        cache: JobCache,
+        relay: OutboxRelay,
+        blobs: Any,
+        redis: Any,
+        *,
+        redis_prefix: str,
+        base_url: str,
+        events_url: str,
+        retention: timedelta,
+        results: ResultIndex | None = None,
+    ) -> None:
+        self.repo = repo
+        self.cache = cache
+        self.relay = relay
+        self.blobs = blobs
+        self._redis = redis
+        self._redis_prefix = redis_prefix
+        self._base_url = base_url.rstrip("/")
+        self._events_url = events_url
+        self._retention = retention
+        self._results = results
+
+    def job_url(self, job_id: str) -> str:
+        return f"{self._base_url}/v1/jobs/{job_id}"
+
+    def view(self, doc: dict[str, Any]) -> dict[str, Any]:
+        return views.public_job(doc, self._base_url, self._events_url)
+
+    def render(self, doc: dict[str, Any]) -> bytes:
+        return orjson.dumps(self.view(doc))
+
+    async def remember(self, doc: dict[str, Any]) -> tuple[bytes, bytes]:
+        """Render a job and cache it (never over a newer version); its JSON and gzip (or empty) bodies."""
+        body = self.render(doc)
+        return body, await self.cache.put(doc["_id"], doc["owner"], doc["version"], body)
+
+    async def list_page(self, owner: str, *, status: str | None, limit: int, after: str | None) -> bytes:
+        """A page of the owner's jobs as JSON, rendered from one indexed, projected query."""
+        items, next_cursor = await self.repo.page(owner, status=status, limit=limit, after=after)
+        return orjson.dumps({"items": [self.view(item) for item in items], "next_cursor": next_cursor})
+
+    async def submit(
+        self,
+        job_id: str,
+        owner: str,
+        options: JobOptions,
+        input_ref: InputRef,
+        *,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Insert the job with its `job.submitted` in the outbox, then publish in the background."""
+        now = state.utcnow()
+        input_doc = input_ref.model_dump(mode="json", exclude_none=True)
+        doc = state.new_job(
+            job_id, owner, options, input_doc, now=now, retention=self._retention, idempotency_key=idempotency_key
+        )
+        event = make_event(
+            JOB_SUBMITTED,
+            JobSubmitted(job_id=job_id, owner=owner, options=options, input=input_ref),
+            source=state.SOURCE,
+        )
+        doc = await self.repo.insert(doc, [event])
+        metrics.JOBS_SUBMITTED.labels("upload" if input_ref.blob_key else "url").inc()
+        self.relay.flush_soon(job_id)
+        await self.remember(doc)
+        return doc
+
+    async def adopt_external(self, event: Event[JobSubmitted]) -> None:
+        """Create the job of a `job.submitted` another service published (no-op for our own)."""
+        data = event.data
+        if await self.repo.get(data.job_id) is not None:
+            return
+        doc = state.new_job(
+            data.job_id,
+            data.owner,
+            data.options,
+            data.input.model_dump(mode="json", exclude_none=True),
+            now=state.utcnow(),
+            retention=self._retention,
+        )
+        if await self.repo.upsert_external(doc, []):
+            metrics.JOBS_SUBMITTED.labels("event").inc()
+
+    async def apply_event(self, event: Event[Any]) -> None:
+        """Apply a stage event; publish what it causes before the message is acked."""
+        job_id = event.data.job_id
+        doc, change = await self.repo.transition(
+            job_id, lambda d: state.apply(d, event, state.utcnow()), state.utcnow()
+        )
+        if doc is None:
+            raise PermanentError("job_unknown", f"no job {job_id}")
+        if change is not None:
+            await self._after_change(doc, change)
+        else:
+            # A redelivery after a crash between the write and the cache update repairs the cache.
+            await self.remember(doc)
+        # Also flushes what an earlier delivery left pending if it crashed after its write.
+        await self.relay.flush(job_id)
+
+    async def _after_change(self, doc: dict[str, Any], change: state.Transition) -> None:
+        await self.remember(doc)
+        if change.status_changed:
+            log.info("job %s is %s (%.0f%%)", doc["_id"], doc["status"], doc["progress"])
+        if doc["status"] in TERMINAL_JOB_STATUSES:
+            metrics.JOBS_FINISHED.labels(doc["status"]).inc()
+            elapsed = (doc["updated_at"] - doc["created_at"]).total_seconds()
+            metrics.JOB_DURATION.labels(doc["status"]).observe(max(elapsed, 0.0))
+        for event in change.emit:
+            if event.spec.name == JOB_COMPLETED.name:
+                await self._index_results(doc, event.data)
+
+    async def _index_results(self, doc: dict[str, Any], completed: JobCompleted) -> None:
+        """Let ingest reuse a finished job's results for the same audio and options (best effort)."""
+        fingerprint = (doc.get("audio") or {}).get("fingerprint")
+        if self._results is None or not fingerprint:
+            return
+        try:
+            await self._results.remember(fingerprint, JobOptions.model_validate(doc["options"]), completed)
+        except RedisError as exc:
+            log.warning("could not index the results of job %s for reuse: %s", doc["_id"], exc)
+
+    async def _forget_results(self, doc: dict[str, Any]) -> None:
+        """Drop the reuse entry that points at this job's blobs, which are about to be deleted."""
+        fingerprint = (doc.get("audio") or {}).get("fingerprint")
+        if self._results is None or not fingerprint:
+            return
+        options = JobOptions.model_validate(doc["options"])
+        try:
+            indexed = await self._results.lookup(fingerprint, options)
+            if indexed is not None and indexed.job_id == doc["_id"]:
+                await self._results.forget(fingerprint, options)
+        except RedisError as exc:
+            log.warning("could not drop the reuse entry of job %s: %s", doc["_id"], exc)
+
+    async def cancel(self, job_id: str, owner: str) -> dict[str, Any] | None:
+        """Cancel a running job; returns the job (unchanged when it had already ended) or None."""
+        if await self.repo.get(job_id, owner) is None:
+            return None
+        await self._redis.set(
+            cancel_flag_key(self._redis_prefix, job_id), b"1", ex=int(self._retention.total_seconds())
+        )
+        doc, change = await self.repo.transition(job_id, lambda d: state.cancel(d, state.utcnow()), state.utcnow())
+        if doc is not None and change is not None:
+            await self._after_change(doc, change)
+            self.relay.flush_soon(job_id)
+        elif doc is not None:
+            await self.remember(doc)  # a retried cancel repairs what a crash after the write left stale
+        return doc
+
+    async def delete(self, job_id: str, owner: str | None) -> bool:
+        """Delete a job and every blob it has; a running job is cancelled first."""
+        doc = await self.repo.get(job_id, owner)
+        if doc is None:
+            return False
+        if doc["status"] not in TERMINAL_JOB_STATUSES:
+            await self.cancel(job_id, doc["owner"])
+            await self.relay.flush(job_id)
+        await self._forget_results(doc)
+        removed = await self.blobs.delete_prefix(job_prefix(job_id))
+        deleted = await self.repo.delete(job_id, owner)
+        await self.cache.bury(job_id)
+        log.info("deleted job %s and %d blobs", job_id, removed)
+        return deleted
+
+    async def time_out_stuck(self, timeout_s: float) -> int:
+        """Fail the unfinished jobs that have not changed for `timeout_s`; workers still on them are told to stop."""
+        now = state.utcnow()
+        count = 0
+        for job_id in await self.repo.unchanged_since(UNFINISHED, now - timedelta(seconds=timeout_s)):
+            doc, change = await self.repo.transition(
+                job_id, lambda d: state.time_out(d, state.utcnow(), timeout_s), state.utcnow()
+            )
+            if doc is None or change is None:
+                continue  # it moved (or ended) since the query
+            try:
+                await self._redis.set(
+                    cancel_flag_key(self._redis_prefix, job_id), b"1", ex=int(self._retention.total_seconds())
+                )
+            except RedisError as exc:
+                log.warning("could not flag timed-out job %s for the workers: %s", job_id, exc)
+            await self._after_change(doc, change)
+            await self.relay.flush(job_id)
+            stage = state.stalled_stage(doc)
+            metrics.JOBS_TIMED_OUT.labels(stage).inc()
+            log.warning("job %s made no progress in its %s stage for %.0f s: failed", job_id, stage, timeout_s)
+            count += 1
+        return count
+
+    async def sample_unfinished(self) -> int:
+        """Set the gauges of unfinished jobs per status (count, longest time without change)."""
+        now = state.utcnow()
+        for status, (count, oldest) in (await self.repo.unfinished_summary(UNFINISHED)).items():
+            metrics.JOBS_ACTIVE.labels(status).set(count)
+            age = (now - oldest).total_seconds() if oldest is not None else 0.0
+            metrics.JOBS_OLDEST_UNCHANGED.labels(status).set(max(age, 0.0))
+        return 0
+
+    async def collect_expired(self) -> int:
+        count = 0
+        for job_id in await self.repo.expired(state.utcnow()):
+            count += await self.delete(job_id, None)
+        return count

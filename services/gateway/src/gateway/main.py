@@ -1,0 +1,178 @@
+"""Composition root of the gateway: settings, telemetry, connections, routes, consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import redis.asyncio as redis
+from fastapi import FastAPI
+from fastapi.middleware.gzip import GZipMiddleware
+from pymongo import AsyncMongoClient
+
+from stemflow_shared import telemetry
+from stemflow_shared.auth import ApiKeys
+from stemflow_shared.messaging import Broker, BrokerOptions
+from stemflow_shared.ops import ops_routes
+from stemflow_shared.reuse import ResultIndex
+from stemflow_shared.storage import make_blob_store
+from stemflow_shared.topology import GATEWAY_QUEUE, Names
+
+from . import downloads, problems
+from .cache import GZIP_MIN_BYTES, JobCache
+from .handlers import handlers
+from .hotpath import CachedJobReads
+from .jobs import Jobs
+from .observe import Observe, SlowCommandLogger
+from .outbox import OutboxRelay
+from .periodic import every
+from .ratelimit import RateLimiter
+from .repository import JobRepository
+from .routes import router
+from .settings import Settings
+from .web import add_web_page
+
+log = logging.getLogger("gateway")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The gateway application; connections open in its lifespan, not at import."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        mongo: AsyncMongoClient[Any] = AsyncMongoClient(
+            settings.mongodb_url,
+            tz_aware=True,
+            maxPoolSize=settings.mongodb_max_pool_size,
+            minPoolSize=settings.mongodb_min_pool_size,
+            serverSelectionTimeoutMS=5000,
+            event_listeners=[SlowCommandLogger(settings.slow_mongodb_command_ms)],
+        )
+        database = mongo[settings.mongodb_db]
+        redis_client = redis.from_url(
+            settings.redis_url,
+            socket_timeout=2,
+            socket_connect_timeout=2,
+            max_connections=settings.redis_max_connections,
+        )
+        broker = Broker(
+            settings.amqp_url,
+            Names(settings.stemflow_namespace),
+            "gateway",
+            BrokerOptions(delivery_limit=settings.delivery_limit, prefetch=settings.prefetch),
+        )
+        await broker.connect()
+        repo = JobRepository(database)
+        await repo.ensure_indexes()
+        blobs = make_blob_store(settings, lambda: database)
+        relay = OutboxRelay(repo, broker, delay_s=settings.outbox_relay_delay_s)
+        results = (
+            ResultIndex(redis_client, settings.redis_prefix, settings.result_reuse_ttl_s)
+            if settings.result_reuse_ttl_s
+            else None
+        )
+        jobs = Jobs(
+            repo,
+            JobCache(redis_client, settings.redis_prefix, settings.job_cache_ttl_s, settings.gzip_level),
+            relay,
+            blobs,
+            redis_client,
+            redis_prefix=settings.redis_prefix,
+            base_url=settings.public_url,
+            events_url=settings.events_url,
+            retention=timedelta(hours=settings.job_retention_hours),
+            results=results,
+        )
+        app.state.settings = settings
+        app.state.jobs = jobs
+        app.state.mongo = mongo
+        app.state.redis = redis_client
+        app.state.api_keys = ApiKeys(database)
+        app.state.limiter = RateLimiter(redis_client, settings.redis_prefix, settings.rate_limit_per_minute)
+        app.state.checks = {
+            "mongodb": lambda: _ping_mongo(mongo),
+            "redis": redis_client.ping,
+            "broker": broker.ready,
+        }
+        await broker.consume(GATEWAY_QUEUE, handlers(jobs))
+        grace = timedelta(seconds=settings.outbox_grace_s)
+        background = [
+            asyncio.create_task(every(settings.outbox_sweep_interval_s, "outbox sweep", lambda: relay.sweep(grace))),
+            asyncio.create_task(every(settings.retention_sweep_interval_s, "retention", jobs.collect_expired)),
+            asyncio.create_task(every(settings.job_watch_interval_s, "unfinished jobs", jobs.sample_unfinished)),
+        ]
+        if settings.stuck_job_timeout_s:
+            timeout_s = settings.stuck_job_timeout_s
+            background.append(
+                asyncio.create_task(
+                    every(settings.job_watch_interval_s, "stuck jobs failed", lambda: jobs.time_out_stuck(timeout_s))
+                )
+            )
+        log.info("gateway ready on port %d", settings.http_port)
+        try:
+            yield
+        finally:
+            await broker.stop_consuming(settings.shutdown_grace_s)
+            for task in background:
+                task.cancel()
+            await relay.drain(5)
+            await broker.close()
+            await redis_client.aclose()
+            await mongo.close()
+
+    app = FastAPI(
+        title="Stemflow",
+        version="1.0.0",
+        description="Split songs into stems and measure them.",
+        lifespan=lifespan,
+    )
+    problems.install(app)
+    app.include_router(router)
+    app.include_router(downloads.router)
+    add_web_page(app, settings.events_url)
+    for route in ops_routes(lambda request: request.app.state.checks):
+        app.router.routes.append(route)
+    app.add_middleware(GZipMiddleware, minimum_size=GZIP_MIN_BYTES, compresslevel=settings.gzip_level)
+    app.add_middleware(CachedJobReads)
+    app.add_middleware(Observe)
+    telemetry.instrument_app(app)
+    return app
+
+
+async def _ping_mongo(client: AsyncMongoClient[Any]) -> bool:
+    await client.admin.command("ping")
+    return True
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one server process: settings from the environment, logging and tracing set up."""
+    settings = Settings()
+    telemetry.setup_logging("gateway", settings.log_level, settings.log_format)
+    telemetry.setup_tracing("gateway")
+    return create_app(settings)
+
+
+def main() -> None:
+    import uvicorn
+
+    settings = Settings()  # validated before any worker starts, so bad settings fail once and clearly
+    uvicorn.run(
+        "gateway.main:app_from_environment",
+        factory=True,
+        workers=settings.http_workers,
+        host=settings.http_host,
+        port=settings.http_port,
+        log_config=None,
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+    )
+
+
+if __name__ == "__main__":
+    main()

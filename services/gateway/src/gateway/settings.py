@@ -1,0 +1,57 @@
+"""The gateway's settings, from the environment."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from stemflow_shared.settings import BlobSettings, RedisSettings, ServiceSettings
+
+DEFAULT_MEDIA_TYPES = (
+    "audio/wav,audio/x-wav,audio/wave,audio/vnd.wave,audio/flac,audio/x-flac,audio/mpeg,audio/mp3,audio/ogg,"
+    "audio/opus,audio/mp4,audio/x-m4a,audio/aac,audio/aiff,audio/x-aiff,application/octet-stream"
+)
+
+
+class Settings(ServiceSettings, BlobSettings, RedisSettings):
+    mongodb_url: str = Field(description="MongoDB URL (a replica set)")
+    http_port: int = 8000
+    http_workers: int = Field(
+        default=1, ge=1, le=64, description="Server processes; each has its own /metrics (prefer more replicas)"
+    )
+    public_url: str = Field(default="http://127.0.0.1:8000", description="Base URL clients use for links")
+    events_url: str = Field(default="ws://127.0.0.1:8001/v1/ws", description="The notifier's WebSocket URL")
+    max_upload_bytes: int = Field(default=1024 * 1024 * 1024, gt=0)
+    accepted_media_types: str = DEFAULT_MEDIA_TYPES
+    job_cache_ttl_s: int = Field(default=3600, gt=0)
+    rate_limit_per_minute: int = Field(default=600, ge=0, description="Requests per API key per minute; 0 = off")
+    job_retention_hours: float = Field(default=24 * 7, gt=0)
+    outbox_sweep_interval_s: float = Field(default=2.0, gt=0)
+    outbox_grace_s: float = Field(default=5.0, ge=0)
+    retention_sweep_interval_s: float = Field(default=300.0, gt=0)
+    stuck_job_timeout_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description="An unfinished job that has not changed for this long is failed (stage_timeout); 0 = never",
+    )
+    job_watch_interval_s: float = Field(
+        default=30.0, gt=0, description="How often the unfinished jobs are sampled for metrics and timed out"
+    )
+    mongodb_max_pool_size: int = Field(default=100, gt=0)
+    mongodb_min_pool_size: int = Field(default=4, ge=0)
+    redis_max_connections: int = Field(default=200, gt=0, description="Size of the Redis connection pool")
+    slow_mongodb_command_ms: float = Field(default=100.0, gt=0)
+    list_max_limit: int = Field(default=100, gt=0)
+    max_json_body_bytes: int = Field(default=64 * 1024, gt=0, description="Largest JSON submission accepted")
+    result_reuse_ttl_s: int = Field(
+        default=7 * 24 * 3600, ge=0, description="How long finished results stay reusable by fingerprint; 0 = off"
+    )
+    gzip_level: int = Field(default=1, ge=1, le=9, description="Compression level of responses over 1 KB")
+    outbox_relay_delay_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="Test/ops knob: delay background relaying of new events (the sweeper still publishes them)",
+    )
+
+    @property
+    def media_types(self) -> frozenset[str]:
+        return frozenset(t.strip().lower() for t in self.accepted_media_types.split(",") if t.strip())

@@ -1,0 +1,279 @@
+"""The job state machine: pure functions from a job document and an event to a transition.
+
+Transitions are monotonic: a stage never goes back from a terminal status, a
+percent never decreases, and a terminal job never changes again, so late or
+duplicated events are no-ops.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from stemflow_shared.events import (
+    ANALYSIS_COMPLETED,
+    ANALYSIS_FAILED,
+    AUDIO_INGESTED,
+    INGEST_FAILED,
+    JOB_CANCELLED,
+    JOB_COMPLETED,
+    JOB_FAILED,
+    JOB_PROGRESS,
+    SEPARATION_COMPLETED,
+    SEPARATION_FAILED,
+    SEPARATION_PROGRESS,
+    TERMINAL_JOB_STATUSES,
+    AnalysisResult,
+    ErrorInfo,
+    Event,
+    JobCancelled,
+    JobCompleted,
+    JobFailed,
+    JobOptions,
+    JobProgressed,
+    Progress,
+    StemInfo,
+    event_id,
+    make_event,
+)
+
+SOURCE = "/stemflow/gateway"
+STAGES = ("ingest", "separation", "analysis")
+TERMINAL_STAGE = frozenset({"completed", "failed", "skipped"})
+# Share of the overall percent each stage carries when it runs.
+WEIGHTS = {"ingest": 10.0, "separation": 70.0, "analysis": 20.0}
+
+
+def new_job_id(now: float | None = None) -> str:
+    """A time-ordered id (48-bit milliseconds + 80 random bits), so ids sort newest-last."""
+    millis = int((now if now is not None else time.time()) * 1000)
+    return f"{millis:012x}{os.urandom(10).hex()}"
+
+
+def new_job(
+    job_id: str,
+    owner: str,
+    options: JobOptions,
+    input_doc: dict[str, Any],
+    *,
+    now: datetime,
+    retention: timedelta,
+    idempotency_key: str | None = None,
+) -> dict[str, Any]:
+    """A fresh job document in state `queued`."""
+    stages = {
+        "ingest": {"status": "pending", "percent": 0.0},
+        "separation": {"status": "pending" if options.separate else "skipped", "percent": 0.0},
+        "analysis": {"status": "pending" if options.analyze else "skipped", "percent": 0.0},
+    }
+    doc: dict[str, Any] = {
+        "_id": job_id,
+        "owner": owner,
+        "status": "queued",
+        "stages": stages,
+        "progress": 0.0,
+        "options": options.model_dump(mode="json"),
+        "input": input_doc,
+        "result": {"stems": [], "analysis": None},
+        "error": None,
+        "created_at": now,
+        "updated_at": now,
+        "expire_at": now + retention,
+        "version": 1,
+        "outbox": [],
+    }
+    if idempotency_key is not None:
+        doc["idempotency_key"] = idempotency_key
+    return doc
+
+
+def overall_percent(stages: dict[str, dict[str, Any]]) -> float:
+    """Weighted mean of the stages that run; skipped stages carry no weight."""
+    total = done = 0.0
+    for name in STAGES:
+        stage = stages[name]
+        if stage["status"] == "skipped":
+            continue
+        weight = WEIGHTS[name]
+        total += weight
+        done += weight * (100.0 if stage["status"] in TERMINAL_STAGE else stage["percent"]) / 100.0
+    return round(100.0 * done / total, 1) if total else 100.0
+
+
+def progress_model(doc: dict[str, Any]) -> Progress:
+    stages = doc["stages"]
+    return Progress(
+        overall=doc["progress"],
+        ingest=stages["ingest"],
+        separation=stages["separation"],
+        analysis=stages["analysis"],
+    )
+
+
+@dataclass
+class Transition:
+    """Field updates for the job document and the events they cause, in order."""
+
+    set: dict[str, Any] = field(default_factory=dict)
+    emit: list[Event[Any]] = field(default_factory=list)
+    status_changed: bool = False
+
+
+def apply(doc: dict[str, Any], event: Event[Any], now: datetime) -> Transition | None:
+    """The transition an event causes on a job, or None when it changes nothing."""
+    if doc["status"] in TERMINAL_JOB_STATUSES:
+        return None
+    stages = {name: dict(stage) for name, stage in doc["stages"].items()}
+    changes: dict[str, Any] = {}
+    status = doc["status"]
+    error: ErrorInfo | None = None
+    name = event.spec.name
+    data = event.data
+
+    if name == AUDIO_INGESTED.name:
+        if stages["ingest"]["status"] in TERMINAL_STAGE:
+            return None
+        stages["ingest"] = {"status": "completed", "percent": 100.0}
+        for stage in ("separation", "analysis"):
+            if stages[stage]["status"] == "pending":
+                stages[stage]["status"] = "running"
+        status = "processing"
+        changes["input.duration_s"] = data.audio.duration_s
+        changes["input.sample_rate"] = data.source.sample_rate
+        changes["input.channels"] = data.source.channels
+        changes["input.format"] = data.source.format
+        changes["audio"] = data.audio.model_dump(mode="json")
+    elif name == SEPARATION_PROGRESS.name:
+        stage = stages["separation"]
+        if stage["status"] in TERMINAL_STAGE or data.percent <= stage["percent"]:
+            return None
+        stages["separation"] = {"status": "running", "percent": min(round(data.percent, 1), 99.9)}
+    elif name == SEPARATION_COMPLETED.name:
+        if stages["separation"]["status"] in TERMINAL_STAGE:
+            return None
+        stages["separation"] = {"status": "completed", "percent": 100.0}
+        changes["result.stems"] = [s.model_dump(mode="json") for s in data.stems]
+        changes["result.separation"] = {
+            "model": data.model,
+            "device": data.device,
+            "precision": data.precision,
+            "untrained": data.untrained,
+        }
+    elif name == ANALYSIS_COMPLETED.name:
+        if stages["analysis"]["status"] in TERMINAL_STAGE:
+            return None
+        stages["analysis"] = {"status": "completed", "percent": 100.0}
+        changes["result.analysis"] = data.analysis.model_dump(mode="json")
+    elif name in (INGEST_FAILED.name, SEPARATION_FAILED.name, ANALYSIS_FAILED.name):
+        stage_name = {INGEST_FAILED.name: "ingest", SEPARATION_FAILED.name: "separation"}.get(name, "analysis")
+        if stages[stage_name]["status"] in TERMINAL_STAGE:
+            return None
+        stages[stage_name] = {"status": "failed", "percent": stages[stage_name]["percent"]}
+        error = data.error
+    else:
+        return None
+
+    if error is not None:
+        status = "failed"
+        for stage in stages.values():
+            if stage["status"] in ("pending", "running"):
+                stage["status"] = "skipped"
+    elif all(stages[s]["status"] in ("completed", "skipped") for s in STAGES):
+        status = "completed"
+
+    changes.update({"stages": stages, "status": status, "progress": overall_percent(stages), "updated_at": now})
+    if error is not None:
+        changes["error"] = error.model_dump(mode="json")
+    after = _merged(doc, changes)
+    changed = status != doc["status"]
+    return Transition(set=changes, emit=_events_for(after, changed), status_changed=changed)
+
+
+def cancel(doc: dict[str, Any], now: datetime) -> Transition | None:
+    """Cancel a job that has not finished."""
+    if doc["status"] in TERMINAL_JOB_STATUSES:
+        return None
+    stages = {name: dict(stage) for name, stage in doc["stages"].items()}
+    for stage in stages.values():
+        if stage["status"] in ("pending", "running"):
+            stage["status"] = "skipped"
+    changes = {"status": "cancelled", "stages": stages, "updated_at": now}
+    after = _merged(doc, changes)
+    return Transition(set=changes, emit=_events_for(after, True), status_changed=True)
+
+
+def time_out(doc: dict[str, Any], now: datetime, timeout_s: float) -> Transition | None:
+    """Fail a job that has not changed for `timeout_s`: code `stage_timeout`, naming the stalled stage."""
+    if doc["status"] in TERMINAL_JOB_STATUSES or (now - doc["updated_at"]).total_seconds() < timeout_s:
+        return None
+    stages = {name: dict(stage) for name, stage in doc["stages"].items()}
+    stalled = [name for name in STAGES if stages[name]["status"] in ("pending", "running")]
+    for name in stalled:
+        stages[name]["status"] = "failed" if name == stalled[0] else "skipped"
+    stage = stalled[0] if stalled else "job"
+    error = ErrorInfo(
+        code="stage_timeout",
+        message=f"the {stage} stage made no progress for {timeout_s:.0f} s; the job was stopped",
+    )
+    changes = {
+        "status": "failed",
+        "stages": stages,
+        "error": error.model_dump(mode="json"),
+        "progress": doc["progress"],
+        "updated_at": now,
+    }
+    after = _merged(doc, changes)
+    return Transition(set=changes, emit=_events_for(after, True), status_changed=True)
+
+
+def stalled_stage(doc: dict[str, Any]) -> str:
+    """The stage a timed-out job failed in (as `time_out` marked it)."""
+    return next((name for name in STAGES if doc["stages"][name]["status"] == "failed"), "job")
+
+
+def _merged(doc: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    merged = {**doc, "result": dict(doc.get("result") or {})}
+    for path, value in changes.items():
+        if path.startswith("result."):
+            merged["result"][path.split(".", 1)[1]] = value
+        elif "." not in path:
+            merged[path] = value
+    return merged
+
+
+def _events_for(job: dict[str, Any], status_changed: bool) -> list[Event[Any]]:
+    """A progress event for every change, then the terminal event when the job just ended."""
+    job_id, owner, status = job["_id"], job["owner"], job["status"]
+    progress = JobProgressed(job_id=job_id, owner=owner, status=status, progress=progress_model(job))
+    events: list[Event[Any]] = [make_event(JOB_PROGRESS, progress, source=SOURCE)]
+    if status_changed and status == "completed":
+        result = job["result"]
+        data = JobCompleted(
+            job_id=job_id,
+            owner=owner,
+            stems=[StemInfo.model_validate(s) for s in result.get("stems") or []],
+            analysis=AnalysisResult.model_validate(result["analysis"]) if result.get("analysis") else None,
+        )
+        events.append(make_event(JOB_COMPLETED, data, source=SOURCE, id=event_id(job_id, JOB_COMPLETED.name)))
+    elif status_changed and status == "failed":
+        data = JobFailed(job_id=job_id, owner=owner, error=ErrorInfo.model_validate(job["error"]))
+        events.append(make_event(JOB_FAILED, data, source=SOURCE, id=event_id(job_id, JOB_FAILED.name)))
+    elif status_changed and status == "cancelled":
+        events.append(
+            make_event(
+                JOB_CANCELLED,
+                JobCancelled(job_id=job_id, owner=owner),
+                source=SOURCE,
+                id=event_id(job_id, JOB_CANCELLED.name),
+            )
+        )
+    return events
+
+
+def utcnow() -> datetime:
+    # MongoDB keeps milliseconds; rounding here keeps ETags and comparisons stable after a round trip.
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)

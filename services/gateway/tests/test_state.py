@@ -1,0 +1,156 @@
+"""The job state machine, as pure functions."""
+
+from datetime import UTC, datetime, timedelta
+
+from gateway import state
+from stemflow_shared.events import (
+    ANALYSIS_COMPLETED,
+    AUDIO_INGESTED,
+    INGEST_FAILED,
+    SEPARATION_COMPLETED,
+    SEPARATION_PROGRESS,
+    AnalysisCompleted,
+    AnalysisResult,
+    AudioInfo,
+    AudioIngested,
+    ErrorInfo,
+    JobOptions,
+    SeparationCompleted,
+    SeparationProgress,
+    SourceInfo,
+    StageFailed,
+    StemInfo,
+    make_event,
+)
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def job(**options: object) -> dict:
+    opts = JobOptions(**options)
+    return state.new_job("j1", "alice", opts, {"blob_key": "k"}, now=NOW, retention=timedelta(days=1))
+
+
+def apply(doc: dict, spec, data) -> tuple[dict, state.Transition | None]:
+    change = state.apply(doc, make_event(spec, data, source="/t"), NOW)
+    if change is None:
+        return doc, None
+    merged = state._merged(doc, change.set)
+    return merged, change
+
+
+def ingested() -> AudioIngested:
+    return AudioIngested(
+        job_id="j1",
+        owner="alice",
+        options=JobOptions(),
+        audio=AudioInfo(blob_key="a", duration_s=10, sample_rate=44100, channels=2, frames=441000, fingerprint="f"),
+        source=SourceInfo(format="WAV", sample_rate=48000, channels=1, duration_s=10),
+    )
+
+
+def separated() -> SeparationCompleted:
+    stem = StemInfo(name="vocals", format="wav", media_type="audio/wav", blob_key="s", size=1, duration_s=10)
+    return SeparationCompleted(job_id="j1", model="htdemucs", device="cpu", precision="float32", stems=[stem])
+
+
+def analysed() -> AnalysisCompleted:
+    result = AnalysisResult(
+        tempo_bpm=120,
+        tempo_confidence=0.9,
+        key="A minor",
+        key_confidence=0.8,
+        loudness_lufs=-14,
+        true_peak_dbfs=-1,
+        rms_dbfs=-16,
+        duration_s=10,
+        beat_count=20,
+    )
+    return AnalysisCompleted(job_id="j1", analysis=result)
+
+
+def test_a_job_completes_when_every_stage_it_runs_has_completed() -> None:
+    doc, change = apply(job(), AUDIO_INGESTED, ingested())
+    assert doc["status"] == "processing" and doc["progress"] == 10.0
+    assert [e.spec.name for e in change.emit] == ["job.progress"]
+    doc, _ = apply(doc, SEPARATION_PROGRESS, SeparationProgress(job_id="j1", percent=50))
+    assert doc["progress"] == 45.0
+    doc, change = apply(doc, SEPARATION_COMPLETED, separated())
+    assert doc["status"] == "processing"
+    doc, change = apply(doc, ANALYSIS_COMPLETED, analysed())
+    assert doc["status"] == "completed" and doc["progress"] == 100.0
+    assert [e.spec.name for e in change.emit] == ["job.progress", "job.completed"]
+    completed = change.emit[1].data
+    assert completed.stems[0].name == "vocals" and completed.analysis.key == "A minor"
+
+
+def test_late_and_duplicate_events_never_move_a_job_backwards() -> None:
+    doc, _ = apply(job(), AUDIO_INGESTED, ingested())
+    doc, _ = apply(doc, SEPARATION_PROGRESS, SeparationProgress(job_id="j1", percent=60))
+    _, change = apply(doc, SEPARATION_PROGRESS, SeparationProgress(job_id="j1", percent=40))
+    assert change is None
+    _, change = apply(doc, AUDIO_INGESTED, ingested())
+    assert change is None
+    doc, _ = apply(doc, SEPARATION_COMPLETED, separated())
+    _, change = apply(doc, SEPARATION_PROGRESS, SeparationProgress(job_id="j1", percent=99))
+    assert change is None
+    doc, _ = apply(doc, ANALYSIS_COMPLETED, analysed())
+    for spec, data in ((SEPARATION_COMPLETED, separated()), (ANALYSIS_COMPLETED, analysed())):
+        assert state.apply(doc, make_event(spec, data, source="/t"), NOW) is None
+
+
+def test_a_failed_stage_fails_the_job_once_with_its_error() -> None:
+    failed = StageFailed(job_id="j1", error=ErrorInfo(code="not_audio", message="nope"))
+    doc, change = apply(job(), INGEST_FAILED, failed)
+    assert doc["status"] == "failed" and doc["error"]["code"] == "not_audio"
+    assert doc["stages"]["separation"]["status"] == "skipped"
+    assert [e.spec.name for e in change.emit] == ["job.progress", "job.failed"]
+    assert state.apply(doc, make_event(AUDIO_INGESTED, ingested(), source="/t"), NOW) is None
+
+
+def test_skipped_stages_carry_no_weight() -> None:
+    doc, _ = apply(job(separate=False), AUDIO_INGESTED, ingested())
+    assert doc["stages"]["separation"]["status"] == "skipped"
+    doc, _ = apply(doc, ANALYSIS_COMPLETED, analysed())
+    assert doc["status"] == "completed" and doc["progress"] == 100.0
+
+
+def test_terminal_events_have_stable_ids_so_republishing_is_deduplicated() -> None:
+    doc, _ = apply(job(separate=False), AUDIO_INGESTED, ingested())
+    first = state.apply(doc, make_event(ANALYSIS_COMPLETED, analysed(), source="/t"), NOW)
+    again = state.apply(doc, make_event(ANALYSIS_COMPLETED, analysed(), source="/t"), NOW)
+    assert first.emit[-1].id == again.emit[-1].id
+
+
+def test_cancel_only_applies_to_unfinished_jobs() -> None:
+    change = state.cancel(job(), NOW)
+    assert change.set["status"] == "cancelled"
+    assert [e.spec.name for e in change.emit] == ["job.progress", "job.cancelled"]
+    done = state._merged(job(), change.set)
+    assert state.cancel(done, NOW) is None
+
+
+def test_job_ids_sort_by_creation_time() -> None:
+    ids = [state.new_job_id(1_700_000_000 + i) for i in range(5)]
+    assert ids == sorted(ids) and len(set(ids)) == 5 and all(len(i) == 32 for i in ids)
+
+
+def test_a_job_without_change_for_the_timeout_fails_in_the_stage_that_stalled() -> None:
+    doc, _ = apply(job(), AUDIO_INGESTED, ingested())
+    doc, _ = apply(doc, SEPARATION_COMPLETED, separated())  # analysis still running
+    assert state.time_out(doc, NOW + timedelta(seconds=599), 600) is None  # not yet
+    change = state.time_out(doc, NOW + timedelta(seconds=600), 600)
+    assert change is not None
+    after = state._merged(doc, change.set)
+    assert after["status"] == "failed" and after["error"]["code"] == "stage_timeout"
+    assert "analysis" in after["error"]["message"]
+    assert after["stages"]["separation"]["status"] == "completed"
+    assert after["stages"]["analysis"]["status"] == "failed"
+    assert state.stalled_stage(after) == "analysis"
+    assert [e.spec.name for e in change.emit] == ["job.progress", "job.failed"]
+    assert change.emit[-1].data.error.code == "stage_timeout"
+    # The first unfinished stage is the one blamed; those after it are skipped, and a finished job never times out.
+    queued = state.time_out(job(), NOW + timedelta(hours=2), 600)
+    stages = state._merged(job(), queued.set)["stages"]
+    assert [stages[s]["status"] for s in state.STAGES] == ["failed", "skipped", "skipped"]
+    assert state.time_out(after, NOW + timedelta(days=1), 600) is None

@@ -1,0 +1,1 @@
+"""Stemflow ingest: fetch, validate, decode and normalise audio."""

@@ -1,0 +1,1 @@
+"""Stemflow notifier: batched WebSocket push of job events."""

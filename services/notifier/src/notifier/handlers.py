@@ -1,0 +1,46 @@
+"""Events in: `job.*` to the connected clients (through the resume log), terminal ones to webhooks."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from stemflow_shared.events import (
+    JOB_CANCELLED,
+    JOB_COMPLETED,
+    JOB_FAILED,
+    JOB_PROGRESS,
+    TERMINAL_JOB_EVENTS,
+    Event,
+    EventSpec,
+)
+from stemflow_shared.messaging import Handler
+
+from .mailbox import Item
+from .relay import Relay
+from .webhooks import Webhooks
+
+log = logging.getLogger(__name__)
+
+
+def job_event_handlers(relay: Relay) -> dict[EventSpec[Any], Handler]:
+    async def on_job_event(event: Event[Any]) -> None:
+        item = Item(
+            id=event.id,
+            owner=event.data.owner,
+            job_id=event.data.job_id,
+            type=event.envelope.type,
+            json=event.envelope.to_json().decode(),
+        )
+        await relay.submit(item)
+        if event.spec in TERMINAL_JOB_EVENTS:
+            log.info("relayed %s", event.spec.name)
+
+    return {spec: on_job_event for spec in (JOB_PROGRESS, JOB_COMPLETED, JOB_FAILED, JOB_CANCELLED)}
+
+
+def webhook_handlers(webhooks: Webhooks) -> dict[EventSpec[Any], Handler]:
+    async def on_terminal_event(event: Event[Any]) -> None:
+        await webhooks.handle(event)
+
+    return {JOB_COMPLETED: on_terminal_event, JOB_FAILED: on_terminal_event}

@@ -1,0 +1,66 @@
+"""`GET /v1/ws`: job events pushed to a client in batches.
+
+Authentication: `Authorization: Bearer <api key>`, or `?token=<api key>` for
+browsers. Without a valid key the handshake is refused with HTTP 401 (a
+problem+json body); no WebSocket is opened.
+
+Client messages (JSON objects):
+  {"type": "subscribe", "job_id": ID?, "last_event_id": ID?}   no job_id: all of the key's jobs
+  {"type": "unsubscribe", "job_id": ID?}
+  {"type": "ping"}
+`?job_id=` and `&last_event_id=` on the URL subscribe at once.
+
+Server messages:
+  {"type": "subscribed", "job_id", "state"?, "resumed"?}   state: the job now (job subscriptions)
+  {"type": "batch", "events": [CloudEvent, ...]}           oldest first
+  {"type": "unsubscribed", "job_id"}, {"type": "pong"}
+  {"type": "error", "code", "message", "job_id"?}
+`subscribed` comes before any event of the subscription. With `last_event_id`,
+the events after it follow first (in order, none twice), then live ones;
+`resumed: false` means that event was no longer kept (refresh over HTTP).
+
+Close codes:
+  1000  normal closure (the client's, or the server's answer to it)
+  1009  a client message larger than MAX_MESSAGE_BYTES
+  1011  no pong to a keep-alive ping within PING_TIMEOUT_S (the peer is gone)
+  1012  the notifier is restarting: reconnect (any replica) with last_event_id
+  4000  idle: nothing sent either way for IDLE_TIMEOUT_S
+  4008  too slow: the client did not keep up with its events; reconnect with
+        last_event_id, nothing is lost (events are kept in Redis)
+  4401  the API key was revoked
+A client that reads nothing for SEND_TIMEOUT_S cannot even receive a close
+frame: its connection is dropped (1006 on its side).
+"""
+
+from __future__ import annotations
+
+from fastapi import WebSocket
+from starlette.responses import JSONResponse
+
+from stemflow_shared.auth import bearer_token
+
+from .session import Session
+
+PROBLEM = "application/problem+json"
+
+
+async def websocket_route(websocket: WebSocket) -> None:
+    app = websocket.app
+    token = bearer_token(websocket.headers.get("authorization")) or websocket.query_params.get("token")
+    principal = await app.state.api_keys.authenticate(token)
+    if principal is None:
+        await websocket.send_denial_response(_unauthorized())
+        return
+    await websocket.accept()
+    await Session(websocket, token or "", principal.owner).run()
+
+
+def _unauthorized() -> JSONResponse:
+    body = {
+        "type": "https://stemflow.dev/problems/unauthorized",
+        "title": "Unauthorized",
+        "status": 401,
+        "detail": "a valid API key is required (Authorization: Bearer <key>, or ?token=<key>)",
+        "code": "unauthorized",
+    }
+    return JSONResponse(body, status_code=401, media_type=PROBLEM)

@@ -1,0 +1,1 @@
+"""Stemflow separator: demucs on a GPU (or CPUs), model kept warm."""

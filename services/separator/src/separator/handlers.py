@@ -1,0 +1,226 @@
+"""`audio.ingested` in, stems in the blob store and `separation.completed` (or `.failed`) out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from stemflow_shared import metrics
+from stemflow_shared.events import (
+    AUDIO_INGESTED,
+    SEPARATION_COMPLETED,
+    SEPARATION_FAILED,
+    SEPARATION_PROGRESS,
+    AudioIngested,
+    ErrorInfo,
+    Event,
+    EventSpec,
+    SeparationCompleted,
+    SeparationProgress,
+    StageFailed,
+    StemInfo,
+    event_id,
+    make_event,
+)
+from stemflow_shared.idempotency import is_cancelled
+from stemflow_shared.messaging import Handler
+from stemflow_shared.storage import BlobNotFound, stem_key
+
+from .encode import FORMAT_EXTENSIONS, MEDIA_TYPES
+from .engine import SegmentEngine
+from .files import separate_file
+from .models import ModelCache, ModelError
+from .options import SeparationCancelled, SeparationError
+from .stream import Separated
+
+log = logging.getLogger(__name__)
+SOURCE = "/stemflow/separator"
+
+
+class Separator:
+    def __init__(
+        self, models: ModelCache, engine: SegmentEngine, blobs: Any, redis: Any, broker: Any, settings: Any
+    ) -> None:
+        self._models = models
+        self._engine = engine
+        self._blobs = blobs
+        self._redis = redis
+        self._broker = broker
+        self._settings = settings
+
+    def handlers(self) -> dict[EventSpec[Any], Handler]:
+        return {AUDIO_INGESTED: self.on_ingested}
+
+    async def on_ingested(self, event: Event[AudioIngested]) -> list[Event[Any]]:
+        job = event.data
+        if not job.options.separate:
+            return []
+        if await is_cancelled(self._redis, self._settings.redis_prefix, job.job_id):
+            return []
+        started = time.perf_counter()
+        model_name = job.options.model
+        try:
+            stems, separated = await self._separate(job)
+        except SeparationCancelled:
+            log.info("separation cancelled")
+            await self._remove_stems(job)
+            return []
+        except (ModelError, SeparationError, BlobNotFound) as exc:
+            code = getattr(exc, "code", "audio_missing")
+            metrics.STAGE_FAILURES.labels("separation", code).inc()
+            metrics.STAGE_DURATION.labels("separation", model_name, "failed").observe(time.perf_counter() - started)
+            await self._remove_stems(job)
+            failed = StageFailed(job_id=job.job_id, error=ErrorInfo(code=code, message=str(exc)))
+            return [make_event(SEPARATION_FAILED, failed, source=SOURCE, id=event_id(job.job_id, "separation.failed"))]
+        except BaseException:
+            await self._remove_stems(job)
+            raise
+        elapsed = time.perf_counter() - started
+        log.info(
+            "separated %.1f s of audio with %s on %s in %.2f s (%d stems)",
+            job.audio.duration_s,
+            model_name,
+            self._engine.device.type,
+            elapsed,
+            len(stems),
+        )
+        metrics.STAGE_DURATION.labels("separation", model_name, "completed").observe(elapsed)
+        metrics.AUDIO_SECONDS.labels("separation").inc(job.audio.duration_s)
+        metrics.REALTIME_FACTOR.labels("separation").observe(job.audio.duration_s / max(elapsed, 1e-6))
+        loaded = self._models.get(model_name)
+        data = SeparationCompleted(
+            job_id=job.job_id,
+            model=model_name,
+            device=self._engine.device.type,
+            precision=self._engine.precision,
+            untrained=loaded.untrained,
+            stems=stems,
+            reconstruction_error_db=separated.reconstruction_error_db,
+        )
+        return [make_event(SEPARATION_COMPLETED, data, source=SOURCE, id=event_id(job.job_id, "separation.completed"))]
+
+    async def _separate(self, job: AudioIngested) -> tuple[list[StemInfo], Separated]:
+        loaded = await asyncio.to_thread(self._models.get, job.options.model)
+        cancelled = threading.Event()
+        progress = _ProgressPublisher(self._broker, job.job_id, self._settings.progress_interval_s)
+        watcher = asyncio.create_task(self._watch_cancel(job.job_id, cancelled))
+        try:
+            with tempfile.TemporaryDirectory(prefix="stemflow-stems-", dir=self._settings.work_dir) as tmp:
+                async with self._blobs.local_path(job.audio.blob_key) as path:
+                    separated, files = await asyncio.to_thread(
+                        separate_file,
+                        self._engine,
+                        loaded,
+                        path,
+                        Path(tmp),
+                        fmt=job.options.output_format,
+                        # The source's integer bit depth, once ingest reports it, is kept where the format allows.
+                        bits=getattr(job.source, "bits_per_sample", None),
+                        quality=job.options.quality,
+                        stems=job.options.stems,
+                        residual=job.options.residual,
+                        progress=progress.report,
+                        should_cancel=cancelled.is_set,
+                        seed=job_seed(job.job_id),
+                    )
+                return await self._store(job, separated, files, loaded.samplerate), separated
+        finally:
+            watcher.cancel()
+            await progress.close()
+
+    async def _store(
+        self, job: AudioIngested, separated: Separated, files: dict[str, tuple[Path, int]], samplerate: int
+    ) -> list[StemInfo]:
+        fmt = job.options.output_format
+        infos: list[StemInfo] = []
+        for name, (path, size) in files.items():
+            key = stem_key(job.job_id, name, FORMAT_EXTENSIONS[fmt])
+            await self._blobs.put_file(key, path)
+            infos.append(
+                StemInfo(
+                    name=name,
+                    format=fmt,
+                    media_type=MEDIA_TYPES[fmt],
+                    blob_key=key,
+                    size=size,
+                    duration_s=separated.frames / samplerate,
+                )
+            )
+        return infos
+
+    async def _remove_stems(self, job: AudioIngested) -> None:
+        with contextlib.suppress(Exception):
+            await self._blobs.delete_prefix(f"jobs/{job.job_id}/stems")
+
+    async def _watch_cancel(self, job_id: str, cancelled: threading.Event) -> None:
+        while not cancelled.is_set():
+            try:
+                if await is_cancelled(self._redis, self._settings.redis_prefix, job_id):
+                    cancelled.set()
+                    return
+            except Exception as exc:
+                log.debug("cancel flag check failed: %s", exc)
+            await asyncio.sleep(self._settings.cancel_poll_s)
+
+
+def job_seed(job_id: str) -> int:
+    """The job's seed for demucs' random shifts: a redelivered job gives the same stems."""
+    return int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:8], "big")
+
+
+class Throttle:
+    """Lets an action through at most once per `interval_s` of `clock`."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval = interval_s
+        self._clock = clock
+        self._last: float | None = None
+
+    def ready(self) -> bool:
+        now = self._clock()
+        if self._last is not None and now - self._last < self._interval:
+            return False
+        self._last = now
+        return True
+
+
+class _ProgressPublisher:
+    """Turns progress callbacks from the worker thread into throttled `separation.progress` events."""
+
+    def __init__(self, broker: Any, job_id: str, interval_s: float) -> None:
+        self._broker = broker
+        self._job_id = job_id
+        self._throttle = Throttle(interval_s)
+        self._loop = asyncio.get_running_loop()
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    def report(self, fraction: float) -> None:
+        # Completion is its own event; anything else at most once per interval.
+        if fraction >= 1.0 or not self._throttle.ready():
+            return
+        event = make_event(
+            SEPARATION_PROGRESS,
+            SeparationProgress(job_id=self._job_id, percent=round(100.0 * fraction, 1)),
+            source=SOURCE,
+        )
+        future = asyncio.run_coroutine_threadsafe(self._publish(event), self._loop)
+        self._tasks.add(future)  # type: ignore[arg-type]
+        future.add_done_callback(self._tasks.discard)  # type: ignore[arg-type]
+
+    async def _publish(self, event: Event[Any]) -> None:
+        try:
+            await self._broker.publish(event)
+        except Exception as exc:
+            log.debug("progress event dropped: %s", exc)
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*(asyncio.wrap_future(t) for t in list(self._tasks)), return_exceptions=True)

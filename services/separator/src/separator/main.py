@@ -1,0 +1,84 @@
+"""Composition root of the separator: the model is loaded once, before the first message."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import redis.asyncio as redis
+import torch
+
+from stemflow_shared import metrics, telemetry
+from stemflow_shared.idempotency import DoneMarks
+from stemflow_shared.runtime import connect_broker, open_blob_store, serve_worker
+from stemflow_shared.topology import PRIORITIES, separator_queue
+
+from .device import make_engine, pick_device
+from .engine import BatchReport
+from .handlers import Separator
+from .models import ModelCache
+from .plan import submodels
+from .settings import Settings
+
+log = logging.getLogger("separator")
+
+
+def _count_batch(report: BatchReport) -> None:
+    """The batch metrics: size, device time, out-of-memory splits, and GPU memory after the batch."""
+    device = report.device
+    metrics.SEPARATOR_DEVICE_BUSY.labels(device).inc(report.seconds)
+    if report.out_of_memory:
+        metrics.SEPARATOR_OOM_SPLITS.labels(device).inc()
+    else:
+        metrics.SEPARATOR_BATCH_SIZE.labels(device).observe(len(report.jobs))
+    if device.startswith("cuda"):
+        index = torch.device(device).index or 0
+        metrics.GPU_MEMORY_USED.labels(device).set(torch.cuda.memory_allocated(index))
+        metrics.GPU_MEMORY_PEAK.labels(device).set(torch.cuda.max_memory_allocated(index))
+
+
+async def run(settings: Settings) -> None:
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    device = pick_device(settings.device)
+    engine = make_engine(settings, device, _count_batch).start()
+    if device.startswith("cuda"):
+        total = torch.cuda.get_device_properties(torch.device(device).index or 0).total_memory
+        metrics.GPU_MEMORY_TOTAL.labels(device).set(total)
+    models = ModelCache(settings.model_repo, device)
+    for name in settings.model_names:
+        loaded = await asyncio.to_thread(models.get, name)
+        if settings.torch_compile:
+            for model in submodels(loaded.model)[0]:
+                await asyncio.to_thread(engine.warm_up, model)
+        metrics.MODEL_INFO.labels(name, device, engine.precision).set(1)
+        if loaded.untrained:
+            log.warning("model %s has UNTRAINED weights: stems will be noise-like, for testing only", name)
+    log.info("separating on %s in %s, up to %d segments per batch", device, engine.precision, engine.max_batch)
+    blobs, close_blobs = open_blob_store(settings)
+    redis_client = redis.from_url(settings.redis_url)
+    broker = await connect_broker(settings, "separator")
+    separator = Separator(models, engine, blobs, redis_client, broker, settings)
+    done = DoneMarks(redis_client, settings.redis_prefix)
+    # Only this worker's models reach it (its weights stay warm); high priority has its own lane.
+    for name in settings.model_names:
+        for priority in PRIORITIES:
+            await broker.consume(separator_queue(name, priority), separator.handlers(), done_marks=done)
+    await serve_worker(
+        settings,
+        "separator",
+        broker,
+        {"redis": redis_client.ping, "blobs": blobs.ping},
+        [("engine", lambda: asyncio.to_thread(engine.close)), ("redis", redis_client.aclose), ("blobs", close_blobs)],
+    )
+
+
+def main() -> None:
+    settings = Settings()
+    telemetry.setup_logging("separator", settings.log_level, settings.log_format)
+    telemetry.setup_tracing("separator")
+    asyncio.run(run(settings))
+
+
+if __name__ == "__main__":
+    main()

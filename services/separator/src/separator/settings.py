@@ -1,0 +1,38 @@
+"""The separator's settings, from the environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from stemflow_shared.settings import BlobSettings, RedisSettings, ServiceSettings
+
+
+class Settings(ServiceSettings, BlobSettings, RedisSettings):
+    http_port: int = 9102
+    # Jobs in progress at once per queue: their segments share the device's batches.
+    prefetch: int = 2
+    model_repo: Path | None = Field(default=None, description="Local demucs model repository; unset = the hub")
+    models: str = Field(default="htdemucs", description="Comma-separated models this worker serves and preloads")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int = Field(default=0, ge=0, description="CPU threads for torch; 0 = torch's default")
+    precision: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description="Forward-pass precision; auto = float16 autocast on CUDA, float32 on CPU"
+    )
+    max_batch: int = Field(default=0, ge=0, description="Segments per forward pass; 0 = 8 on CUDA, 1 on CPU")
+    batch_wait_ms: float = Field(default=5.0, ge=0, description="How long a batch may wait for more segments")
+    torch_compile: bool = Field(
+        default=False, description="torch.compile each model at start (minutes per model, then faster segments)"
+    )
+    simulated_device_memory_mb: float = Field(
+        default=0, ge=0, description="Pretend the device has this much memory (testing OOM handling); 0 = off"
+    )
+    progress_interval_s: float = Field(default=0.25, gt=0, description="At most one progress event per interval")
+    cancel_poll_s: float = Field(default=0.5, gt=0)
+    work_dir: str | None = None
+
+    @property
+    def model_names(self) -> list[str]:
+        return [m.strip() for m in self.models.split(",") if m.strip()]

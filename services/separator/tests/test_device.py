@@ -1,0 +1,37 @@
+import pytest
+
+from separator.device import make_engine, pick_device, pick_precision
+from separator.settings import Settings
+
+
+def settings(**overrides: object) -> Settings:
+    return Settings(amqp_url="amqp://x/", redis_url="redis://x/0", blob_dir="/tmp/blobs", **overrides)
+
+
+def test_auto_precision_is_half_on_cuda_and_full_on_cpu() -> None:
+    assert pick_precision("auto", "cuda") == "float16"
+    assert pick_precision("auto", "cpu") == "float32"
+    assert pick_precision("bfloat16", "cuda") == "bfloat16"
+
+
+def test_explicit_devices_are_kept() -> None:
+    assert pick_device("cpu") == "cpu"
+    assert pick_device("auto") in {"cpu", "cuda"}
+
+
+@pytest.mark.parametrize(("device", "batch"), [("cpu", 1), ("cuda", 8)])
+def test_the_engine_follows_the_settings(device: str, batch: int) -> None:
+    engine = make_engine(settings(simulated_device_memory_mb=1.5, batch_wait_ms=20), device)
+
+    assert (engine.device.type, engine.max_batch, engine.precision) == (device, batch, pick_precision("auto", device))
+    assert engine.memory_budget_bytes == 3 * 2**19
+    assert engine.batch_wait_s == pytest.approx(0.02)
+
+
+def test_a_batch_size_setting_wins() -> None:
+    assert make_engine(settings(max_batch=3, precision="bfloat16"), "cpu").max_batch == 3
+
+
+def test_an_unknown_precision_is_refused() -> None:
+    with pytest.raises(ValueError):
+        settings(precision="int8")

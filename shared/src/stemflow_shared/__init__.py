@@ -1,0 +1,1 @@
+"""Stemflow's shared library: the event contract, messaging, settings, telemetry, storage."""

@@ -1,0 +1,387 @@
+"""The event contract: CloudEvents 1.0 envelope and the v1 event data models.
+
+Every service imports its event types from here; nothing else defines a
+routing key or an event type string.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SPEC_VERSION = "1.0"
+CONTENT_TYPE = "application/cloudevents+json"
+TYPE_PREFIX = "stemflow."
+TYPE_SUFFIX = ".v1"
+_EVENT_ID_NAMESPACE = uuid.UUID("5b0c36c2-4a7e-4c62-9a55-1f3d1e7a0c11")
+
+
+class _Data(BaseModel):
+    """Base of event payloads: tolerant readers, so producers can add optional fields."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+# --- shared pieces -----------------------------------------------------------
+
+Model = Literal["htdemucs", "htdemucs_ft", "htdemucs_6s"]
+Quality = Literal["fast", "balanced", "best"]
+OutputFormat = Literal["wav", "flac", "mp3"]
+Priority = Literal["normal", "high"]
+JobStatus = Literal["queued", "ingesting", "processing", "completed", "failed", "cancelled"]
+StageStatus = Literal["pending", "running", "completed", "failed", "skipped"]
+
+TERMINAL_JOB_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+SIX_STEM_MODELS: frozenset[str] = frozenset({"htdemucs_6s"})
+
+
+class JobOptions(_Data):
+    """What the client asked for; validated the same way at the gateway and in every consumer."""
+
+    stems: Literal[2, 4, 6] = 4
+    model: Model = "htdemucs"
+    quality: Quality = "balanced"
+    output_format: OutputFormat = "wav"
+    trim_start: float | None = Field(default=None, ge=0)
+    trim_end: float | None = Field(default=None, gt=0)
+    analyze: bool = True
+    separate: bool = True
+    callback_url: str | None = Field(default=None, max_length=2048)
+    priority: Priority = "normal"
+    # Also deliver `residual` (mix minus the other stems), so the stems sum exactly to the input.
+    residual: bool = False
+
+    @field_validator("stems", mode="before")
+    @classmethod
+    def _stems_from_text(cls, value: Any) -> Any:
+        # Form fields arrive as text; a Literal of ints would otherwise refuse "4".
+        return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobOptions:
+        if self.trim_start is not None and self.trim_end is not None and self.trim_end <= self.trim_start:
+            raise ValueError("trim_end must be greater than trim_start")
+        if self.stems == 6 and self.model not in SIX_STEM_MODELS:
+            raise ValueError(f"stems=6 needs a six-source model ({', '.join(sorted(SIX_STEM_MODELS))})")
+        if not (self.analyze or self.separate):
+            raise ValueError("at least one of analyze and separate must be true")
+        return self
+
+
+class ErrorInfo(_Data):
+    code: str = Field(min_length=1, max_length=64)
+    message: str = Field(default="", max_length=2000)
+
+
+class InputRef(_Data):
+    """Where the job's audio comes from: an uploaded blob or a URL to fetch."""
+
+    blob_key: str | None = None
+    source_url: str | None = Field(default=None, max_length=2048)
+    filename: str | None = Field(default=None, max_length=255)
+    content_type: str | None = None
+    size: int | None = Field(default=None, ge=0)
+    sha256: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InputRef:
+        if (self.blob_key is None) == (self.source_url is None):
+            raise ValueError("exactly one of blob_key and source_url is required")
+        return self
+
+
+class AudioInfo(_Data):
+    """The normalised audio every worker reads (44.1 kHz, stereo, float32 WAV)."""
+
+    blob_key: str
+    duration_s: float = Field(gt=0)
+    sample_rate: int = Field(gt=0)
+    channels: int = Field(gt=0)
+    frames: int = Field(gt=0)
+    fingerprint: str
+
+
+class SourceInfo(_Data):
+    format: str
+    sample_rate: int
+    channels: int
+    duration_s: float
+
+
+class StemInfo(_Data):
+    name: str
+    format: OutputFormat
+    media_type: str
+    blob_key: str
+    size: int = Field(ge=0)
+    duration_s: float = Field(ge=0)
+
+
+class TempoAlternative(_Data):
+    bpm: float
+    confidence: float
+
+
+class KeyAlternative(_Data):
+    key: str
+    confidence: float
+
+
+class AnalysisResult(_Data):
+    tempo_bpm: float
+    tempo_confidence: float
+    key: str
+    key_confidence: float
+    loudness_lufs: float
+    true_peak_dbfs: float
+    rms_dbfs: float
+    duration_s: float
+    beat_count: int
+    beats: list[float] = Field(default_factory=list)
+    energy: list[float] = Field(default_factory=list)
+    energy_hop_s: float = 0.1
+    source: Literal["mix", "stems"] = "mix"
+    # Stated doubt: the runner-up readings, best first (the chosen one is not repeated).
+    tempo_alternatives: list[TempoAlternative] = Field(default_factory=list)
+    key_alternatives: list[KeyAlternative] = Field(default_factory=list)
+    downbeats: list[float] = Field(default_factory=list)
+    meter: int | None = None
+
+
+class StageProgress(_Data):
+    status: StageStatus = "pending"
+    percent: float = Field(default=0.0, ge=0, le=100)
+
+
+class Progress(_Data):
+    overall: float = Field(default=0.0, ge=0, le=100)
+    ingest: StageProgress = StageProgress()
+    separation: StageProgress = StageProgress()
+    analysis: StageProgress = StageProgress()
+
+
+# --- event payloads ------------------------------------------------------------
+
+
+class JobEvent(_Data):
+    job_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+
+
+class JobSubmitted(JobEvent):
+    owner: str = Field(min_length=1)
+    options: JobOptions = JobOptions()
+    input: InputRef
+
+
+class AudioIngested(JobEvent):
+    owner: str
+    options: JobOptions
+    audio: AudioInfo
+    source: SourceInfo
+    # True when ingest found finished results for the same audio and options and publishes them itself.
+    reused: bool = False
+
+
+class StageFailed(JobEvent):
+    error: ErrorInfo
+
+
+class SeparationProgress(JobEvent):
+    percent: float = Field(ge=0, le=100)
+
+
+class SeparationCompleted(JobEvent):
+    model: str
+    device: str
+    precision: str
+    untrained: bool = False
+    stems: list[StemInfo]
+    # How far the model's own stems are from summing to the mix (dB, relative to the mix).
+    reconstruction_error_db: float | None = None
+
+
+class AnalysisCompleted(JobEvent):
+    analysis: AnalysisResult
+
+
+class JobProgressed(JobEvent):
+    owner: str
+    status: JobStatus
+    progress: Progress
+
+
+class JobCompleted(JobEvent):
+    owner: str
+    stems: list[StemInfo] = Field(default_factory=list)
+    analysis: AnalysisResult | None = None
+
+
+class JobFailed(JobEvent):
+    owner: str
+    error: ErrorInfo
+
+
+class JobCancelled(JobEvent):
+    owner: str
+
+
+# --- the registry --------------------------------------------------------------
+
+D = TypeVar("D", bound=_Data)
+
+
+@dataclass(frozen=True)
+class EventSpec(Generic[D]):
+    """One event of the contract: its name (also the routing key) and payload model."""
+
+    name: str
+    data_model: type[D]
+
+    @property
+    def type(self) -> str:
+        return f"{TYPE_PREFIX}{self.name}{TYPE_SUFFIX}"
+
+    @property
+    def routing_key(self) -> str:
+        return self.name
+
+
+JOB_SUBMITTED = EventSpec("job.submitted", JobSubmitted)
+AUDIO_INGESTED = EventSpec("audio.ingested", AudioIngested)
+INGEST_FAILED = EventSpec("ingest.failed", StageFailed)
+SEPARATION_PROGRESS = EventSpec("separation.progress", SeparationProgress)
+SEPARATION_COMPLETED = EventSpec("separation.completed", SeparationCompleted)
+SEPARATION_FAILED = EventSpec("separation.failed", StageFailed)
+ANALYSIS_COMPLETED = EventSpec("analysis.completed", AnalysisCompleted)
+ANALYSIS_FAILED = EventSpec("analysis.failed", StageFailed)
+JOB_PROGRESS = EventSpec("job.progress", JobProgressed)
+JOB_COMPLETED = EventSpec("job.completed", JobCompleted)
+JOB_FAILED = EventSpec("job.failed", JobFailed)
+JOB_CANCELLED = EventSpec("job.cancelled", JobCancelled)
+
+ALL_EVENTS: tuple[EventSpec[Any], ...] = (
+    JOB_SUBMITTED,
+    AUDIO_INGESTED,
+    INGEST_FAILED,
+    SEPARATION_PROGRESS,
+    SEPARATION_COMPLETED,
+    SEPARATION_FAILED,
+    ANALYSIS_COMPLETED,
+    ANALYSIS_FAILED,
+    JOB_PROGRESS,
+    JOB_COMPLETED,
+    JOB_FAILED,
+    JOB_CANCELLED,
+)
+TERMINAL_JOB_EVENTS: tuple[EventSpec[Any], ...] = (JOB_COMPLETED, JOB_FAILED, JOB_CANCELLED)
+SPECS_BY_TYPE: dict[str, EventSpec[Any]] = {spec.type: spec for spec in ALL_EVENTS}
+
+
+# --- the envelope ---------------------------------------------------------------
+
+
+class CloudEvent(BaseModel):
+    """A CloudEvents 1.0 structured-mode JSON envelope."""
+
+    # CloudEvents allows extension attributes; they are kept, not rejected.
+    model_config = ConfigDict(extra="allow")
+
+    specversion: Literal["1.0"]
+    id: str = Field(min_length=1, max_length=128)
+    source: str = Field(min_length=1)
+    type: str = Field(min_length=1)
+    time: datetime | None = None
+    subject: str | None = None
+    datacontenttype: str = "application/json"
+    data: dict[str, Any]
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+class Event(Generic[D]):
+    """An envelope together with its validated, typed payload."""
+
+    __slots__ = ("data", "envelope", "spec")
+
+    def __init__(self, envelope: CloudEvent, spec: EventSpec[D], data: D) -> None:
+        self.envelope = envelope
+        self.spec = spec
+        self.data = data
+
+    @property
+    def id(self) -> str:
+        return self.envelope.id
+
+    def __repr__(self) -> str:
+        return f"Event({self.spec.name}, id={self.id}, subject={self.envelope.subject})"
+
+
+class EventError(Exception):
+    """An event that cannot be accepted; `code` says why (dead-letter reason)."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+def event_id(*parts: str) -> str:
+    """A deterministic event id, so a redelivered handler republishes the same event."""
+    return str(uuid.uuid5(_EVENT_ID_NAMESPACE, "/".join(parts)))
+
+
+def make_event(
+    spec: EventSpec[D], data: D, *, source: str, subject: str | None = None, id: str | None = None
+) -> Event[D]:
+    """Build an outgoing event; the subject defaults to the payload's job id."""
+    if not isinstance(data, spec.data_model):
+        raise TypeError(f"{spec.name} needs {spec.data_model.__name__}, got {type(data).__name__}")
+    envelope = CloudEvent(
+        specversion=SPEC_VERSION,
+        id=id or str(uuid.uuid4()),
+        source=source,
+        type=spec.type,
+        time=datetime.now(UTC),
+        subject=subject if subject is not None else getattr(data, "job_id", None),
+        data=data.model_dump(mode="json"),
+    )
+    return Event(envelope, spec, data)
+
+
+def parse_event(body: bytes | str | dict[str, Any]) -> Event[Any]:
+    """Validate an envelope and its payload; raise EventError with a dead-letter reason."""
+    try:
+        raw = json.loads(body) if isinstance(body, bytes | str) else body
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise EventError("malformed_json", str(exc)[:300]) from exc
+    if not isinstance(raw, dict):
+        raise EventError("invalid_envelope", "the body is not a JSON object")
+    try:
+        envelope = CloudEvent.model_validate(raw)
+    except ValidationError as exc:
+        raise EventError("invalid_envelope", _summary(exc)) from exc
+    spec = SPECS_BY_TYPE.get(envelope.type)
+    if spec is None:
+        kind = "unsupported_version" if envelope.type.startswith(TYPE_PREFIX) else "unknown_type"
+        raise EventError(kind, f"type {envelope.type!r} is not part of the v1 contract")
+    try:
+        data = spec.data_model.model_validate(envelope.data)
+    except ValidationError as exc:
+        raise EventError("invalid_data", _summary(exc)) from exc
+    return Event(envelope, spec, data)
+
+
+def _summary(exc: ValidationError) -> str:
+    parts = [f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()[:5]]
+    return "; ".join(parts)[:500]
+
+
+def json_schemas() -> dict[str, Any]:
+    """JSON Schema of every event payload, keyed by CloudEvents type."""
+    return {spec.type: spec.data_model.model_json_schema() for spec in ALL_EVENTS}

@@ -1,0 +1,44 @@
+"""An index of finished results by audio fingerprint, so identical work is done once.
+
+The gateway records a completed job's results under the fingerprint of its
+normalised audio and the options that shape them; ingest looks them up before
+publishing work, and on a hit copies the blobs to the new job and publishes the
+stage results itself (a cache hit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from .events import JobCompleted, JobOptions
+
+# Options that change what separation or analysis produce (trims are already in the fingerprint).
+RESULT_OPTIONS = ("stems", "model", "quality", "output_format", "analyze", "separate")
+
+
+def result_key(fingerprint: str, options: JobOptions) -> str:
+    shaping = {name: getattr(options, name) for name in RESULT_OPTIONS}
+    digest = hashlib.sha256(json.dumps([fingerprint, shaping], sort_keys=True).encode()).hexdigest()
+    return digest[:40]
+
+
+class ResultIndex:
+    """Redis `<prefix>result:<key>` → the JobCompleted payload of a finished job."""
+
+    def __init__(self, redis: Any, prefix: str, ttl_s: int) -> None:
+        self._redis = redis
+        self._prefix = f"{prefix}result:"
+        self._ttl = ttl_s
+
+    async def remember(self, fingerprint: str, options: JobOptions, completed: JobCompleted) -> None:
+        key = self._prefix + result_key(fingerprint, options)
+        await self._redis.set(key, completed.model_dump_json(), ex=self._ttl)
+
+    async def lookup(self, fingerprint: str, options: JobOptions) -> JobCompleted | None:
+        raw = await self._redis.get(self._prefix + result_key(fingerprint, options))
+        return JobCompleted.model_validate_json(raw) if raw else None
+
+    async def forget(self, fingerprint: str, options: JobOptions) -> None:
+        await self._redis.delete(self._prefix + result_key(fingerprint, options))

@@ -1,0 +1,84 @@
+"""Process lifecycle shared by the services: wait for a stop signal, then shut down in order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from .messaging import Broker, BrokerOptions
+from .ops import Check, http_server, ops_app
+from .storage import BlobStore, make_blob_store
+from .topology import Names
+
+log = logging.getLogger(__name__)
+
+
+async def wait_for_stop_signal(stop: asyncio.Event | None = None) -> None:
+    """Return on SIGTERM or SIGINT (or when `stop` is set)."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def shutdown(steps: list[tuple[str, Callable[[], Awaitable[object]]]], timeout_s: float) -> None:
+    """Run shutdown steps in order, each bounded, logging rather than raising."""
+    for name, step in steps:
+        try:
+            await asyncio.wait_for(step(), timeout_s)
+        except Exception as exc:
+            log.warning("shutdown step %s failed: %s", name, exc)
+    log.info("stopped")
+
+
+async def connect_broker(settings: Any, service: str, *, prefetch: int | None = None) -> Broker:
+    """The service's broker connection, with the namespace and limits from its settings."""
+    options = BrokerOptions(delivery_limit=settings.delivery_limit, prefetch=prefetch or settings.prefetch)
+    return await Broker(settings.amqp_url, Names(settings.stemflow_namespace), service, options).connect()
+
+
+def open_blob_store(settings: Any) -> tuple[BlobStore, Callable[[], Awaitable[object]]]:
+    """The blob store from BlobSettings, with the coroutine that closes what it opened."""
+    if settings.blob_backend != "gridfs":
+        return make_blob_store(settings), _nothing
+    from pymongo import AsyncMongoClient
+
+    client: AsyncMongoClient[Any] = AsyncMongoClient(settings.mongodb_url, tz_aware=True)
+    return make_blob_store(settings, lambda: client[settings.mongodb_db]), client.close
+
+
+async def serve_worker(
+    settings: Any,
+    service: str,
+    broker: Broker,
+    checks: Mapping[str, Check],
+    closers: list[tuple[str, Callable[[], Awaitable[object]]]],
+) -> None:
+    """Serve the ops endpoints until SIGTERM, then stop consuming, drain and close in order."""
+    server = http_server(ops_app({"broker": broker.ready, **checks}), settings.http_host, settings.http_port)
+    serving = asyncio.create_task(server.serve())
+    log.info("%s ready on port %d", service, settings.http_port)
+    await wait_for_stop_signal()
+    log.info("%s stopping", service)
+    server.should_exit = True
+    await shutdown(
+        [
+            ("consumers", lambda: broker.stop_consuming(settings.shutdown_grace_s)),
+            ("broker", broker.close),
+            ("http", lambda: serving),
+            *closers,
+        ],
+        settings.shutdown_grace_s,
+    )
+
+
+async def _nothing() -> None:
+    return None

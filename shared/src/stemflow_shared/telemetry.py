@@ -1,0 +1,174 @@
+"""Tracing and logging, configured once per process from the standard environment.
+
+Tracing is on only when an ``OTEL_*`` variable asks for an exporter; otherwise
+the no-op tracer of the API is used and spans cost nothing.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+
+log = logging.getLogger(__name__)
+
+_service_name: str = "stemflow"
+job_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("stemflow_job_id", default=None)
+
+
+def tracing_requested(environ: Mapping[str, str] = os.environ) -> bool:
+    """True when the standard OTEL_* variables ask for span export."""
+    if environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return False
+    exporter = environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if exporter == "none":
+        return False
+    endpoint = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    return bool(endpoint) or exporter in {"otlp", "console"}
+
+
+def setup_tracing(service: str, *, exporter: Any | None = None) -> Any | None:
+    """Install an SDK tracer provider if asked to (env or an explicit exporter); return it."""
+    global _service_name
+    _service_name = os.environ.get("OTEL_SERVICE_NAME", service)
+    if exporter is None and not tracing_requested():
+        return None
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+
+    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: _service_name}))
+    if exporter is not None:
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+    elif os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    _instrument_clients()
+    return provider
+
+
+def _instrument_clients() -> None:
+    """The official instrumentations of the clients every service uses (spans per command/request)."""
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+    from opentelemetry.instrumentation.pymongo import PymongoInstrumentor
+    from opentelemetry.instrumentation.redis import RedisInstrumentor
+
+    for instrumentor in (PymongoInstrumentor(), RedisInstrumentor(), HTTPXClientInstrumentor()):
+        if not instrumentor.is_instrumented_by_opentelemetry:
+            instrumentor.instrument()
+
+
+def instrument_app(app: Any) -> None:
+    """Server spans for a FastAPI app (the root span of a job's trace), when tracing is on."""
+    if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz,metrics")
+
+
+def tracer(name: str = "stemflow") -> trace.Tracer:
+    return trace.get_tracer(name)
+
+
+def inject_headers(headers: MutableMapping[str, Any]) -> None:
+    """Write the current W3C trace context (traceparent, tracestate) into AMQP headers."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    headers.update(carrier)
+
+
+def extract_context(headers: Mapping[str, Any] | None) -> Context:
+    """Read a W3C trace context from AMQP headers (values may arrive as bytes)."""
+    carrier = {k: v.decode() if isinstance(v, bytes) else str(v) for k, v in (headers or {}).items()}
+    return propagate.extract(carrier)
+
+
+@contextmanager
+def job_context(job_id: str | None) -> Iterator[None]:
+    """Tag logs written inside the block with a job id."""
+    token = job_id_var.set(job_id)
+    try:
+        yield
+    finally:
+        job_id_var.reset(token)
+
+
+_SECRET_QUERY = re.compile(r"(?i)([?&](?:token|api_key|access_token)=)[^&\s\"']+")
+
+
+def redact(text: str) -> str:
+    """Credentials in URL queries (`?token=` of browser WebSockets) replaced by `[redacted]`."""
+    return _SECRET_QUERY.sub(r"\1[redacted]", text)
+
+
+class RedactSecrets(logging.Filter):
+    """Rewrites every record's message with `redact`, whichever library logged it (uvicorn logs WS URLs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line with the trace, span and job ids of the moment."""
+
+    _SKIP = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "service": _service_name,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        span_context = trace.get_current_span().get_span_context()
+        if span_context.is_valid:
+            entry["trace_id"] = format(span_context.trace_id, "032x")
+            entry["span_id"] = format(span_context.span_id, "016x")
+        job_id = job_id_var.get()
+        if job_id:
+            entry["job_id"] = job_id
+        for key, value in record.__dict__.items():
+            if key not in self._SKIP and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def setup_logging(service: str, level: str = "INFO", fmt: str = "json") -> None:
+    """Route every logger to stderr, as JSON lines by default."""
+    global _service_name
+    _service_name = os.environ.get("OTEL_SERVICE_NAME", service)
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactSecrets())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Connection chatter from these libraries drowns the service's own lines.
+    for noisy in ("aiormq", "aio_pika", "pymongo", "httpx", "httpcore", "uvicorn.access", "numba"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

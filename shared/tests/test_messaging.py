@@ -1,0 +1,261 @@
+"""The messaging rules against a real RabbitMQ: confirms, dead-lettering with reasons, retries, tracing."""
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aio_pika
+import pytest
+import pytest_asyncio
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from stemflow_shared.events import (
+    AUDIO_INGESTED,
+    INGEST_FAILED,
+    JOB_SUBMITTED,
+    ErrorInfo,
+    Event,
+    InputRef,
+    JobSubmitted,
+    StageFailed,
+    make_event,
+)
+from stemflow_shared.messaging import Broker, BrokerOptions, PermanentError
+from stemflow_shared.topology import DETAIL_HEADER, INGEST_QUEUE, REASON_HEADER, Names
+
+EXPORTER = InMemorySpanExporter()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tracing() -> None:
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(EXPORTER))
+    trace.set_tracer_provider(provider)
+
+
+@pytest_asyncio.fixture
+async def broker(stack: Any) -> AsyncIterator[Broker]:
+    ns = f"m{uuid.uuid4().hex[:8]}"
+    broker = await Broker(
+        stack.amqp_url, Names(ns), "test", BrokerOptions(delivery_limit=3, retry_backoff_s=0.01)
+    ).connect()
+    try:
+        yield broker
+    finally:
+        await broker.stop_consuming(1)
+        from stemflow_dev.fixtures import delete_namespace
+
+        await broker.close()
+        await delete_namespace(stack.amqp_url, ns)
+
+
+def submitted(job_id: str = "j1") -> Event[JobSubmitted]:
+    data = JobSubmitted(job_id=job_id, owner="o", input=InputRef(blob_key=f"jobs/{job_id}/upload"))
+    return make_event(JOB_SUBMITTED, data, source="/stemflow/test")
+
+
+async def next_dead_letter(broker: Broker, timeout: float = 10.0) -> aio_pika.abc.AbstractIncomingMessage:
+    connection = await aio_pika.connect(broker.url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(broker.names.dead_letter_queue, ensure=False)
+        async with queue.iterator() as messages:
+            message = await asyncio.wait_for(anext(messages), timeout)
+            await message.ack()
+            return message
+
+
+async def publish_raw(broker: Broker, body: bytes, routing_key: str = "job.submitted") -> None:
+    connection = await aio_pika.connect(broker.url)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(broker.names.exchange)
+        await exchange.publish(aio_pika.Message(body, message_id="raw-1"), routing_key)
+
+
+async def test_a_handler_gets_typed_events_and_its_outputs_are_published(broker: Broker) -> None:
+    seen: list[Event[Any]] = []
+    failures: asyncio.Queue[Event[Any]] = asyncio.Queue()
+
+    async def ingest(event: Event[JobSubmitted]) -> list[Event[Any]]:
+        seen.append(event)
+        failed = StageFailed(job_id=event.data.job_id, error=ErrorInfo(code="not_audio"))
+        return [make_event(INGEST_FAILED, failed, source=broker.source)]
+
+    from stemflow_shared.topology import QueueSpec
+
+    async def collect(event: Event[Any]) -> None:
+        await failures.put(event)
+
+    await broker.consume(QueueSpec("sink", (INGEST_FAILED,)), {INGEST_FAILED: collect})
+    await broker.consume(INGEST_QUEUE, {JOB_SUBMITTED: ingest})
+    await broker.publish(submitted("j7"))
+    out = await asyncio.wait_for(failures.get(), 10)
+    assert seen[0].data.job_id == "j7"
+    assert out.data.error.code == "not_audio"
+    assert out.envelope.source == "/stemflow/test"
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"\x00\x01 not json", "malformed_json"),
+        (
+            json.dumps(
+                {"specversion": "1.0", "id": "a", "source": "s", "type": "stemflow.job.submitted.v9", "data": {}}
+            ).encode(),
+            "unsupported_version",
+        ),
+        (
+            json.dumps(
+                {
+                    "specversion": "1.0",
+                    "id": "a",
+                    "source": "s",
+                    "type": "stemflow.job.submitted.v1",
+                    "data": {"job_id": "x"},
+                }
+            ).encode(),
+            "invalid_data",
+        ),
+    ],
+)
+async def test_invalid_events_are_dead_lettered_with_the_reason_and_the_queue_keeps_flowing(
+    broker: Broker, body: bytes, reason: str
+) -> None:
+    handled: asyncio.Queue[str] = asyncio.Queue()
+
+    async def ingest(event: Event[JobSubmitted]) -> None:
+        await handled.put(event.data.job_id)
+
+    await broker.consume(INGEST_QUEUE, {JOB_SUBMITTED: ingest})
+    await publish_raw(broker, body)
+    dead = await next_dead_letter(broker)
+    assert dead.headers[REASON_HEADER] == reason
+    assert dead.headers[DETAIL_HEADER]
+    assert dead.body == body
+    await broker.publish(submitted("after"))
+    assert await asyncio.wait_for(handled.get(), 10) == "after"
+
+
+async def test_a_failing_handler_is_retried_up_to_the_limit_then_dead_lettered(broker: Broker) -> None:
+    attempts = 0
+
+    async def always_fails(event: Event[JobSubmitted]) -> None:
+        nonlocal attempts
+        attempts += 1
+        raise RuntimeError("disk on fire")
+
+    await broker.consume(INGEST_QUEUE, {JOB_SUBMITTED: always_fails})
+    await broker.publish(submitted())
+    dead = await next_dead_letter(broker, timeout=20)
+    assert attempts == broker.options.delivery_limit
+    assert dead.headers[REASON_HEADER] == "handler_failed"
+    assert "disk on fire" in dead.headers[DETAIL_HEADER]
+
+
+async def test_a_transient_failure_succeeds_on_redelivery(broker: Broker) -> None:
+    calls: list[str] = []
+    done = asyncio.Event()
+
+    async def flaky(event: Event[JobSubmitted]) -> None:
+        calls.append(event.id)
+        if len(calls) == 1:
+            raise ConnectionError("blip")
+        done.set()
+
+    await broker.consume(INGEST_QUEUE, {JOB_SUBMITTED: flaky})
+    await broker.publish(submitted())
+    await asyncio.wait_for(done.wait(), 10)
+    assert len(calls) == 2 and calls[0] == calls[1]
+
+
+async def test_permanent_errors_skip_the_retries(broker: Broker) -> None:
+    attempts = 0
+
+    async def refuses(event: Event[JobSubmitted]) -> None:
+        nonlocal attempts
+        attempts += 1
+        raise PermanentError("job_unknown", "no such job")
+
+    await broker.consume(INGEST_QUEUE, {JOB_SUBMITTED: refuses})
+    await broker.publish(submitted())
+    dead = await next_dead_letter(broker)
+    assert attempts == 1
+    assert dead.headers[REASON_HEADER] == "job_unknown"
+
+
+async def test_consume_refuses_handlers_for_events_the_queue_does_not_get(broker: Broker) -> None:
+    async def nothing(event: Event[Any]) -> None:
+        return None
+
+    with pytest.raises(ValueError):
+        await broker.consume(INGEST_QUEUE, {AUDIO_INGESTED: nothing})
+
+
+async def test_the_consumer_span_is_a_child_of_the_producer_span(broker: Broker) -> None:
+    EXPORTER.clear()
+    done = asyncio.Event()
+
+    async def ingest(event: Event[JobSubmitted]) -> None:
+        done.set()
+
+    await broker.consume(INGEST_QUEUE, {JOB_SUBMITTED: ingest})
+    tracer = trace.get_tracer("test")
+    with tracer.start_as_current_span("root") as root:
+        await broker.publish(submitted())
+    await asyncio.wait_for(done.wait(), 10)
+    await asyncio.sleep(0.05)
+    spans = EXPORTER.get_finished_spans()
+    producer = next(s for s in spans if s.kind == SpanKind.PRODUCER)
+    consumer = next(s for s in spans if s.kind == SpanKind.CONSUMER)
+    assert producer.context.trace_id == root.get_span_context().trace_id
+    assert consumer.context.trace_id == producer.context.trace_id
+    assert consumer.parent is not None and consumer.parent.span_id == producer.context.span_id
+    assert consumer.attributes["messaging.system"] == "rabbitmq"
+    assert producer.attributes["messaging.message.id"] == consumer.attributes["messaging.message.id"]
+
+
+async def test_queues_are_quorum_queues_with_a_delivery_limit(broker: Broker) -> None:
+    queue = await broker.declare_queue(INGEST_QUEUE)
+    # Redeclaring with other arguments fails: the broker holds exactly these.
+    connection = await aio_pika.connect(broker.url)
+    async with connection:
+        channel = await connection.channel()
+        with pytest.raises(aio_pika.exceptions.ChannelPreconditionFailed):
+            await channel.declare_queue(queue.name, durable=True, arguments={"x-queue-type": "classic"})
+
+
+async def test_a_redelivered_event_that_was_handled_is_not_worked_again(broker: Broker, stack: Any) -> None:
+    import redis.asyncio as redis
+
+    from stemflow_shared.idempotency import DoneMarks
+
+    client = redis.from_url(stack.redis_url)
+    marks = DoneMarks(client, f"{broker.names.namespace}:")
+    calls: list[str] = []
+    seen = asyncio.Event()
+    second = asyncio.Event()
+
+    async def ingest(event: Event[JobSubmitted]) -> None:
+        calls.append(event.id)
+        (second if seen.is_set() else seen).set()
+
+    await broker.consume(INGEST_QUEUE, {JOB_SUBMITTED: ingest}, done_marks=marks)
+    event = submitted("dup")
+    await broker.publish(event)
+    await asyncio.wait_for(seen.wait(), 10)
+    assert await marks.is_done(broker.names.queue(INGEST_QUEUE), event.id)
+    await broker.publish(event)  # the same event again, as a redelivery would bring it
+    await broker.publish(submitted("other"))
+    await asyncio.wait_for(second.wait(), 10)
+    # Queues are FIFO: had the duplicate been worked, it would have come before "other".
+    assert len(calls) == 2 and calls[0] == event.id and calls[1] != event.id
+    await marks.forget(broker.names.queue(INGEST_QUEUE), event.id)
+    await client.aclose()

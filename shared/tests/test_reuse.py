@@ -1,0 +1,28 @@
+"""The result index on a real Redis."""
+
+from typing import Any
+
+from stemflow_shared.events import JobCompleted, JobOptions, StemInfo
+from stemflow_shared.reuse import ResultIndex, result_key
+
+
+def test_the_key_depends_on_the_options_that_shape_results_only() -> None:
+    base = result_key("fp", JobOptions())
+    assert base == result_key("fp", JobOptions(priority="high", callback_url="https://x"))
+    assert base != result_key("fp", JobOptions(stems=2))
+    assert base != result_key("fp", JobOptions(quality="best"))
+    assert base != result_key("fp2", JobOptions())
+
+
+async def test_remember_and_lookup(redis_client: Any, isolation: Any) -> None:
+    index = ResultIndex(redis_client, isolation.redis_prefix, ttl_s=60)
+    stem = StemInfo(
+        name="vocals", format="wav", media_type="audio/wav", blob_key="jobs/a/stems/vocals.wav", size=3, duration_s=1.0
+    )
+    done = JobCompleted(job_id="a", owner="o", stems=[stem])
+    assert await index.lookup("fp", JobOptions()) is None
+    await index.remember("fp", JobOptions(), done)
+    assert await index.lookup("fp", JobOptions()) == done
+    assert await index.lookup("fp", JobOptions(stems=2)) is None
+    await index.forget("fp", JobOptions())
+    assert await index.lookup("fp", JobOptions()) is None

@@ -1,0 +1,216 @@
+"""The web page in a real browser (Debian's Chromium through Playwright) against the running services.
+
+The gateway serves the page at `/` (with `/config.json` naming the notifier); the page talks to
+the API on the same origin and to the notifier's WebSocket, exactly as in production.
+Screenshots are kept under test-artifacts/web.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import shutil
+import zipfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+import soundfile as sf
+
+from stemflow_dev import demo_song
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+STATIC = ROOT / "services" / "gateway" / "src" / "gateway" / "static"
+ARTIFACTS = ROOT / "test-artifacts" / "web"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def song(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("web") / "groove.wav"
+    sf.write(path, demo_song.render(6.0, bpm=120.0), 44100, subtype="PCM_16")
+    return path
+
+
+@pytest_asyncio.fixture
+async def browser() -> AsyncIterator[Any]:
+    playwright_api = pytest.importorskip("playwright.async_api", reason="Python package `playwright` is not installed")
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's Chromium is missing: apt-get install -y chromium chromium-driver")
+    async with playwright_api.async_playwright() as playwright:
+        chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            await chromium.close()
+
+
+def test_the_initial_load_is_under_100_kb_gzipped() -> None:
+    sizes = {name: len(gzip.compress((STATIC / name).read_bytes(), 9)) for name in ("index.html", "app.js", "app.css")}
+    assert sum(sizes.values()) < 100 * 1024, sizes
+
+
+async def test_upload_progress_mixer_and_downloads_in_a_real_browser(
+    system: Any, api_key: str, browser: Any, song: Path
+) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    context = await browser.new_context(viewport={"width": 1100, "height": 1400}, accept_downloads=True)
+    page = await context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    page.on("console", lambda m: problems.append(f"console: {m.text} {m.location}") if m.type == "error" else None)
+    try:
+        await page.goto(system.gateway_url + "/")
+
+        # The key: a wrong one is refused with a clear message, the right one is kept in the browser.
+        await page.get_by_label("API key", exact=True).fill("sfk_wrong")
+        await page.get_by_role("button", name="Save key").click()
+        await page.get_by_role("alert").filter(has_text="API key was refused").wait_for()
+        problems.clear()  # the 401 of the wrong key is logged by the browser; nothing after it may be
+        await page.get_by_label("API key", exact=True).fill(api_key)
+        await page.get_by_role("button", name="Save key").click()
+        await page.locator("body[data-live=on]").wait_for()
+        assert await page.evaluate("localStorage.getItem('stemflow.apiKey')") == api_key
+        await page.screenshot(path=ARTIFACTS / "1-ready.png", full_page=True)
+
+        # Record every status the page shows, to see that progress arrived live, step by step.
+        await page.evaluate(
+            """() => {
+              window.seen = [];
+              const line = document.getElementById('job-status');
+              new MutationObserver(() => window.seen.push(line.textContent)).observe(line, {childList: true, characterData: true, subtree: true});
+            }"""
+        )
+        await page.set_input_files("#file", song)
+        await page.get_by_label("Stems").select_option("4")
+        await page.get_by_label("Quality").select_option("fast")
+        await page.get_by_label("Format").select_option("wav")
+        await page.get_by_role("button", name="Split the song").click()
+        await page.locator("#job-section:not([hidden])").wait_for()
+        await page.screenshot(path=ARTIFACTS / "2-submitted.png", full_page=True)
+        await page.locator("#job-section[data-status=completed]").wait_for(timeout=300_000)
+        seen = await page.evaluate("window.seen")
+        assert seen[-1] == "completed"
+        assert {"ingesting", "processing"} & set(seen), seen
+        assert await page.locator("#p-overall").get_attribute("value") == "100"
+
+        # Results: tempo and key with confidence, the waveform, one mixer row per stem once decoded.
+        await page.locator("#player[data-state=ready]").wait_for(timeout=120_000)
+        assert abs(float(await page.locator("#bpm").inner_text()) - 120.0) < 5
+        assert (await page.locator("#key").inner_text()).endswith(("major", "minor"))
+        assert "confidence" in await page.locator("#bpm-conf").inner_text()
+        rows = page.locator(".stem")
+        assert sorted(await rows.evaluate_all("rows => rows.map(r => r.dataset.stem)")) == [
+            "bass",
+            "drums",
+            "other",
+            "vocals",
+        ]
+        painted = await page.evaluate(
+            """() => { const c = document.getElementById('wave');
+                       const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                       let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i]) n++; return n / (c.width * c.height); }"""
+        )
+        assert painted > 0.05
+
+        # The mixer: solo, mute, volume, then synchronised playback and seeking from the keyboard.
+        gains = lambda: rows.evaluate_all("rows => Object.fromEntries(rows.map(r => [r.dataset.stem, r.dataset.gain]))")  # noqa: E731
+        await page.get_by_role("button", name="Solo vocals").click()
+        assert await gains() == {"vocals": "1.00", "drums": "0.00", "bass": "0.00", "other": "0.00"}
+        assert await page.get_by_role("button", name="Solo vocals").get_attribute("aria-pressed") == "true"
+        await page.get_by_role("button", name="Solo vocals").click()
+        await page.get_by_role("button", name="Mute drums").click()
+        await page.get_by_label("bass volume").fill("50")
+        assert await gains() == {"vocals": "1.00", "drums": "0.00", "bass": "0.50", "other": "1.00"}
+        await page.get_by_role("button", name="Play").click()
+        await page.locator("#player[data-state=playing]").wait_for()
+        await page.wait_for_function("() => Number(document.getElementById('wave').getAttribute('aria-valuenow')) >= 1")
+        await page.screenshot(path=ARTIFACTS / "3-mixer-playing.png", full_page=True)
+        await page.get_by_role("button", name="Pause").click()
+        await page.locator("#player[data-state=paused]").wait_for()
+        await page.locator("#wave").focus()
+        await page.keyboard.press("Home")
+        assert await page.locator("#wave").get_attribute("aria-valuenow") == "0"
+        await page.keyboard.press("ArrowRight")
+        assert await page.locator("#wave").get_attribute("aria-valuenow") == "5"
+
+        # Downloads go through fetch with the key, then a blob URL.
+        async with page.expect_download() as stem_download:
+            await page.get_by_role("button", name="Download vocals").click()
+        vocals = await stem_download.value
+        assert vocals.suggested_filename == "vocals.wav"
+        await vocals.save_as(ARTIFACTS / "vocals.wav")
+        assert sf.info(ARTIFACTS / "vocals.wav").frames == 6 * 44100
+        async with page.expect_download() as zip_download:
+            await page.get_by_role("button", name="Download all stems (zip)").click()
+        archive = await zip_download.value
+        data = Path(await archive.path()).read_bytes()
+        assert sorted(zipfile.ZipFile(io.BytesIO(data)).namelist()) == [
+            "bass.wav",
+            "drums.wav",
+            "other.wav",
+            "vocals.wav",
+        ]
+
+        # My jobs: the job is listed as completed.
+        job_id = await page.evaluate("document.querySelector('#jobs li').dataset.id")
+        assert await page.locator(f"#jobs li[data-id='{job_id}'] .s-completed").inner_text() == "completed"
+
+        # Accessibility basics: every control has a name.
+        unnamed = await page.evaluate(
+            """() => [...document.querySelectorAll('input, select, button, [role=slider]')]
+                 .filter(e => e.offsetParent !== null)
+                 .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim())
+                 .map(e => e.outerHTML)"""
+        )
+        assert unnamed == []
+        assert problems == []
+
+        # On a phone.
+        await page.set_viewport_size({"width": 390, "height": 844})
+        await page.screenshot(path=ARTIFACTS / "4-phone.png", full_page=True)
+        width = await page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390
+    finally:
+        await context.close()
+
+
+async def test_a_pasted_url_that_fails_shows_why_and_the_job_can_be_deleted(
+    system: Any, api_key: str, browser: Any
+) -> None:
+    context = await browser.new_context(viewport={"width": 1100, "height": 1200})
+    page = await context.new_page()
+    try:
+        await page.goto(system.gateway_url + "/")
+        await page.evaluate("key => localStorage.setItem('stemflow.apiKey', key)", api_key)
+        await page.reload()
+        await page.get_by_label("…or paste a URL").fill("http://127.0.0.1:9/song.mp3")
+        await page.get_by_role("button", name="Split the song").click()
+        await page.locator("#job-section[data-status=failed]").wait_for(timeout=120_000)
+        await page.locator("#job-status").filter(has_text="[url_forbidden]").wait_for()
+        await page.locator("body[data-live=on]").wait_for()
+        await page.screenshot(path=ARTIFACTS / "5-failed-url.png", full_page=True)
+
+        job_id = await page.evaluate("document.querySelector('#jobs li').dataset.id")
+        page.once("dialog", lambda dialog: dialog.accept())
+        await page.get_by_role("button", name="Delete http://127.0.0.1:9/song.mp3").first.click()
+        await page.locator(f"#jobs li[data-id='{job_id}']").wait_for(state="detached")
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {api_key}"}) as http:
+            assert (await http.get(f"{system.gateway_url}/v1/jobs/{job_id}")).status_code == 404
+    finally:
+        await context.close()
