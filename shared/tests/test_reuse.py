@@ -3,7 +3,7 @@
 from typing import Any
 
 from stemflow_shared.events import JobCompleted, JobOptions, StemInfo
-from stemflow_shared.reuse import ResultIndex, result_key
+from stemflow_shared.reuse import ResultIndex, SeparationSummary, result_key
 
 
 def test_the_key_depends_on_the_options_that_shape_results_only() -> None:
@@ -21,8 +21,10 @@ async def test_remember_and_lookup(redis_client: Any, isolation: Any) -> None:
     )
     done = JobCompleted(job_id="a", owner="o", stems=[stem])
     assert await index.lookup("fp", JobOptions()) is None
-    await index.remember("fp", JobOptions(), done)
-    assert await index.lookup("fp", JobOptions()) == done
+    how = SeparationSummary(model="htdemucs", device="cpu", precision="float32", untrained=True)
+    await index.remember("fp", JobOptions(), done, how)
+    found = await index.lookup("fp", JobOptions())
+    assert found is not None and found.completed == done and found.separation == how and found.job_id == "a"
     assert await index.lookup("fp", JobOptions(stems=2)) is None
     await index.forget("fp", JobOptions())
     assert await index.lookup("fp", JobOptions()) is None

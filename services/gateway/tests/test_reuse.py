@@ -23,7 +23,9 @@ async def test_a_completed_job_is_reusable_by_fingerprint_and_options(
     options = JobOptions.model_validate((await app.state.jobs.repo.get(job_id))["options"])
     indexed = await index_of(app).lookup("reuse-1", options)
     assert indexed is not None and indexed.job_id == job_id
-    assert {s.name for s in indexed.stems} == {"vocals", "accompaniment"}
+    assert {s.name for s in indexed.completed.stems} == {"vocals", "accompaniment"}
+    assert indexed.separation is not None and indexed.separation.model == "htdemucs"
+    assert indexed.separation.device == "cpu"
     assert await index_of(app).lookup("reuse-1", options.model_copy(update={"stems": 4})) is None
     key = f"{app.state.settings.redis_prefix}result:{result_key('reuse-1', options)}"
     ttl = await app.state.redis.ttl(key)

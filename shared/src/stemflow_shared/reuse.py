@@ -12,6 +12,8 @@ import hashlib
 import json
 from typing import Any
 
+from pydantic import BaseModel
+
 from .events import JobCompleted, JobOptions
 
 # Options that change what separation or analysis produce (trims are already in the fingerprint).
@@ -24,21 +26,49 @@ def result_key(fingerprint: str, options: JobOptions) -> str:
     return digest[:40]
 
 
+class SeparationSummary(BaseModel):
+    """How a finished job's stems were made, so a reuse reports the same (untrained models included)."""
+
+    model: str
+    device: str
+    precision: str
+    untrained: bool = False
+    reconstruction_error_db: float | None = None
+
+
+class Reusable(BaseModel):
+    """What the index keeps of a finished job."""
+
+    completed: JobCompleted
+    separation: SeparationSummary | None = None
+
+    @property
+    def job_id(self) -> str:
+        return self.completed.job_id
+
+
 class ResultIndex:
-    """Redis `<prefix>result:<key>` → the JobCompleted payload of a finished job."""
+    """Redis `<prefix>result:<key>` → what a finished job produced (its JobCompleted and how it separated)."""
 
     def __init__(self, redis: Any, prefix: str, ttl_s: int) -> None:
         self._redis = redis
         self._prefix = f"{prefix}result:"
         self._ttl = ttl_s
 
-    async def remember(self, fingerprint: str, options: JobOptions, completed: JobCompleted) -> None:
+    async def remember(
+        self,
+        fingerprint: str,
+        options: JobOptions,
+        completed: JobCompleted,
+        separation: SeparationSummary | None = None,
+    ) -> None:
         key = self._prefix + result_key(fingerprint, options)
-        await self._redis.set(key, completed.model_dump_json(), ex=self._ttl)
+        entry = Reusable(completed=completed, separation=separation)
+        await self._redis.set(key, entry.model_dump_json(), ex=self._ttl)
 
-    async def lookup(self, fingerprint: str, options: JobOptions) -> JobCompleted | None:
+    async def lookup(self, fingerprint: str, options: JobOptions) -> Reusable | None:
         raw = await self._redis.get(self._prefix + result_key(fingerprint, options))
-        return JobCompleted.model_validate_json(raw) if raw else None
+        return Reusable.model_validate_json(raw) if raw else None
 
     async def forget(self, fingerprint: str, options: JobOptions) -> None:
         await self._redis.delete(self._prefix + result_key(fingerprint, options))

@@ -23,7 +23,7 @@ from stemflow_shared.events import (
 )
 from stemflow_shared.idempotency import cancel_flag_key
 from stemflow_shared.messaging import PermanentError
-from stemflow_shared.reuse import ResultIndex
+from stemflow_shared.reuse import ResultIndex, SeparationSummary
 from stemflow_shared.storage import job_prefix
 
 from . import state, views
@@ -156,7 +156,9 @@ class Jobs:
         if self._results is None or not fingerprint:
             return
         try:
-            await self._results.remember(fingerprint, JobOptions.model_validate(doc["options"]), completed)
+            how = (doc.get("result") or {}).get("separation")
+            summary = SeparationSummary.model_validate(how) if how else None
+            await self._results.remember(fingerprint, JobOptions.model_validate(doc["options"]), completed, summary)
         except RedisError as exc:
             log.warning("could not index the results of job %s for reuse: %s", doc["_id"], exc)
 

@@ -161,6 +161,7 @@ def apply(doc: dict[str, Any], event: Event[Any], now: datetime) -> Transition |
             "device": data.device,
             "precision": data.precision,
             "untrained": data.untrained,
+            "reconstruction_error_db": data.reconstruction_error_db,
         }
     elif name == ANALYSIS_COMPLETED.name:
         if stages["analysis"]["status"] in TERMINAL_STAGE:

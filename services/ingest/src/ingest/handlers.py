@@ -6,28 +6,36 @@ import asyncio
 import logging
 import tempfile
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+
+from redis.exceptions import RedisError
 
 from stemflow_shared import metrics, telemetry
 from stemflow_shared.events import (
+    ANALYSIS_COMPLETED,
     AUDIO_INGESTED,
     INGEST_FAILED,
     JOB_SUBMITTED,
+    SEPARATION_COMPLETED,
+    AnalysisCompleted,
     AudioInfo,
     AudioIngested,
     ErrorInfo,
     Event,
     EventSpec,
     JobSubmitted,
+    SeparationCompleted,
     SourceInfo,
     StageFailed,
+    StemInfo,
     event_id,
     make_event,
 )
 from stemflow_shared.idempotency import is_cancelled
 from stemflow_shared.messaging import Handler
-from stemflow_shared.storage import BlobNotFound, normalised_key
+from stemflow_shared.reuse import ResultIndex
+from stemflow_shared.storage import BlobNotFound, job_prefix, normalised_key, stem_key
 
 from .audio import AudioError, Limits, NormalisedAudio, normalise
 from .fetch import fetch
@@ -37,8 +45,9 @@ SOURCE = "/stemflow/ingest"
 
 
 class Ingest:
-    def __init__(self, blobs: Any, redis: Any, http: Any, settings: Any) -> None:
+    def __init__(self, blobs: Any, redis: Any, http: Any, settings: Any, results: ResultIndex | None = None) -> None:
         self._blobs = blobs
+        self._results = results
         self._redis = redis
         self._http = http
         self._settings = settings
@@ -68,8 +77,12 @@ class Ingest:
                 metrics.STAGE_DURATION.labels("ingest", "", "failed").observe(time.perf_counter() - started)
                 failed = StageFailed(job_id=job.job_id, error=ErrorInfo(code=exc.code, message=str(exc)))
                 return [make_event(INGEST_FAILED, failed, source=SOURCE, id=event_id(job.job_id, INGEST_FAILED.name))]
-            key = normalised_key(job.job_id)
-            await self._blobs.put_file(key, dst)
+            info = self._audio_info(job, audio)
+            reused = await self._reuse(job, info)
+            if reused is not None:
+                log.info("reused the results of an identical earlier job (%.1f s of audio)", audio.duration_s)
+                return reused
+            await self._blobs.put_file(info.audio.blob_key, dst)
         elapsed = time.perf_counter() - started
         log.info(
             "ingested %.1f s of %s audio (%d Hz, %d ch) in %.2f s",
@@ -82,12 +95,15 @@ class Ingest:
         metrics.STAGE_DURATION.labels("ingest", "", "completed").observe(elapsed)
         metrics.AUDIO_SECONDS.labels("ingest").inc(audio.duration_s)
         metrics.REALTIME_FACTOR.labels("ingest").observe(audio.duration_s / max(elapsed, 1e-6))
-        data = AudioIngested(
+        return [make_event(AUDIO_INGESTED, info, source=SOURCE, id=event_id(job.job_id, AUDIO_INGESTED.name))]
+
+    def _audio_info(self, job: JobSubmitted, audio: NormalisedAudio) -> AudioIngested:
+        return AudioIngested(
             job_id=job.job_id,
             owner=job.owner,
             options=job.options,
             audio=AudioInfo(
-                blob_key=key,
+                blob_key=normalised_key(job.job_id),
                 duration_s=audio.duration_s,
                 sample_rate=audio.sample_rate,
                 channels=audio.channels,
@@ -101,7 +117,74 @@ class Ingest:
                 duration_s=audio.duration_s,
             ),
         )
-        return [make_event(AUDIO_INGESTED, data, source=SOURCE, id=event_id(job.job_id, AUDIO_INGESTED.name))]
+
+    async def _reuse(self, job: JobSubmitted, info: AudioIngested) -> list[Event[Any]] | None:
+        """The events of an identical finished job's results, copied to this job; None on a miss.
+
+        Same normalised audio (the fingerprint) and same result-shaping options: the stems are
+        copied under this job (so deleting either job never breaks the other) and the stage
+        results are published here, so the separator and analyzer skip the job (`reused`).
+        """
+        if self._results is None:
+            return None
+        try:
+            found = await self._results.lookup(info.audio.fingerprint, job.options)
+        except RedisError as exc:
+            log.warning("result index unavailable, computing afresh: %s", exc)
+            found = None
+        if found is None or found.job_id == job.job_id:
+            metrics.CACHE_REQUESTS.labels("results", "miss").inc()
+            return None
+        previous = found.completed
+        if job.options.separate and (found.separation is None or not previous.stems):
+            metrics.CACHE_REQUESTS.labels("results", "miss").inc()
+            return None
+        if job.options.analyze and previous.analysis is None:
+            metrics.CACHE_REQUESTS.labels("results", "miss").inc()
+            return None
+        stems: list[StemInfo] = []
+        try:
+            for stem in previous.stems if job.options.separate else ():
+                extension = PurePosixPath(stem.blob_key).suffix.lstrip(".")
+                key = stem_key(job.job_id, stem.name, extension)
+                async with self._blobs.local_path(stem.blob_key) as path:
+                    copied = await self._blobs.put_file(key, Path(path))
+                stems.append(stem.model_copy(update={"blob_key": key, "size": copied.size}))
+        except BlobNotFound:
+            # The earlier job was deleted under the index entry: compute afresh.
+            await self._blobs.delete_prefix(f"{job_prefix(job.job_id)}/stems")
+            metrics.CACHE_REQUESTS.labels("results", "stale").inc()
+            return None
+        metrics.CACHE_REQUESTS.labels("results", "hit").inc()
+        job_id = job.job_id
+        events: list[Event[Any]] = [
+            make_event(
+                AUDIO_INGESTED,
+                info.model_copy(update={"reused": True}),
+                source=SOURCE,
+                id=event_id(job_id, AUDIO_INGESTED.name),
+            )
+        ]
+        if job.options.separate and found.separation is not None:
+            how = found.separation
+            separated = SeparationCompleted(
+                job_id=job_id,
+                model=how.model,
+                device=how.device,
+                precision=how.precision,
+                untrained=how.untrained,
+                stems=stems,
+                reconstruction_error_db=how.reconstruction_error_db,
+            )
+            events.append(
+                make_event(SEPARATION_COMPLETED, separated, source=SOURCE, id=event_id(job_id, "separation.completed"))
+            )
+        if job.options.analyze and previous.analysis is not None:
+            analysed = AnalysisCompleted(job_id=job_id, analysis=previous.analysis)
+            events.append(
+                make_event(ANALYSIS_COMPLETED, analysed, source=SOURCE, id=event_id(job_id, ANALYSIS_COMPLETED.name))
+            )
+        return events
 
     async def _normalise(self, job: JobSubmitted, tmp: Path, dst: Path) -> NormalisedAudio:
         options = job.options

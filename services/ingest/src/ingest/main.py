@@ -9,6 +9,7 @@ import redis.asyncio as redis
 
 from stemflow_shared import telemetry
 from stemflow_shared.idempotency import DoneMarks
+from stemflow_shared.reuse import ResultIndex
 from stemflow_shared.runtime import connect_broker, open_blob_store, serve_worker
 from stemflow_shared.topology import INGEST_QUEUE
 
@@ -21,9 +22,10 @@ async def run(settings: Settings) -> None:
     redis_client = redis.from_url(settings.redis_url)
     http = httpx.AsyncClient(timeout=httpx.Timeout(settings.download_timeout_s, connect=10.0))
     broker = await connect_broker(settings, "ingest")
+    results = ResultIndex(redis_client, settings.redis_prefix, 0) if settings.reuse_results else None
     await broker.consume(
         INGEST_QUEUE,
-        Ingest(blobs, redis_client, http, settings).handlers(),
+        Ingest(blobs, redis_client, http, settings, results).handlers(),
         done_marks=DoneMarks(redis_client, settings.redis_prefix),
     )
     await serve_worker(

@@ -19,4 +19,7 @@ class Settings(ServiceSettings, BlobSettings, RedisSettings):
     download_timeout_s: float = Field(default=60.0, gt=0)
     max_redirects: int = Field(default=3, ge=0)
     allow_private_urls: bool = Field(default=False, description="Allow source URLs on private/loopback addresses")
+    reuse_results: bool = Field(
+        default=True, description="Reuse an identical finished job's results (same audio and options)"
+    )
     work_dir: str | None = Field(default=None, description="Where temporary files go (default: the system's)")
