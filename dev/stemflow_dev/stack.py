@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -142,11 +143,36 @@ def _ensure_rabbitmq(state_dir: Path, url: str | None, port: int, timeout: float
         log.warning("RabbitMQ at %s does not answer; trying the local one", _redact(url))
     local = f"amqp://guest:guest@{LOCALHOST}:{port}/"
     if _amqp_answers(local):
+        if port == 5672:
+            _offer_prometheus_plugin()
         return local
     server = _start_rabbitmq(state_dir, port)
     logs = state_dir / "rabbitmq" / "log"
     _wait_until("RabbitMQ", lambda: _amqp_answers(local), timeout, logs, lambda: server.poll() is not None)
     return local
+
+
+def _offer_prometheus_plugin() -> None:
+    """Enable RabbitMQ's Prometheus endpoint (:15692, per-queue depth and consumers) on the local node.
+
+    The dashboards, alerts and autoscaling read queue depth from it. Best effort: only as root, only
+    when it does not answer yet; a failure is logged and the tests that need it skip.
+    """
+    try:
+        urllib.request.urlopen(f"http://{LOCALHOST}:15692/metrics", timeout=2).close()
+        return
+    except OSError:
+        pass
+    tool = shutil.which("rabbitmq-plugins")
+    if tool is None or os.geteuid() != 0:
+        return
+    result = subprocess.run(
+        [tool, "enable", "rabbitmq_prometheus"], capture_output=True, text=True, timeout=120, check=False
+    )
+    if result.returncode != 0:
+        log.warning("could not enable rabbitmq_prometheus: %s", (result.stderr or result.stdout).strip()[-300:])
+    else:
+        log.info("enabled RabbitMQ's Prometheus endpoint on :15692")
 
 
 def _ensure_redis(state_dir: Path, url: str | None, port: int, timeout: float) -> str:
