@@ -102,7 +102,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         blob_dir=tmp / "blobs",
         model_repo=make_tiny_repo(tmp / "models"),
         ports=ports,
-        extra={"TORCH_THREADS": "1", "LOG_LEVEL": "WARNING", "RATE_LIMIT_PER_MINUTE": "0"},
+        # Every job sends the same song: without this, all but the first would reuse its results and the
+        # workers, whose crashes this run is about, would hardly see any work.
+        extra={"TORCH_THREADS": "1", "LOG_LEVEL": "WARNING", "RATE_LIMIT_PER_MINUTE": "0", "REUSE_RESULTS": "false"},
     )
     group = ProcessGroup()
     group.start(service_specs(env, ports), tmp / "logs")

@@ -28,3 +28,11 @@ async def test_remember_and_lookup(redis_client: Any, isolation: Any) -> None:
     assert await index.lookup("fp", JobOptions(stems=2)) is None
     await index.forget("fp", JobOptions())
     assert await index.lookup("fp", JobOptions()) is None
+
+
+async def test_an_unreadable_entry_is_a_miss_and_is_dropped(redis_client: Any, isolation: Any) -> None:
+    index = ResultIndex(redis_client, isolation.redis_prefix, ttl_s=60)
+    key = f"{isolation.redis_prefix}result:{result_key('fp-bad', JobOptions())}"
+    await redis_client.set(key, b'{"job_id": "old-format"}')
+    assert await index.lookup("fp-bad", JobOptions()) is None
+    assert await redis_client.exists(key) == 0

@@ -84,9 +84,12 @@ async def _stop_when_busy(system: Any, name: str, how: str, timeout_s: float = 1
 
 
 def _long_song(path: Path, seconds: float) -> Path:
+    """A song no earlier job had: identical audio and options would reuse results and never reach the worker."""
     one = demo_song.render(12.0)
     reps = int(np.ceil(seconds / 12.0))
-    sf.write(path, np.tile(one, (reps, 1))[: int(seconds * 44100)], 44100, subtype="PCM_16")
+    audio = np.tile(one, (reps, 1))[: int(seconds * 44100)]
+    audio = audio + np.random.default_rng().normal(0, 1e-3, audio.shape)
+    sf.write(path, audio, 44100, subtype="PCM_16")
     return path
 
 

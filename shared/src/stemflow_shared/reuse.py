@@ -12,7 +12,7 @@ import hashlib
 import json
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from .events import JobCompleted, JobOptions
 
@@ -67,8 +67,16 @@ class ResultIndex:
         await self._redis.set(key, entry.model_dump_json(), ex=self._ttl)
 
     async def lookup(self, fingerprint: str, options: JobOptions) -> Reusable | None:
-        raw = await self._redis.get(self._prefix + result_key(fingerprint, options))
-        return Reusable.model_validate_json(raw) if raw else None
+        key = self._prefix + result_key(fingerprint, options)
+        raw = await self._redis.get(key)
+        if not raw:
+            return None
+        try:
+            return Reusable.model_validate_json(raw)
+        except ValidationError:
+            # Written by another version, or damaged: a miss, and the entry goes (the next completion rewrites it).
+            await self._redis.delete(key)
+            return None
 
     async def forget(self, fingerprint: str, options: JobOptions) -> None:
         await self._redis.delete(self._prefix + result_key(fingerprint, options))
