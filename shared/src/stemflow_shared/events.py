@@ -209,25 +209,28 @@ class AnalysisCompleted(JobEvent):
     analysis: AnalysisResult
 
 
-class JobProgressed(JobEvent):
+class _OwnedJobEvent(JobEvent):
     owner: str
+    # The batch the job belongs to (POST /v1/batches), so clients can follow a whole batch.
+    batch_id: str | None = None
+
+
+class JobProgressed(_OwnedJobEvent):
     status: JobStatus
     progress: Progress
 
 
-class JobCompleted(JobEvent):
-    owner: str
+class JobCompleted(_OwnedJobEvent):
     stems: list[StemInfo] = Field(default_factory=list)
     analysis: AnalysisResult | None = None
 
 
-class JobFailed(JobEvent):
-    owner: str
+class JobFailed(_OwnedJobEvent):
     error: ErrorInfo
 
 
-class JobCancelled(JobEvent):
-    owner: str
+class JobCancelled(_OwnedJobEvent):
+    pass
 
 
 # --- the registry --------------------------------------------------------------

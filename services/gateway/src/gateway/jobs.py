@@ -61,6 +61,14 @@ class Jobs:
         self._retention = retention
         self._results = results
 
+    @property
+    def base_url(self) -> str:
+        return self._base_url
+
+    @property
+    def events_url(self) -> str:
+        return self._events_url
+
     def job_url(self, job_id: str) -> str:
         return f"{self._base_url}/v1/jobs/{job_id}"
 
@@ -88,12 +96,20 @@ class Jobs:
         input_ref: InputRef,
         *,
         idempotency_key: str | None = None,
+        batch_id: str | None = None,
     ) -> dict[str, Any]:
         """Insert the job with its `job.submitted` in the outbox, then publish in the background."""
         now = state.utcnow()
         input_doc = input_ref.model_dump(mode="json", exclude_none=True)
         doc = state.new_job(
-            job_id, owner, options, input_doc, now=now, retention=self._retention, idempotency_key=idempotency_key
+            job_id,
+            owner,
+            options,
+            input_doc,
+            now=now,
+            retention=self._retention,
+            idempotency_key=idempotency_key,
+            batch_id=batch_id,
         )
         event = make_event(
             JOB_SUBMITTED,
@@ -105,6 +121,23 @@ class Jobs:
         self.relay.flush_soon(job_id)
         await self.remember(doc)
         return doc
+
+    async def submit_batch(
+        self, batch_id: str, owner: str, options: JobOptions, inputs: list[tuple[str, InputRef]]
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """A batch document naming its jobs, then each job (the batch first, so no job is ever orphaned)."""
+        now = state.utcnow()
+        batch = {
+            "_id": batch_id,
+            "owner": owner,
+            "job_ids": [job_id for job_id, _ in inputs],
+            "options": options.model_dump(mode="json"),
+            "created_at": now,
+            "expire_at": now + self._retention,
+        }
+        await self.repo.insert_batch(batch)
+        docs = [await self.submit(job_id, owner, options, ref, batch_id=batch_id) for job_id, ref in inputs]
+        return batch, docs
 
     async def adopt_external(self, event: Event[JobSubmitted]) -> None:
         """Create the job of a `job.submitted` another service published (no-op for our own)."""

@@ -22,7 +22,7 @@ from stemflow_shared.reuse import ResultIndex
 from stemflow_shared.storage import make_blob_store
 from stemflow_shared.topology import GATEWAY_QUEUE, Names
 
-from . import downloads, problems
+from . import batches, downloads, problems
 from .cache import GZIP_MIN_BYTES, JobCache
 from .handlers import handlers
 from .hotpath import CachedJobReads
@@ -133,6 +133,7 @@ def create_app(settings: Settings) -> FastAPI:
     problems.install(app)
     app.include_router(router)
     app.include_router(downloads.router)
+    app.include_router(batches.router)
     add_web_page(app, settings.events_url)
     for route in ops_routes(lambda request: request.app.state.checks):
         app.router.routes.append(route)

@@ -32,6 +32,7 @@ LIST_PROJECTION = {
         "options",
         "input",
         "error",
+        "batch_id",
         "created_at",
         "updated_at",
         "result.stems",
@@ -75,7 +76,9 @@ def decode_cursor(cursor: str) -> str:
 
 class JobRepository:
     def __init__(self, database: Any) -> None:
+        self.database = database
         self.jobs = database[JOBS]
+        self.batches = database["batches"]
 
     async def ensure_indexes(self) -> None:
         await self.jobs.create_indexes(
@@ -98,10 +101,13 @@ class JobRepository:
                     partialFilterExpression={"outbox_at": {"$type": "date"}},
                 ),
                 IndexModel([("audio.fingerprint", ASCENDING)], name="fingerprint", sparse=True),
+                IndexModel([("batch_id", ASCENDING)], name="batch", sparse=True),
                 # The retention sweeper deletes expired jobs with their blobs; this TTL is the backstop a day later.
                 IndexModel([("expire_at", ASCENDING)], name="expiry", expireAfterSeconds=86400),
             ]
         )
+        # A batch is a small document naming its jobs; it expires with them.
+        await self.batches.create_indexes([IndexModel([("expire_at", ASCENDING)], name="expiry", expireAfterSeconds=0)])
 
     async def insert(self, doc: dict[str, Any], events: Sequence[Event[Any]]) -> dict[str, Any]:
         """Insert a new job with its first events in its outbox."""
@@ -207,6 +213,17 @@ class JobRepository:
             .limit(limit)
         )
         return [doc["_id"] async for doc in cursor]
+
+    async def insert_batch(self, batch: dict[str, Any]) -> None:
+        await self.batches.insert_one(batch)
+
+    async def get_batch(self, batch_id: str, owner: str) -> dict[str, Any] | None:
+        return await self.batches.find_one({"_id": batch_id, "owner": owner})
+
+    async def batch_jobs(self, batch_id: str) -> list[dict[str, Any]]:
+        """The batch's jobs in submission order (ids sort by creation), projected like list items."""
+        cursor = self.jobs.find({"batch_id": batch_id}, LIST_PROJECTION).sort("_id", ASCENDING).hint("batch")
+        return [doc async for doc in cursor]
 
     async def delete(self, job_id: str, owner: str | None = None) -> bool:
         query = {"_id": job_id} if owner is None else {"_id": job_id, "owner": owner}

@@ -41,6 +41,7 @@ class Settings(ServiceSettings, BlobSettings, RedisSettings):
     redis_max_connections: int = Field(default=200, gt=0, description="Size of the Redis connection pool")
     slow_mongodb_command_ms: float = Field(default=100.0, gt=0)
     list_max_limit: int = Field(default=100, gt=0)
+    batch_max_jobs: int = Field(default=50, ge=1, le=500, description="Songs one POST /v1/batches may carry")
     max_json_body_bytes: int = Field(default=64 * 1024, gt=0, description="Largest JSON submission accepted")
     result_reuse_ttl_s: int = Field(
         default=7 * 24 * 3600, ge=0, description="How long finished results stay reusable by fingerprint; 0 = off"

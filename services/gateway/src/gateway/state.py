@@ -62,6 +62,7 @@ def new_job(
     now: datetime,
     retention: timedelta,
     idempotency_key: str | None = None,
+    batch_id: str | None = None,
 ) -> dict[str, Any]:
     """A fresh job document in state `queued`."""
     stages = {
@@ -87,6 +88,8 @@ def new_job(
     }
     if idempotency_key is not None:
         doc["idempotency_key"] = idempotency_key
+    if batch_id is not None:
+        doc["batch_id"] = batch_id
     return doc
 
 
@@ -248,25 +251,27 @@ def _merged(doc: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
 def _events_for(job: dict[str, Any], status_changed: bool) -> list[Event[Any]]:
     """A progress event for every change, then the terminal event when the job just ended."""
     job_id, owner, status = job["_id"], job["owner"], job["status"]
-    progress = JobProgressed(job_id=job_id, owner=owner, status=status, progress=progress_model(job))
+    batch = {"batch_id": job["batch_id"]} if job.get("batch_id") else {}
+    progress = JobProgressed(job_id=job_id, owner=owner, status=status, progress=progress_model(job), **batch)
     events: list[Event[Any]] = [make_event(JOB_PROGRESS, progress, source=SOURCE)]
     if status_changed and status == "completed":
         result = job["result"]
         data = JobCompleted(
             job_id=job_id,
             owner=owner,
+            **batch,
             stems=[StemInfo.model_validate(s) for s in result.get("stems") or []],
             analysis=AnalysisResult.model_validate(result["analysis"]) if result.get("analysis") else None,
         )
         events.append(make_event(JOB_COMPLETED, data, source=SOURCE, id=event_id(job_id, JOB_COMPLETED.name)))
     elif status_changed and status == "failed":
-        data = JobFailed(job_id=job_id, owner=owner, error=ErrorInfo.model_validate(job["error"]))
+        data = JobFailed(job_id=job_id, owner=owner, error=ErrorInfo.model_validate(job["error"]), **batch)
         events.append(make_event(JOB_FAILED, data, source=SOURCE, id=event_id(job_id, JOB_FAILED.name)))
     elif status_changed and status == "cancelled":
         events.append(
             make_event(
                 JOB_CANCELLED,
-                JobCancelled(job_id=job_id, owner=owner),
+                JobCancelled(job_id=job_id, owner=owner, **batch),
                 source=SOURCE,
                 id=event_id(job_id, JOB_CANCELLED.name),
             )

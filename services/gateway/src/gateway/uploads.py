@@ -24,13 +24,29 @@ class _Part:
 
 
 @dataclass
+class FilePart:
+    filename: str | None
+    content_type: str | None
+
+
+@dataclass
 class MultipartUpload:
-    """What the form held besides the file: its fields, the file's name and declared type."""
+    """What the form held besides the file bytes: its fields, and each file's name and declared type."""
 
     fields: dict[str, str] = field(default_factory=dict)
-    filename: str | None = None
-    content_type: str | None = None
-    saw_file: bool = False
+    files: list[FilePart] = field(default_factory=list)
+
+    @property
+    def saw_file(self) -> bool:
+        return bool(self.files)
+
+    @property
+    def filename(self) -> str | None:
+        return self.files[0].filename if self.files else None
+
+    @property
+    def content_type(self) -> str | None:
+        return self.files[0].content_type if self.files else None
 
 
 def boundary_of(content_type: str) -> bytes:
@@ -45,10 +61,18 @@ async def stream_file_part(
     body: AsyncIterator[bytes], content_type: str, upload: MultipartUpload
 ) -> AsyncIterator[bytes]:
     """Yield the bytes of the form's `file` part while collecting the other fields into `upload`."""
+    async for _, chunk in stream_file_parts(body, content_type, upload, max_files=1):
+        yield chunk
+
+
+async def stream_file_parts(
+    body: AsyncIterator[bytes], content_type: str, upload: MultipartUpload, *, max_files: int
+) -> AsyncIterator[tuple[int, bytes]]:
+    """Yield (file index, bytes) of each `file` part in order, collecting the other fields into `upload`."""
     parts: list[_Part] = []
     header_field = bytearray()
     header_value = bytearray()
-    pending: list[bytes] = []
+    pending: list[tuple[int, bytes]] = []
     state: dict[str, Any] = {"current": None, "in_file": False, "ended": False}
 
     def on_part_begin() -> None:
@@ -74,15 +98,14 @@ async def stream_file_part(
         part.content_type = part.headers.get("content-type")
         state["in_file"] = part.name == "file"
         if state["in_file"]:
-            if upload.saw_file:
-                raise Problem(422, "validation_failed", "only one file part is allowed", errors=[{"field": "file"}])
-            upload.saw_file = True
-            upload.filename = part.filename
-            upload.content_type = part.content_type
+            if len(upload.files) >= max_files:
+                message = "only one file part is allowed" if max_files == 1 else f"at most {max_files} files"
+                raise Problem(422, "validation_failed", message, errors=[{"field": "file"}])
+            upload.files.append(FilePart(part.filename, part.content_type))
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
         if state["in_file"]:
-            pending.append(data[start:end])
+            pending.append((len(upload.files) - 1, data[start:end]))
             return
         part: _Part = state["current"]
         part.value.extend(data[start:end])
@@ -121,13 +144,14 @@ async def stream_file_part(
             raise
         except Exception as exc:
             raise Problem(400, "malformed_multipart", f"the multipart body could not be parsed: {exc}") from exc
-        for piece in pending:
+        for index, piece in pending:
             if piece:
-                yield piece
+                yield index, piece
         pending.clear()
     parser.finalize()
     if not state["ended"]:
         # A body cut short (a dropped connection, a broken client) must not become a job with half a file.
         raise Problem(400, "malformed_multipart", "the multipart body ended before its closing boundary")
-    for piece in pending:
-        yield piece
+    for index, piece in pending:
+        if piece:
+            yield index, piece

@@ -51,6 +51,7 @@ def public_job(doc: dict[str, Any], base_url: str, events_url: str) -> dict[str,
             "separation": result.get("separation"),
         },
         "error": doc.get("error"),
+        "batch_id": doc.get("batch_id"),
         "created_at": _iso(doc["created_at"]),
         "updated_at": _iso(doc["updated_at"]),
         "links": {
