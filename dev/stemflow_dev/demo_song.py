@@ -53,6 +53,7 @@ def render(seconds: float = 12.0, bpm: float = 120.0, sr: int = 44100, seed: int
     return (0.8 * mix / np.max(np.abs(mix))).astype(np.float32)
 
 
-def write(path: Path, seconds: float = 12.0, bpm: float = 120.0) -> Path:
-    sf.write(path, render(seconds, bpm), 44100, subtype="PCM_16")
+def write(path: Path, seconds: float = 12.0, bpm: float = 120.0, seed: int = 7) -> Path:
+    """The song as 16-bit WAV; another `seed` gives other audio (identical audio would reuse earlier results)."""
+    sf.write(path, render(seconds, bpm, seed=seed), 44100, subtype="PCM_16")
     return path

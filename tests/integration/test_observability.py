@@ -53,7 +53,9 @@ POLL_S = 0.2  # Prometheus and the span receiver are other threads or processes:
 
 @pytest.fixture(scope="module")
 def song(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return demo_song.write(tmp_path_factory.mktemp("song") / "song.wav", seconds=SECONDS)
+    # A song no other test sent: the same audio and options would reuse results, and no worker would run.
+    seed = int.from_bytes(os.urandom(4), "big")
+    return demo_song.write(tmp_path_factory.mktemp("song") / "song.wav", seconds=SECONDS, seed=seed)
 
 
 async def wait_for(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
