@@ -170,7 +170,7 @@ def main() -> None:
         log_config=None,
         access_log=False,
         loop="uvloop",
-        http="httptools",
+        http="stemflow_shared.httpserver:LimitedHttpToolsProtocol",  # httptools, with limits on the head
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
     )
 
