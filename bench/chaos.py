@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import websockets
+from websockets.exceptions import WebSocketException
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORKERS = ("ingest", "separator", "analyzer")
@@ -49,7 +50,7 @@ async def watch(url: str, key: str, seen: Counter[tuple[str, str]], stop: asynci
                         last = event["id"]
                         if event["type"] in TERMINAL:
                             seen[(event["subject"], event["type"])] += 1
-        except (OSError, websockets.exceptions.WebSocketException):
+        except (OSError, WebSocketException):
             await asyncio.sleep(0.5)
 
 

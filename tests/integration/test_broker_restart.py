@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import soundfile as sf
-import websockets
+from websockets.exceptions import WebSocketException
 
 from stemflow_dev import demo_song
 from stemflow_dev.client import StemflowClient
@@ -87,7 +87,7 @@ async def test_jobs_in_flight_survive_a_broker_restart(
         async def finished(job_id: str) -> dict[str, Any]:
             while (job := await client.job(job_id))["status"] not in ("completed", "failed", "cancelled"):
                 # A quiet minute (the services reconnecting, a slow machine) is not a failure: look again.
-                with contextlib.suppress(TimeoutError, OSError, websockets.exceptions.WebSocketException):
+                with contextlib.suppress(TimeoutError, OSError, WebSocketException):
                     await client.follow(job_id, timeout_s=60)
             return job
 
