@@ -17,6 +17,7 @@ import json
 import random
 import shutil
 import socket
+import sys
 import tempfile
 import time
 import uuid
@@ -26,6 +27,10 @@ from typing import Any
 
 import websockets
 from websockets.exceptions import WebSocketException
+
+# Run as a script, this folder comes first on sys.path, and bench/separator.py & co. would shadow the
+# services' packages of the same names.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORKERS = ("ingest", "separator", "analyzer")

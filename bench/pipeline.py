@@ -13,10 +13,15 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
+
+# Run as a script, this folder comes first on sys.path, and bench/separator.py & co. would shadow the
+# services' packages of the same names.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
