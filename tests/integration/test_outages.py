@@ -85,6 +85,10 @@ async def test_a_redis_outage_degrades_caching_without_failing_reads(gateway: ht
     assert read.status_code == 200 and read.json()["id"] == job["id"]
     listed = await gateway.get("/v1/jobs")
     assert listed.json()["items"][0]["id"] == job["id"]
+    # Writes too: a new job is accepted, and a cancel ends the job (the workers' stop flag waits for Redis).
+    other = await _submit(gateway)
+    cancelled = await gateway.post(f"/v1/jobs/{other['id']}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text
     ensure_stack(state, amqp_url=urls.amqp_url, ports=ports)
     again = await gateway.get(f"/v1/jobs/{job['id']}")
     assert again.status_code == 200

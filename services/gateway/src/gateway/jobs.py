@@ -212,9 +212,7 @@ class Jobs:
         """Cancel a running job; returns the job (unchanged when it had already ended) or None."""
         if await self.repo.get(job_id, owner) is None:
             return None
-        await self._redis.set(
-            cancel_flag_key(self._redis_prefix, job_id), b"1", ex=int(self._retention.total_seconds())
-        )
+        await self._flag_cancelled(job_id)
         doc, change = await self.repo.transition(job_id, lambda d: state.cancel(d, state.utcnow()), state.utcnow())
         if doc is not None and change is not None:
             await self._after_change(doc, change)
@@ -222,6 +220,16 @@ class Jobs:
         elif doc is not None:
             await self.remember(doc)  # a retried cancel repairs what a crash after the write left stale
         return doc
+
+    async def _flag_cancelled(self, job_id: str) -> None:
+        """Tell the workers to stop (they poll the flag between segments). Best effort: with Redis down the
+        job still ends now, and whatever a worker publishes later finds a terminal job and changes nothing."""
+        try:
+            await self._redis.set(
+                cancel_flag_key(self._redis_prefix, job_id), b"1", ex=int(self._retention.total_seconds())
+            )
+        except RedisError as exc:
+            log.warning("could not flag job %s as cancelled for the workers: %s", job_id, exc)
 
     async def delete(self, job_id: str, owner: str | None) -> bool:
         """Delete a job and every blob it has; a running job is cancelled first."""
@@ -248,12 +256,7 @@ class Jobs:
             )
             if doc is None or change is None:
                 continue  # it moved (or ended) since the query
-            try:
-                await self._redis.set(
-                    cancel_flag_key(self._redis_prefix, job_id), b"1", ex=int(self._retention.total_seconds())
-                )
-            except RedisError as exc:
-                log.warning("could not flag timed-out job %s for the workers: %s", job_id, exc)
+            await self._flag_cancelled(job_id)
             await self._after_change(doc, change)
             await self.relay.flush(job_id)
             stage = state.stalled_stage(doc)
