@@ -8,6 +8,7 @@ from stemflow_shared.events import (
     AUDIO_INGESTED,
     INGEST_FAILED,
     SEPARATION_COMPLETED,
+    SEPARATION_FAILED,
     SEPARATION_PROGRESS,
     AnalysisCompleted,
     AnalysisResult,
@@ -154,3 +155,56 @@ def test_a_job_without_change_for_the_timeout_fails_in_the_stage_that_stalled() 
     stages = state._merged(job(), queued.set)["stages"]
     assert [stages[s]["status"] for s in state.STAGES] == ["failed", "skipped", "skipped"]
     assert state.time_out(after, NOW + timedelta(days=1), 600) is None
+
+
+def _target_done(name: str, stem: str) -> SeparationCompleted:
+    info = StemInfo(name=stem, format="wav", media_type="audio/wav", blob_key=f"s/{name}", size=1, duration_s=10)
+    return SeparationCompleted(
+        job_id="j1", target=name, model=name.split("-")[0], device="cpu", precision="float32", stems=[info]
+    )
+
+
+def test_several_targets_each_have_their_own_status_and_result() -> None:
+    doc = job(targets="htdemucs:4,htdemucs_6s:6", analyze=False)
+    assert list(doc["targets"]) == ["htdemucs-4", "htdemucs_6s-6"]
+    doc, _ = apply(doc, AUDIO_INGESTED, ingested())
+    assert {t["status"] for t in doc["targets"].values()} == {"running"}
+    doc, _ = apply(doc, SEPARATION_PROGRESS, SeparationProgress(job_id="j1", target="htdemucs_6s-6", percent=50))
+    assert doc["targets"]["htdemucs_6s-6"]["percent"] == 50.0 and doc["stages"]["separation"]["percent"] == 25.0
+    doc, change = apply(doc, SEPARATION_COMPLETED, _target_done("htdemucs_6s-6", "guitar"))
+    assert doc["status"] == "processing" and doc["stages"]["separation"]["percent"] == 50.0
+    assert change.emit[-1].data.progress.targets["htdemucs_6s-6"].status == "completed"
+    # A late progress of a finished target changes nothing.
+    assert (
+        apply(doc, SEPARATION_PROGRESS, SeparationProgress(job_id="j1", target="htdemucs_6s-6", percent=90))[1] is None
+    )
+    doc, change = apply(doc, SEPARATION_COMPLETED, _target_done("htdemucs-4", "vocals"))
+    assert doc["status"] == "completed" and not doc.get("partial")
+    assert set(doc["result"]["targets"]) == {"htdemucs-4", "htdemucs_6s-6"}
+    # The primary target (the first asked for) is the job's `result.stems`, for clients that know one separation.
+    assert [s["name"] for s in doc["result"]["stems"]] == ["vocals"]
+    assert doc["result"]["separation"]["target"] == "htdemucs-4"
+    assert change.emit[-1].spec.name == "job.completed" and change.emit[-1].data.partial is False
+
+
+def test_a_failed_target_does_not_fail_the_others() -> None:
+    doc = job(targets="htdemucs:4,htdemucs_6s:6", analyze=False)
+    doc, _ = apply(doc, AUDIO_INGESTED, ingested())
+    oom = StageFailed(job_id="j1", target="htdemucs-4", error=ErrorInfo(code="out_of_memory", message="too big"))
+    doc, _ = apply(doc, SEPARATION_FAILED, oom)
+    assert doc["status"] == "processing" and doc["targets"]["htdemucs-4"]["error"]["code"] == "out_of_memory"
+    doc, change = apply(doc, SEPARATION_COMPLETED, _target_done("htdemucs_6s-6", "piano"))
+    assert doc["status"] == "completed" and doc["partial"] is True and doc["error"] is None
+    assert [s["name"] for s in doc["result"]["stems"]] == ["piano"]  # the first target that completed
+    assert change.emit[-1].data.partial is True
+
+
+def test_a_job_fails_when_every_target_failed() -> None:
+    doc = job(targets="htdemucs:4,htdemucs_6s:6", analyze=False)
+    doc, _ = apply(doc, AUDIO_INGESTED, ingested())
+    for name in ("htdemucs-4", "htdemucs_6s-6"):
+        failed = StageFailed(job_id="j1", target=name, error=ErrorInfo(code="model_unavailable", message="x"))
+        doc, change = apply(doc, SEPARATION_FAILED, failed)
+    assert doc["status"] == "failed" and doc["error"]["code"] == "model_unavailable"
+    assert "htdemucs-4" in doc["error"]["message"] and "htdemucs_6s-6" in doc["error"]["message"]
+    assert change.emit[-1].spec.name == "job.failed"

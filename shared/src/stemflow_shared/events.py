@@ -40,6 +40,32 @@ TERMINAL_JOB_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cance
 SIX_STEM_MODELS: frozenset[str] = frozenset({"htdemucs_6s"})
 
 
+MAX_TARGETS = 4
+
+
+class Target(_Data):
+    """One separation of a job's audio: a model and a stem set (`targets` asks for several)."""
+
+    model: Model
+    stems: Literal[2, 4, 6] = 4
+
+    @field_validator("stems", mode="before")
+    @classmethod
+    def _stems_from_text(cls, value: Any) -> Any:
+        return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Target:
+        if self.stems == 6 and self.model not in SIX_STEM_MODELS:
+            raise ValueError(f"stems=6 needs a six-source model ({', '.join(sorted(SIX_STEM_MODELS))})")
+        return self
+
+    @property
+    def name(self) -> str:
+        """Its stable name in job documents, events and URLs, e.g. `htdemucs_6s-6`."""
+        return f"{self.model}-{self.stems}"
+
+
 class JobOptions(_Data):
     """What the client asked for; validated the same way at the gateway and in every consumer."""
 
@@ -55,6 +81,19 @@ class JobOptions(_Data):
     priority: Priority = "normal"
     # Also deliver `residual` (mix minus the other stems), so the stems sum exactly to the input.
     residual: bool = False
+    # Several separations of the one upload (each with its own status and result); the first is the
+    # primary one, mirrored in `model` and `stems`. Empty: the one separation `model` and `stems` name.
+    targets: list[Target] = Field(default_factory=list, max_length=MAX_TARGETS)
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _targets_from_text(cls, value: Any) -> Any:
+        # A form field: "htdemucs:4,htdemucs_6s:6"; JSON may also give "model:stems" strings.
+        if isinstance(value, str):
+            value = [item for item in value.split(",") if item.strip()]
+        if isinstance(value, list):
+            return [_target_from_text(item) if isinstance(item, str) else item for item in value]
+        return value
 
     @field_validator("stems", mode="before")
     @classmethod
@@ -70,7 +109,28 @@ class JobOptions(_Data):
             raise ValueError(f"stems=6 needs a six-source model ({', '.join(sorted(SIX_STEM_MODELS))})")
         if not (self.analyze or self.separate):
             raise ValueError("at least one of analyze and separate must be true")
+        if self.targets:
+            names = [t.name for t in self.targets]
+            if len(set(names)) != len(names):
+                raise ValueError("targets must differ from each other")
+            primary = self.targets[0]
+            # The primary target is what `model` and `stems` say, for clients that know only those.
+            object.__setattr__(self, "model", primary.model)
+            object.__setattr__(self, "stems", primary.stems)
         return self
+
+    @property
+    def target_names(self) -> list[str]:
+        return [t.name for t in self.targets]
+
+    def for_target(self, target: Target) -> JobOptions:
+        """These options narrowed to one target (what that target's separation work carries)."""
+        return self.model_copy(update={"model": target.model, "stems": target.stems, "targets": []})
+
+
+def _target_from_text(text: str) -> dict[str, Any]:
+    model, _, stems = text.strip().partition(":")
+    return {"model": model.strip(), "stems": stems.strip() or 4}
 
 
 class ErrorInfo(_Data):
@@ -163,6 +223,8 @@ class Progress(_Data):
     ingest: StageProgress = StageProgress()
     separation: StageProgress = StageProgress()
     analysis: StageProgress = StageProgress()
+    # Per separation target, for jobs with `targets` (the separation stage aggregates them).
+    targets: dict[str, StageProgress] = Field(default_factory=dict)
 
 
 # --- event payloads ------------------------------------------------------------
@@ -185,17 +247,25 @@ class AudioIngested(JobEvent):
     source: SourceInfo
     # True when ingest found finished results for the same audio and options and publishes them itself.
     reused: bool = False
+    # For a job with several targets ingest publishes one of these per target (options narrowed to it, so
+    # the work routes to that model's separators); only the primary target's copy is analysed.
+    target: str | None = None
+    primary: bool = True
 
 
 class StageFailed(JobEvent):
     error: ErrorInfo
+    # separation.failed of one target of a job with several (the others carry on).
+    target: str | None = None
 
 
 class SeparationProgress(JobEvent):
     percent: float = Field(ge=0, le=100)
+    target: str | None = None
 
 
 class SeparationCompleted(JobEvent):
+    target: str | None = None
     model: str
     device: str
     precision: str
@@ -223,6 +293,8 @@ class JobProgressed(_OwnedJobEvent):
 class JobCompleted(_OwnedJobEvent):
     stems: list[StemInfo] = Field(default_factory=list)
     analysis: AnalysisResult | None = None
+    # Some targets of a job with several failed (their errors are in the job document).
+    partial: bool = False
 
 
 class JobFailed(_OwnedJobEvent):

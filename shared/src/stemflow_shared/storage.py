@@ -56,8 +56,16 @@ def normalised_key(job_id: str) -> str:
     return f"{job_prefix(job_id)}/audio.wav"
 
 
-def stem_key(job_id: str, stem: str, extension: str) -> str:
-    return check_key(f"{job_prefix(job_id)}/stems/{stem}.{extension}")
+def stem_key(job_id: str, stem: str, extension: str, target: str | None = None) -> str:
+    """Where a stem lives; the stems of each target of a job with several have a folder of their own."""
+    if target is None:
+        return check_key(f"{job_prefix(job_id)}/stems/{stem}.{extension}")
+    return check_key(f"{job_prefix(job_id)}/stems/{target}/{stem}.{extension}")
+
+
+def stems_prefix(job_id: str, target: str | None = None) -> str:
+    """The folder of a job's stems (of one target's, when given): what a failed separation removes."""
+    return check_key(f"{job_prefix(job_id)}/stems" + (f"/{target}" if target else ""))
 
 
 class BlobStore(Protocol):

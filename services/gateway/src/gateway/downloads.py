@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from stemflow_shared.auth import Principal
@@ -18,6 +18,19 @@ from .deps import Owner, jobs_of, not_found
 from .problems import Problem
 
 router = APIRouter(prefix="/v1")
+TargetQuery = Annotated[
+    str | None, Query(max_length=64, description="For a job with several targets: which one (default: the primary)")
+]
+
+
+def _stems_of(doc: dict[str, Any], target: str | None) -> list[dict[str, Any]]:
+    """The stems of the job's primary separation, or of one named target."""
+    if target is None:
+        return doc["result"]["stems"]
+    found = ((doc.get("result") or {}).get("targets") or {}).get(target)
+    if found is None:
+        raise Problem(404, "target_not_found", f"job {doc['_id']} has no finished target {target!r}")
+    return found["stems"]
 
 
 async def _finished_job(request: Request, job_id: str, who: Principal) -> dict[str, Any]:
@@ -36,10 +49,11 @@ async def download_stem(
     stem: str,
     who: Owner,
     range_header: Annotated[str | None, Header(alias="Range")] = None,
+    target: TargetQuery = None,
 ) -> Response:
     """One stem file; a single byte range is honoured."""
     doc = await _finished_job(request, job_id, who)
-    info = next((s for s in doc["result"]["stems"] if s["name"] == stem), None)
+    info = next((s for s in _stems_of(doc, target) if s["name"] == stem), None)
     if info is None:
         raise Problem(404, "stem_not_found", f"job {job_id} has no stem {stem!r}")
     blobs = jobs_of(request).blobs
@@ -51,7 +65,7 @@ async def download_stem(
     headers = {
         "Accept-Ranges": "bytes",
         "Content-Disposition": f'attachment; filename="{filename}"',
-        "ETag": f'"{job_id}-{stem}-{size}"',
+        "ETag": f'"{job_id}-{target or ""}-{stem}-{size}"',
     }
     start, end, status_code = 0, size, 200
     if range_header:
@@ -91,10 +105,10 @@ def _parse_range(header: str, size: int) -> tuple[int, int]:
 
 
 @router.get("/jobs/{job_id}/stems.zip")
-async def download_zip(request: Request, job_id: str, who: Owner) -> Response:
+async def download_zip(request: Request, job_id: str, who: Owner, target: TargetQuery = None) -> Response:
     """Every stem in one zip, streamed as it is built."""
     doc = await _finished_job(request, job_id, who)
-    stems = doc["result"]["stems"]
+    stems = _stems_of(doc, target)
     if not stems:
         raise Problem(404, "stem_not_found", f"job {job_id} has no stems")
     blobs = jobs_of(request).blobs

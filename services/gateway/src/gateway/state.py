@@ -86,6 +86,8 @@ def new_job(
         "version": 1,
         "outbox": [],
     }
+    if options.targets and options.separate:
+        doc["targets"] = {t.name: {"status": "pending", "percent": 0.0} for t in options.targets}
     if idempotency_key is not None:
         doc["idempotency_key"] = idempotency_key
     if batch_id is not None:
@@ -113,7 +115,51 @@ def progress_model(doc: dict[str, Any]) -> Progress:
         ingest=stages["ingest"],
         separation=stages["separation"],
         analysis=stages["analysis"],
+        targets={
+            name: {"status": t["status"], "percent": t["percent"]} for name, t in (doc.get("targets") or {}).items()
+        },
     )
+
+
+def _target_event(doc: dict[str, Any], name: str, data: Any, changes: dict[str, Any]) -> dict[str, Any] | None:
+    """A separation event of one target of a multi-target job: the targets after it, or None if it changes nothing.
+
+    The separation stage aggregates the targets: running while any runs (percent: their mean),
+    completed when all have ended and at least one completed (some failed: the job is `partial`),
+    failed when all failed.
+    """
+    targets = {k: dict(v) for k, v in (doc.get("targets") or {}).items()}
+    target = targets.get(name)
+    if target is None or target["status"] in TERMINAL_STAGE:
+        return None
+    kind = type(data).__name__
+    if kind == "SeparationProgress":
+        if data.percent <= target["percent"]:
+            return None
+        target.update(status="running", percent=min(round(data.percent, 1), 99.9))
+    elif kind == "SeparationCompleted":
+        target.update(status="completed", percent=100.0)
+        results = dict((doc.get("result") or {}).get("targets") or {})
+        results[name] = {
+            "stems": [s.model_dump(mode="json") for s in data.stems],
+            "separation": _separation_summary(data),
+        }
+        changes["result.targets"] = results
+    else:  # StageFailed
+        target.update(status="failed", error=data.error.model_dump(mode="json"))
+    targets[name] = target
+    changes["targets"] = targets
+    return targets
+
+
+def _separation_summary(data: Any) -> dict[str, Any]:
+    return {
+        "model": data.model,
+        "device": data.device,
+        "precision": data.precision,
+        "untrained": data.untrained,
+        "reconstruction_error_db": data.reconstruction_error_db,
+    }
 
 
 @dataclass
@@ -144,11 +190,39 @@ def apply(doc: dict[str, Any], event: Event[Any], now: datetime) -> Transition |
             if stages[stage]["status"] == "pending":
                 stages[stage]["status"] = "running"
         status = "processing"
+        if doc.get("targets"):
+            changes["targets"] = {n: {**t, "status": "running"} for n, t in doc["targets"].items()}
         changes["input.duration_s"] = data.audio.duration_s
         changes["input.sample_rate"] = data.source.sample_rate
         changes["input.channels"] = data.source.channels
         changes["input.format"] = data.source.format
         changes["audio"] = data.audio.model_dump(mode="json")
+    elif name in (SEPARATION_PROGRESS.name, SEPARATION_COMPLETED.name, SEPARATION_FAILED.name) and (
+        getattr(data, "target", None) and doc.get("targets")
+    ):
+        if stages["separation"]["status"] in TERMINAL_STAGE:
+            return None
+        targets = _target_event(doc, data.target, data, changes)
+        if targets is None:
+            return None
+        ended = [t for t in targets.values() if t["status"] in TERMINAL_STAGE]
+        if len(ended) < len(targets):
+            mean = sum(100.0 if t["status"] in TERMINAL_STAGE else t["percent"] for t in targets.values()) / len(
+                targets
+            )
+            stages["separation"] = {"status": "running", "percent": min(round(mean, 1), 99.9)}
+        elif any(t["status"] == "completed" for t in targets.values()):
+            stages["separation"] = {"status": "completed", "percent": 100.0}
+            results = changes.get("result.targets") or (doc.get("result") or {}).get("targets") or {}
+            first = next(n for n in doc["targets"] if targets[n]["status"] == "completed")
+            changes["result.stems"] = results[first]["stems"]
+            changes["result.separation"] = {**results[first]["separation"], "target": first}
+            if any(t["status"] == "failed" for t in targets.values()):
+                changes["partial"] = True
+        else:
+            stages["separation"] = {"status": "failed", "percent": stages["separation"]["percent"]}
+            failed = [f"{n}: {t['error']['code']}" for n, t in targets.items()]
+            error = ErrorInfo(code=data.error.code, message="every target failed (" + "; ".join(failed) + ")")
     elif name == SEPARATION_PROGRESS.name:
         stage = stages["separation"]
         if stage["status"] in TERMINAL_STAGE or data.percent <= stage["percent"]:
@@ -159,13 +233,7 @@ def apply(doc: dict[str, Any], event: Event[Any], now: datetime) -> Transition |
             return None
         stages["separation"] = {"status": "completed", "percent": 100.0}
         changes["result.stems"] = [s.model_dump(mode="json") for s in data.stems]
-        changes["result.separation"] = {
-            "model": data.model,
-            "device": data.device,
-            "precision": data.precision,
-            "untrained": data.untrained,
-            "reconstruction_error_db": data.reconstruction_error_db,
-        }
+        changes["result.separation"] = _separation_summary(data)
     elif name == ANALYSIS_COMPLETED.name:
         if stages["analysis"]["status"] in TERMINAL_STAGE:
             return None
@@ -259,6 +327,7 @@ def _events_for(job: dict[str, Any], status_changed: bool) -> list[Event[Any]]:
         data = JobCompleted(
             job_id=job_id,
             owner=owner,
+            partial=bool(job.get("partial")),
             **batch,
             stems=[StemInfo.model_validate(s) for s in result.get("stems") or []],
             analysis=AnalysisResult.model_validate(result["analysis"]) if result.get("analysis") else None,

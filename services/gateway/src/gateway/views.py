@@ -23,16 +23,7 @@ def public_job(doc: dict[str, Any], base_url: str, events_url: str) -> dict[str,
     stages = doc["stages"]
     result = doc.get("result") or {}
     analysis = result.get("analysis")
-    stems = [
-        {
-            "name": s["name"],
-            "format": s["format"],
-            "size": s["size"],
-            "duration": s["duration_s"],
-            "url": f"{self_url}/stems/{quote(s['name'])}",
-        }
-        for s in result.get("stems") or []
-    ]
+    stems = _stem_views(result.get("stems") or [], self_url, None)
     input_doc = {k: v for k, v in (doc.get("input") or {}).items() if k not in ("blob_key",)}
     view: dict[str, Any] = {
         "id": job_id,
@@ -42,6 +33,7 @@ def public_job(doc: dict[str, Any], base_url: str, events_url: str) -> dict[str,
             "ingest": stages["ingest"],
             "separation": stages["separation"],
             "analysis": stages["analysis"],
+            **({"targets": _target_progress(doc)} if doc.get("targets") else {}),
         },
         "options": doc["options"],
         "input": input_doc,
@@ -49,7 +41,9 @@ def public_job(doc: dict[str, Any], base_url: str, events_url: str) -> dict[str,
             "stems": stems,
             "analysis": {k: analysis.get(k) for k in ANALYSIS_SUMMARY} if analysis else None,
             "separation": result.get("separation"),
+            **({"targets": _target_results(doc, self_url)} if doc.get("targets") else {}),
         },
+        "partial": bool(doc.get("partial")),
         "error": doc.get("error"),
         "batch_id": doc.get("batch_id"),
         "created_at": _iso(doc["created_at"]),
@@ -62,6 +56,40 @@ def public_job(doc: dict[str, Any], base_url: str, events_url: str) -> dict[str,
         },
     }
     return view
+
+
+def _stem_views(stems: list[dict[str, Any]], self_url: str, target: str | None) -> list[dict[str, Any]]:
+    query = f"?target={quote(target)}" if target else ""
+    return [
+        {
+            "name": s["name"],
+            "format": s["format"],
+            "size": s["size"],
+            "duration": s["duration_s"],
+            "url": f"{self_url}/stems/{quote(s['name'])}{query}",
+        }
+        for s in stems
+    ]
+
+
+def _target_progress(doc: dict[str, Any]) -> dict[str, Any]:
+    return {name: {"status": t["status"], "percent": t["percent"]} for name, t in doc["targets"].items()}
+
+
+def _target_results(doc: dict[str, Any], self_url: str) -> dict[str, Any]:
+    """Each target: its status, its stems (with their own URLs), how it was made, or its error."""
+    finished = (doc.get("result") or {}).get("targets") or {}
+    views = {}
+    for name, target in doc["targets"].items():
+        done = finished.get(name) or {}
+        views[name] = {
+            "status": target["status"],
+            "stems": _stem_views(done.get("stems") or [], self_url, name),
+            "stems_zip": f"{self_url}/stems.zip?target={quote(name)}" if done else None,
+            "separation": done.get("separation"),
+            "error": target.get("error"),
+        }
+    return views
 
 
 def etag(doc_id: str, version: int) -> str:

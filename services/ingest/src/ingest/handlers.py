@@ -95,7 +95,25 @@ class Ingest:
         metrics.STAGE_DURATION.labels("ingest", "", "completed").observe(elapsed)
         metrics.AUDIO_SECONDS.labels("ingest").inc(audio.duration_s)
         metrics.REALTIME_FACTOR.labels("ingest").observe(audio.duration_s / max(elapsed, 1e-6))
-        return [make_event(AUDIO_INGESTED, info, source=SOURCE, id=event_id(job.job_id, AUDIO_INGESTED.name))]
+        return self._ingested_events(job, info)
+
+    @staticmethod
+    def _ingested_events(job: JobSubmitted, info: AudioIngested) -> list[Event[Any]]:
+        """One `audio.ingested`; for a job with several targets one per target, each routed to its model."""
+        options = job.options
+        if not (options.targets and options.separate):
+            return [make_event(AUDIO_INGESTED, info, source=SOURCE, id=event_id(job.job_id, AUDIO_INGESTED.name))]
+        return [
+            make_event(
+                AUDIO_INGESTED,
+                info.model_copy(
+                    update={"options": options.for_target(target), "target": target.name, "primary": i == 0}
+                ),
+                source=SOURCE,
+                id=event_id(job.job_id, AUDIO_INGESTED.name, target.name),
+            )
+            for i, target in enumerate(options.targets)
+        ]
 
     def _audio_info(self, job: JobSubmitted, audio: NormalisedAudio) -> AudioIngested:
         return AudioIngested(
@@ -125,8 +143,8 @@ class Ingest:
         copied under this job (so deleting either job never breaks the other) and the stage
         results are published here, so the separator and analyzer skip the job (`reused`).
         """
-        if self._results is None:
-            return None
+        if self._results is None or job.options.targets:
+            return None  # (several targets: each is computed; the index keys single separations)
         try:
             found = await self._results.lookup(info.audio.fingerprint, job.options)
         except RedisError as exc:
