@@ -36,32 +36,41 @@ def song(
     rate: int = RATE,
     seed: int = 0,
     tuning_cents: float = 0.0,
+    beats_per_bar: int = 4,
+    progression: tuple[tuple[int, str], ...] | None = None,
 ) -> np.ndarray:
     """A (2, n) float32 pop loop: drums, bass, chords and a melody at `bpm` in the given key.
 
-    `seed` picks one of the mode's two progressions, the melody and the drum
-    velocities; a key is only unambiguous once all four bars have played.
+    `seed` picks one of the mode's two progressions (unless `progression`
+    gives the chords, as (root above the tonic, "maj" or "min") per bar), the
+    melody and the drum velocities; a key is only unambiguous once all four
+    bars have played. Bars start at 0 s and every `beats_per_bar` beats: in
+    4/4 the kick plays beats 1 and 3 and the chord is struck on 1 and 3, in
+    3/4 the kick plays beat 1 and the chord is struck once a bar.
     """
     rng = np.random.default_rng(seed)
     n = round(seconds * rate)
     beat = 60.0 / bpm
-    progression = _PROGRESSIONS[mode][seed % 2]
-    drums = _drums(n, rate, beat, rng)
+    progression = progression or _PROGRESSIONS[mode][seed % 2]
+    drums = _drums(n, rate, beat, rng, beats_per_bar)
     tonal = np.zeros((3, n))
-    bars = int(np.ceil(seconds / (4 * beat)))
+    bar_s = beats_per_bar * beat
+    strikes = (0, 2) if beats_per_bar == 4 else (0,)
+    chord_s = bar_s / len(strikes)
+    bars = int(np.ceil(seconds / bar_s))
     for bar in range(bars):
         root, quality = progression[bar % len(progression)]
         chord = [tonic + root + step for step in _TRIADS[quality]]
-        start = bar * 4 * beat
-        for b in range(4):
+        start = bar * bar_s
+        for b in range(beats_per_bar):
             at = start + b * beat
             bass_note = chord[0] + (7 if b == 2 else 0)
             _add(tonal[0], _note(36 + bass_note % 12, beat * 0.9, rate, tuning_cents, 4), at, rate)
-        for half in (0, 2):
+        for strike in strikes:
             for pitch in chord:
-                chord_note = _note(60 + pitch % 12, 2 * beat * 0.95, rate, tuning_cents, 6)
-                _add(tonal[1], 0.35 * chord_note, start + half * beat, rate)
-        for b in range(4):
+                chord_note = _note(60 + pitch % 12, chord_s * 0.95, rate, tuning_cents, 6)
+                _add(tonal[1], 0.35 * chord_note, start + strike * beat, rate)
+        for b in range(beats_per_bar):
             pitch = _melody_pitch(rng, tonic, mode, chord)
             _add(tonal[2], 0.5 * _note(pitch, beat * 0.8, rate, tuning_cents, 3), start + b * beat, rate)
     # Drums and bass in the centre, chords a little left, melody a little right.
@@ -70,14 +79,22 @@ def song(
     return (0.8 * mix / np.abs(mix).max()).astype(np.float32)
 
 
-def click_track(bpm: float, seconds: float = 10.0, rate: int = RATE, offset_s: float = 0.25) -> np.ndarray:
-    """A (2, n) float32 metronome: a 10 ms 1 kHz blip every beat, exactly on time."""
+def click_track(
+    bpm: float, seconds: float = 10.0, rate: int = RATE, offset_s: float = 0.25, beats_per_bar: int = 0
+) -> np.ndarray:
+    """A (2, n) float32 metronome: a 10 ms 1 kHz blip every beat, exactly on time.
+
+    With `beats_per_bar`, the first beat of each bar (the first click, and
+    every `beats_per_bar` clicks after it) is a louder 1.5 kHz blip, as a
+    metronome marks bars.
+    """
     n = round(seconds * rate)
     t = np.arange(round(0.01 * rate)) / rate
     blip = np.sin(2 * np.pi * 1000 * t) * np.exp(-t / 0.003)
+    accent = 1.5 * np.sin(2 * np.pi * 1500 * t) * np.exp(-t / 0.003)
     out = np.zeros(n)
-    for at in np.arange(offset_s, seconds - 0.01, 60.0 / bpm):
-        _add(out, blip, at, rate)
+    for i, at in enumerate(np.arange(offset_s, seconds - 0.01, 60.0 / bpm)):
+        _add(out, accent if beats_per_bar and i % beats_per_bar == 0 else blip, at, rate)
     return np.stack([out, out]).astype(np.float32) * 0.5
 
 
@@ -95,15 +112,16 @@ def intersample_peaks(seconds: float = 2.0, rate: int = RATE, amp: float = 0.9) 
     return np.stack([wave, wave]).astype(np.float32)
 
 
-def _drums(n: int, rate: int, beat: float, rng: np.random.Generator) -> np.ndarray:
-    """Kick on beats 1 and 3, snare on 2 and 4, closed hi-hat on every eighth note."""
+def _drums(n: int, rate: int, beat: float, rng: np.random.Generator, beats_per_bar: int) -> np.ndarray:
+    """Closed hi-hat on every eighth note; kick on beats 1 and 3 in 4/4, on 1 in 3/4; snare on the others."""
     out = np.zeros(n)
     kick, snare = _kick(rate), _snare(rate, rng)
+    kicks = (0, 2) if beats_per_bar == 4 else (0,)
     for i, at in enumerate(np.arange(0.0, n / rate, beat / 2)):
         velocity = 1.0 + 0.1 * rng.standard_normal()
         _add(out, 0.35 * velocity * _hat(rate, rng), at, rate)
         if i % 2 == 0:
-            _add(out, velocity * (kick if i % 4 == 0 else snare), at, rate)
+            _add(out, velocity * (kick if (i // 2) % beats_per_bar in kicks else snare), at, rate)
     return out
 
 

@@ -121,6 +121,8 @@ def test_silence_and_short_input_give_floors_not_errors(frames):
     analysis = analyze(np.zeros((2, frames), np.float32), RATE)
     assert (analysis.tempo_bpm, analysis.tempo_confidence, analysis.beats) == (0.0, 0.0, [])
     assert (analysis.key, analysis.key_confidence) == (UNKNOWN, 0.0)
+    assert (analysis.tempo_alternatives, analysis.key_alternatives) == ([], [])
+    assert (analysis.downbeats, analysis.meter) == ([], None)
     assert analysis.loudness_lufs == LOUDNESS_FLOOR_LUFS
     assert analysis.true_peak_dbfs == analysis.rms_dbfs == SILENCE_DBFS
     assert analysis.duration_s == frames / RATE
@@ -134,3 +136,104 @@ def test_mono_and_one_dimensional_input_agree():
 
 def test_warm_up_runs():
     warm_up()
+
+
+# --- stated doubt -------------------------------------------------------------
+
+
+def test_tempo_alternatives_are_the_octaves_and_cover_every_song(corpus):
+    for bpm, _, a in corpus:
+        ratios = [alt.bpm / a.tempo_bpm for alt in a.tempo_alternatives]
+        assert all(r == pytest.approx(0.5) or r == pytest.approx(2.0) for r in ratios), ratios
+        confidences = [alt.confidence for alt in a.tempo_alternatives]
+        assert confidences == sorted(confidences, reverse=True)
+        assert all(0.05 <= c <= a.tempo_confidence for c in confidences)
+        # Acc2 with the doubt stated: the true tempo is the pick or one of its stated alternatives.
+        readings = [a.tempo_bpm, *(alt.bpm for alt in a.tempo_alternatives)]
+        assert any(abs(r / bpm - 1) <= 0.04 for r in readings), (bpm, readings)
+
+
+def test_a_fast_backbeat_also_reads_as_half_time(corpus):
+    # Kick and snare alternate every beat: at 150 BPM and above the same groove is a plausible 75-88 BPM half time.
+    for bpm, _, a in corpus:
+        if bpm >= 150:
+            half = [alt for alt in a.tempo_alternatives if alt.bpm < a.tempo_bpm]
+            assert half and half[0].confidence >= 0.5 * a.tempo_confidence, (bpm, a.tempo_alternatives)
+
+
+@pytest.mark.parametrize("bpm", [63.3, 97.0, 123.4, 171.1])
+def test_a_click_track_states_no_double_tempo(bpm):
+    # Nothing sounds between the clicks, so twice the tempo has no support.
+    analysis = analyze(synth.click_track(bpm, seconds=10.0), RATE)
+    assert all(alt.bpm < analysis.tempo_bpm for alt in analysis.tempo_alternatives)
+
+
+def test_the_runner_up_key_is_on_the_same_scale(corpus):
+    for _, _, a in corpus:
+        [runner_up] = a.key_alternatives
+        assert runner_up.key != a.key
+        assert 0 <= runner_up.confidence <= a.key_confidence
+        assert a.key_confidence + runner_up.confidence <= 1.0
+
+
+def test_modal_songs_are_stated_as_doubtful(corpus):
+    # Aeolian songs (i-bVII-bVI-bVII) share their notes with the relative major and lack
+    # the leading tone, so pitch-class profiles often miss their key. The pick may be
+    # wrong, but it must say so, and the truth must mostly be the runner-up.
+    aeolian = ((0, "min"), (10, "maj"), (8, "maj"), (10, "maj"))
+    in_top_two = 0
+    for tonic in range(12):
+        samples = synth.song(90 + 7 * tonic, tonic, "minor", seconds=12.0, seed=tonic, progression=aeolian)
+        analysis = analyze(samples, RATE)
+        assert analysis.key_confidence < min(a.key_confidence for *_, a in corpus)
+        in_top_two += synth.key_name(tonic, "minor") in (analysis.key, analysis.key_alternatives[0].key)
+    assert in_top_two >= 8
+
+
+def bar_corpus() -> list[tuple[int, float, float, np.ndarray]]:
+    """(beats per bar, beat period, time of a bar line, samples): 3/4 and 4/4 songs of 16-36 s that start mid-bar."""
+    rng = np.random.default_rng(7)
+    songs = []
+    for i in range(12):
+        beats_per_bar, beat, mode = (3, 4)[i % 2], 60 / rng.uniform(60, 180), ("major", "minor")[i // 2 % 2]
+        seconds, tonic, pickup = rng.uniform(16, 36), int(rng.integers(12)), int(rng.integers(beats_per_bar))
+        samples = synth.song(60 / beat, tonic, mode, seconds, seed=50 + i, beats_per_bar=beats_per_bar)
+        # Without its first `pickup` beats, the song's first bar line comes that many beats before a whole bar.
+        first_bar_line = (beats_per_bar - pickup) % beats_per_bar * beat
+        songs.append((beats_per_bar, beat, first_bar_line, samples[:, round(pickup * beat * RATE) :]))
+    return songs
+
+
+def on_bar_lines(times: list[float], bar: float, first: float, tolerance: float = 0.07) -> bool:
+    phase = (np.asarray(times) - first) / bar
+    return bool(np.all(np.abs(phase - np.round(phase)) * bar < tolerance))
+
+
+def test_bars_are_found_in_3_4_and_4_4_and_never_misplaced():
+    stated = 0
+    for beats_per_bar, beat, first, samples in bar_corpus():
+        analysis = analyze(samples, RATE)
+        if analysis.meter is None:
+            assert analysis.downbeats == []
+            continue
+        stated += 1
+        assert analysis.meter == beats_per_bar
+        assert on_bar_lines(analysis.downbeats, beats_per_bar * beat, first)
+        assert set(analysis.downbeats) <= set(analysis.beats)
+        assert len(analysis.downbeats) >= 0.8 * analysis.duration_s / (beats_per_bar * beat) - 1
+    assert stated >= 10
+
+
+@pytest.mark.parametrize(("bpm", "beats_per_bar"), [(76, 4), (100, 3), (132, 4), (168, 3)])
+def test_a_metronome_marking_bars_gives_them(bpm, beats_per_bar):
+    analysis = analyze(synth.click_track(bpm, seconds=30.0, beats_per_bar=beats_per_bar), RATE)
+    assert analysis.meter == beats_per_bar
+    assert on_bar_lines(analysis.downbeats, beats_per_bar * 60 / bpm, 0.25, tolerance=0.03)
+
+
+@pytest.mark.parametrize("bpm", [70, 120, 160])
+def test_no_bars_are_claimed_without_evidence(bpm):
+    clicks = analyze(synth.click_track(bpm, seconds=30.0), RATE)
+    noise = analyze(0.1 * np.random.default_rng(bpm).standard_normal((2, 30 * RATE)).astype(np.float32), RATE)
+    for analysis in (clicks, noise):
+        assert (analysis.downbeats, analysis.meter) == ([], None)

@@ -3,6 +3,7 @@ import math
 import os
 import shutil
 import subprocess
+import tempfile
 import tracemalloc
 from pathlib import Path
 
@@ -259,9 +260,11 @@ def test_missing_source_is_not_an_audio_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("bad", corpus(), ids=lambda bad: bad.name)
-def test_bad_file_is_rejected_with_its_code(tmp_path: Path, bad: BadFile) -> None:
-    src, dst = tmp_path / "in.wav", tmp_path / "out" / "out.wav"
+def test_bad_file_is_rejected_with_its_code(tmp_path: Path, bad: BadFile, monkeypatch: pytest.MonkeyPatch) -> None:
+    src, dst, temp = tmp_path / bad.filename, tmp_path / "out" / "out.wav", tmp_path / "tmp"
     bad.make(src)
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
 
     with pytest.raises(AudioError) as error:
         normalise(src, dst, trim_start=bad.trim[0], trim_end=bad.trim[1], limits=bad.limits)
@@ -269,10 +272,16 @@ def test_bad_file_is_rejected_with_its_code(tmp_path: Path, bad: BadFile) -> Non
     assert error.value.code == bad.code, error.value.message
     assert error.value.message
     assert not dst.parent.exists() or os.listdir(dst.parent) == []
+    assert os.listdir(temp) == []
 
 
-def test_corpus_is_large_enough() -> None:
-    assert len(corpus()) >= 30
+def test_corpus_is_large_and_covers_every_code() -> None:
+    bad_files = corpus()
+    assert len(bad_files) >= 30
+    assert len({bad.name for bad in bad_files}) == len(bad_files)
+    codes = {bad.code for bad in bad_files}
+    expected = {"empty", "not_audio", "corrupt", "silent", "too_short", "too_long", "too_many_channels"}
+    assert codes >= expected | {"bad_sample_rate", "bad_trim"}
 
 
 @pytest.mark.parametrize(

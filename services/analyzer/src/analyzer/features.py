@@ -1,14 +1,14 @@
-"""Tempo, beats, key, loudness and an energy curve of a mix: samples in, `Analysis` out.
+"""Tempo, beats, bars, key, loudness and an energy curve of a mix: samples in, `Analysis` out.
 
-Only the level meters read the full-rate signal. Tempo and beats come from an
-11025 Hz mono mixdown, the key from a 5512.5 Hz one (see `keys`), so a song
-takes a small fraction of its duration on one core.
+Only the level meters read the full-rate signal. Tempo, beats and bars come
+from an 11025 Hz mono mixdown, the key from a 5512.5 Hz one (see `keys`), so
+a song takes a small fraction of its duration on one core.
 """
 
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 
 import librosa
@@ -42,6 +42,20 @@ _OFFBEAT_RATIO = 0.5
 _EDGE_STRENGTH = 0.1
 # A beat is on the grid within this share of a period.
 _GRID_TOLERANCE = 0.1
+# Half and double tempo readings less sure than this are not worth stating.
+_MIN_ALTERNATIVE_CONFIDENCE = 0.05
+
+# Bars: a meter and phase are stated only when the beats they make first in
+# the bar stand this many standard errors above the others, this many above
+# the next best meter and phase, over at least this many bars. On synthetic
+# 3/4 and 4/4 songs of 10-40 s the right reading scores 4.0-7.4 and the next
+# best at most 2.6; beats of noise and of unaccented clicks score at most 1.8.
+_METERS = (3, 4)
+_BAR_MIN_CONTRAST = 3.0
+_BAR_MIN_MARGIN = 1.0
+_BAR_MIN_COUNT = 4
+# Mel bands (of `_N_MELS` from 30 Hz) whose onsets are the kick and the bass: up to about 480 Hz.
+_BASS_BANDS = 6
 
 # Loudness gating step (BS.1770: 400 ms blocks overlapping by 75%) and the energy curve's hop.
 BLOCK_S = 0.1
@@ -72,6 +86,15 @@ class Analysis:
     (LUFS, or dBFS with a full-scale square wave at 0). Confidences run from
     0 (a guess) to 1. `energy` is the RMS of every `energy_hop_s` block,
     relative to the loudest block.
+
+    The doubt is stated, not hidden: `tempo_alternatives` are the half and
+    double tempo readings of the same pulse that are at all plausible, each
+    with the tempo confidence scaled by how strongly the song repeats at that
+    period relative to the chosen one; `key_alternatives` is the runner-up
+    key, whose confidence shares a scale with `key_confidence` (all 24 keys'
+    sum to 1). `downbeats` (bar starts, a subset of `beats`) and `meter`
+    (beats per bar, 3 or 4) are given only when the bars are clear; otherwise
+    they are empty and None.
     """
 
     tempo_bpm: float
@@ -86,6 +109,26 @@ class Analysis:
     beat_count: int
     energy: list[float]
     energy_hop_s: float
+    tempo_alternatives: list["TempoAlternative"]
+    key_alternatives: list["KeyAlternative"]
+    downbeats: list[float]
+    meter: int | None
+
+
+@dataclass(frozen=True)
+class TempoAlternative:
+    """Another reading of the same pulse (half or double tempo), as `AnalysisResult` carries it."""
+
+    bpm: float
+    confidence: float
+
+
+@dataclass(frozen=True)
+class KeyAlternative:
+    """A runner-up key, as `AnalysisResult` carries it."""
+
+    key: str
+    confidence: float
 
 
 @dataclass(frozen=True)
@@ -93,6 +136,9 @@ class _Rhythm:
     bpm: float
     confidence: float
     beats: np.ndarray
+    alternatives: list[TempoAlternative] = field(default_factory=list)
+    downbeats: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    meter: int | None = None
 
 
 def analyze(samples: np.ndarray, sr: int, steps: list[Step] | None = None) -> Analysis:
@@ -110,7 +156,7 @@ def analyze(samples: np.ndarray, sr: int, steps: list[Step] | None = None) -> An
         low = soxr.resample(x.mean(axis=0), sr, RHYTHM_RATE)
         rhythm = _rhythm(low)
     with _timed(steps, "key"):
-        key, key_confidence = keys.estimate(low, RHYTHM_RATE)
+        (key, key_confidence), *key_runners_up = keys.estimate(low, RHYTHM_RATE)
     with _timed(steps, "loudness"):
         hop = max(1, round(BLOCK_S * sr))
         weighted, plain = _block_energies(x, _k_weighting(sr), hop)
@@ -131,6 +177,10 @@ def analyze(samples: np.ndarray, sr: int, steps: list[Step] | None = None) -> An
         beat_count=len(rhythm.beats),
         energy=[round(float(e), 4) for e in energy / max(energy.max(initial=0.0), 1e-12)],
         energy_hop_s=hop / sr,
+        tempo_alternatives=rhythm.alternatives,
+        key_alternatives=[KeyAlternative(name, confidence) for name, confidence in key_runners_up],
+        downbeats=[round(float(t), 3) for t in rhythm.downbeats],
+        meter=rhythm.meter,
     )
 
 
@@ -148,7 +198,8 @@ def _timed(steps: list[Step] | None, name: str) -> Iterator[None]:
 
 def warm_up() -> None:
     """Run every code path once, so that numba compiles before the first real job."""
-    t = np.arange(2 * 44100) / 44100
+    # Long enough (18 beats) for the bars to be looked for.
+    t = np.arange(9 * 44100) / 44100
     clicks = (np.sin(2 * np.pi * 440 * t) * (t % 0.5 < 0.05)).astype(np.float32)
     analyze(np.stack([clicks, clicks]), 44100)
     analyze(np.zeros((2, 1000), np.float32), 44100)
@@ -158,8 +209,9 @@ def warm_up() -> None:
 
 
 def _rhythm(y: np.ndarray) -> _Rhythm:
-    """Tempo, confidence and beat times of mono `y` at `RHYTHM_RATE`."""
-    onsets = _onset_envelope(y)
+    """Tempo, confidence, beat times, octave alternatives and bars of mono `y` at `RHYTHM_RATE`."""
+    power = _power_spectrogram(y)
+    onsets, bass_onsets = _onset_envelopes(power)
     acf = _autocorrelation(onsets)
     lag = _tempo_lag(acf)
     if lag is None:
@@ -170,23 +222,37 @@ def _rhythm(y: np.ndarray) -> _Rhythm:
         beats = _track(onsets, lag)
     if beats.size < 2:
         return _Rhythm(0.0, 0.0, np.zeros(0))
-    times = _refine(onsets, beats) / _FPS - _PRE_ROLL_S + _ONSET_DELAY_S
+    frames = _refine(onsets, beats)
+    times = frames / _FPS - _PRE_ROLL_S + _ONSET_DELAY_S
     period = _fit_period(times, lag / _FPS)
     clarity = np.clip(_interpolate(acf, period * _FPS), 0.0, 1.0)
     confidence = float(clarity * _regularity(times, period))
-    return _Rhythm(60.0 / period, confidence, np.clip(times, 0.0, y.size / RHYTHM_RATE))
+    times = np.clip(times, 0.0, y.size / RHYTHM_RATE)
+    first_in_bar, meter = _bars(power, onsets, bass_onsets, frames, _grid_index(times, period))
+    return _Rhythm(
+        60.0 / period,
+        confidence,
+        times,
+        _octave_alternatives(acf, period, confidence),
+        times[first_in_bar] if meter else np.zeros(0),
+        meter,
+    )
 
 
-def _onset_envelope(y: np.ndarray) -> np.ndarray:
-    """Spectral flux of a log-mel spectrogram, one value per `_HOP` samples from `-_PRE_ROLL_S`."""
+def _power_spectrogram(y: np.ndarray) -> np.ndarray:
+    """(frames, bins) power of `_N_FFT`-long windows every `_HOP` samples, the first centred on `-_PRE_ROLL_S`."""
     # A window of silence before the first frame, so that a hit on the very first sample shows as a rise.
     padded = np.pad(y, (_N_FFT, _N_FFT // 2))
     frames = np.lib.stride_tricks.sliding_window_view(padded, _N_FFT)[::_HOP]
-    power = np.abs(scipy.fft.rfft(frames * _hann(), axis=-1)) ** 2
+    return np.abs(scipy.fft.rfft(frames * _hann(), axis=-1)) ** 2
+
+
+def _onset_envelopes(power: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Spectral flux of the log-mel spectrogram, one value per frame: over all bands, and over the bass bands."""
     db = 10 * np.log10(np.maximum(power @ _mel_bank().T, 1e-10))
     db = np.maximum(db, db.max(initial=-100.0) - 80.0)
-    flux = np.maximum(np.diff(db, axis=0), 0.0).mean(axis=1)
-    return np.concatenate([[0.0], flux])
+    rise = np.maximum(np.diff(db, axis=0), 0.0)
+    return np.concatenate([[0.0], rise.mean(axis=1)]), np.concatenate([[0.0], rise[:, :_BASS_BANDS].mean(axis=1)])
 
 
 def _autocorrelation(onsets: np.ndarray) -> np.ndarray:
@@ -197,12 +263,16 @@ def _autocorrelation(onsets: np.ndarray) -> np.ndarray:
     return acf / acf[0] if acf.size and acf[0] > 0 else np.zeros_like(acf)
 
 
+def _tempo_prior(bpm: np.ndarray | float) -> np.ndarray | float:
+    """Weight of a tempo before any evidence: log-normal around `_PRIOR_BPM`, one octave wide."""
+    return np.exp(-0.5 * np.log2(bpm / _PRIOR_BPM) ** 2)
+
+
 def _tempo_lag(acf: np.ndarray) -> float | None:
     """Beat period in frames: the autocorrelation peak weighted by the tempo prior, to a fraction of a frame."""
     lags = np.arange(1, acf.size - 1)
     bpm = 60 * _FPS / lags
-    prior = np.exp(-0.5 * np.log2(bpm / _PRIOR_BPM) ** 2)
-    score = np.where((bpm >= MIN_BPM) & (bpm <= MAX_BPM), acf[lags] * prior, 0.0)
+    score = np.where((bpm >= MIN_BPM) & (bpm <= MAX_BPM), acf[lags] * _tempo_prior(bpm), 0.0)
     if score.size == 0 or score.max() <= 0:
         return None
     best = int(lags[np.argmax(score)])
@@ -260,14 +330,19 @@ def _refine(onsets: np.ndarray, beats: np.ndarray) -> np.ndarray:
     return refined
 
 
+def _grid_index(times: np.ndarray, period: float) -> np.ndarray:
+    """Each beat's number on the grid: periods counted between neighbours, so a skipped beat keeps its place."""
+    return np.concatenate([[0], np.cumsum(np.maximum(np.round(np.diff(times) / period), 1))]).astype(int)
+
+
 def _fit_period(times: np.ndarray, guess: float) -> float:
     """Least-squares beat period of `times`, fitted to the beats within `_GRID_TOLERANCE` of the grid.
 
-    Beats are numbered by counting periods of `guess` between neighbours, so
-    a skipped beat does not bend the fit; the fit starts from the middle beat
-    and takes in more beats as the period improves.
+    Beats are numbered on a grid of `guess`, so a skipped beat does not bend
+    the fit; the fit starts from the middle beat and takes in more beats as
+    the period improves.
     """
-    index = np.concatenate([[0.0], np.cumsum(np.maximum(np.round(np.diff(times) / guess), 1.0))])
+    index = _grid_index(times, guess).astype(float)
     middle = times.size // 2
     period, phase = guess, times[middle] - guess * index[middle]
     for _ in range(4):
@@ -289,6 +364,102 @@ def _regularity(times: np.ndarray, period: float) -> float:
     jitter = np.sqrt(np.mean(np.diff(intervals)[pairs] ** 2) / 6)
     # Jitter of a tenth of a beat or more means there is no steady pulse to speak of.
     return float(steady.mean() * np.exp(-((jitter / (0.05 * period)) ** 2)))
+
+
+def _octave_alternatives(acf: np.ndarray, period: float, confidence: float) -> list[TempoAlternative]:
+    """Half and double tempo, each as sure as the chosen tempo times its salience relative to the chosen one's.
+
+    Salience is the criterion that picked the tempo: how strongly the onsets
+    repeat at the period, weighted by the tempo prior. A reading can equal,
+    never exceed, the chosen one's confidence (doubling can pick the less
+    salient octave, on the evidence of strong off-beats).
+    """
+    chosen = _salience(acf, period * _FPS)
+    if chosen <= 0:
+        return []
+    readings = []
+    for factor in (0.5, 2.0):
+        share = min(1.0, _salience(acf, period * _FPS / factor) / chosen)
+        if confidence * share >= _MIN_ALTERNATIVE_CONFIDENCE:
+            readings.append(TempoAlternative(factor * 60.0 / period, confidence * share))
+    return sorted(readings, key=lambda reading: -reading.confidence)
+
+
+def _salience(acf: np.ndarray, lag: float) -> float:
+    """The autocorrelation's peak within 2% of `lag` frames times the tempo prior; 0 outside the tempo range."""
+    bpm = 60 * _FPS / lag
+    lo, hi = int(np.floor(0.98 * lag)), int(np.ceil(1.02 * lag))
+    if not MIN_BPM <= bpm <= MAX_BPM or lo < 1 or hi >= acf.size:
+        return 0.0
+    return max(float(acf[lo : hi + 1].max()), 0.0) * float(_tempo_prior(bpm))
+
+
+# --- bars -------------------------------------------------------------------
+
+
+def _bars(
+    power: np.ndarray, onsets: np.ndarray, bass_onsets: np.ndarray, frames: np.ndarray, index: np.ndarray
+) -> tuple[np.ndarray, int | None]:
+    """Which beats start a bar, and the meter; (nothing, None) unless the bars are clear.
+
+    Bar lines are where the harmony changes and the kick, the bass and the
+    accents fall (as in Goto 2001 and Papadopoulos & Peeters 2011). Each beat
+    scores the chroma change across it plus half each of its bass onset, its
+    overall onset and its level, each standardised over the song; every meter
+    and phase is then judged by how far the beats it puts first score above
+    the others, in standard errors (a two-sample t statistic, with the spread
+    of all beats).
+    """
+    nothing = np.zeros(frames.size, bool)
+    if frames.size < _BAR_MIN_COUNT * max(_METERS):
+        return nothing, None
+    at = np.clip(np.round(frames).astype(int), 0, power.shape[0] - 1)
+    score = (
+        _standardise(_harmonic_change(power, at))
+        + 0.5 * _standardise(_local_max(bass_onsets, at))
+        + 0.5 * _standardise(_local_max(onsets, at))
+        + 0.5 * _standardise(_beat_level(power, at))
+    )
+    readings = sorted(
+        ((_contrast(score, index % meter == phase), meter, phase) for meter in _METERS for phase in range(meter)),
+        reverse=True,
+    )
+    (best, meter, phase), (runner_up, _, _) = readings[0], readings[1]
+    if best < _BAR_MIN_CONTRAST or best - runner_up < _BAR_MIN_MARGIN:
+        return nothing, None
+    return index % meter == phase, meter
+
+
+def _harmonic_change(power: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """Cosine distance between the chroma of the beat before and the beat after each beat; NaN at the ends."""
+    segments = np.add.reduceat(np.sqrt(power), np.concatenate([[0], at]), axis=0)[1:]
+    chroma = segments @ _beat_chroma_bank().T
+    chroma /= np.maximum(np.linalg.norm(chroma, axis=1, keepdims=True), 1e-12)
+    change = np.full(at.size, np.nan)
+    change[1:-1] = 1.0 - np.sum(chroma[:-2] * chroma[1:-1], axis=1)
+    return change
+
+
+def _beat_level(power: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """Level in dB of the loudest frame from one before each beat to two after it (a hit fills one of them)."""
+    energy = np.pad(power.sum(axis=1), (1, 2))
+    loudest = np.max([energy[at], energy[at + 1], energy[at + 2], energy[at + 3]], axis=0)
+    return 10 * np.log10(np.maximum(loudest, 1e-10))
+
+
+def _standardise(values: np.ndarray) -> np.ndarray:
+    spread = np.nanstd(values)
+    return (values - np.nanmean(values)) / spread if spread > 0 else np.zeros_like(values, dtype=float)
+
+
+def _contrast(score: np.ndarray, chosen: np.ndarray) -> float:
+    """How far the chosen beats score above the rest, in standard errors; -inf with too few to tell."""
+    valid = ~np.isnan(score)
+    on, off = score[chosen & valid], score[~chosen & valid]
+    spread = float(score[valid].std()) if valid.any() else 0.0
+    if on.size < _BAR_MIN_COUNT or off.size < 2 or spread == 0:
+        return -np.inf
+    return float((on.mean() - off.mean()) / (spread * np.sqrt(1 / on.size + 1 / off.size)))
 
 
 def _parabolic_offset(three: np.ndarray) -> float:
@@ -315,6 +486,11 @@ def _hann() -> np.ndarray:
 @cache
 def _mel_bank() -> np.ndarray:
     return librosa.filters.mel(sr=RHYTHM_RATE, n_fft=_N_FFT, n_mels=_N_MELS, fmin=30.0)
+
+
+@cache
+def _beat_chroma_bank() -> np.ndarray:
+    return librosa.filters.chroma(sr=RHYTHM_RATE, n_fft=_N_FFT, dtype=np.float32)
 
 
 # --- levels -----------------------------------------------------------------

@@ -76,6 +76,8 @@ class Analyzer:
 
     async def on_ingested(self, event: Event[AudioIngested]) -> list[Event[Any]]:
         job = event.data
+        if job.reused:
+            return []  # ingest publishes the reused results itself
         if not job.options.analyze:
             return []
         if await is_cancelled(self._redis, self._settings.redis_prefix, job.job_id):

@@ -171,6 +171,10 @@ def _open(src: Path, limits: Limits) -> Iterator[_Source]:
         raise AudioError("not_audio", "the file is not in an audio format we recognise")
     if sniffed.truncated:
         raise AudioError("corrupt", f"the {sniffed.container} file is cut short: it ends before its audio does")
+    # Absurd values a header declares get their own code, before a decoder calls the file unreadable;
+    # zeros are malformed headers, which the decoder reports.
+    if sniffed.channels and sniffed.sample_rate:
+        _check_layout(sniffed.channels, sniffed.sample_rate, limits)
     if sniffed.decoder == "ffmpeg":
         with _FfmpegSource.open(src, sniffed, limits) as source:
             _check_stream(source, limits)
@@ -185,15 +189,18 @@ def _check_stream(source: _Source, limits: Limits) -> None:
     """Check what the header says before anything is decoded."""
     if source.channels < 1:
         raise AudioError("corrupt", "the header declares no channels")
-    if source.channels > limits.max_channels:
-        raise AudioError("too_many_channels", f"{source.channels} channels; at most {limits.max_channels} are accepted")
-    if not limits.min_sample_rate <= source.sample_rate <= limits.max_sample_rate:
-        raise AudioError(
-            "bad_sample_rate",
-            f"{source.sample_rate} Hz is outside {limits.min_sample_rate}-{limits.max_sample_rate} Hz",
-        )
+    _check_layout(source.channels, source.sample_rate, limits)
     if source.frames == 0:
         raise AudioError("empty", "the file holds no audio")
+
+
+def _check_layout(channels: int, sample_rate: int, limits: Limits) -> None:
+    if channels > limits.max_channels:
+        raise AudioError("too_many_channels", f"{channels} channels; at most {limits.max_channels} are accepted")
+    if not limits.min_sample_rate <= sample_rate <= limits.max_sample_rate:
+        raise AudioError(
+            "bad_sample_rate", f"{sample_rate} Hz is outside {limits.min_sample_rate}-{limits.max_sample_rate} Hz"
+        )
 
 
 def _span(source: _Source, trim_start: float | None, trim_end: float | None, limits: Limits) -> tuple[int, int | None]:

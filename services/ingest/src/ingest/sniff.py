@@ -19,6 +19,10 @@ _FFMPEG_OGG_CODECS = (b"\x7fFLAC", b"Speex   ")
 _UNKNOWN_SIZES = frozenset({0, 0xFFFFFFFF})
 
 _W64_GUID = b"riff\x2e\x91\xcf\x11\xa5\xd6\x28\xdb\x04\xc1\x00\x00"
+_W64_DATA_GUID = b"data\xf3\xac\xd3\x11\x8c\xd1\x00\xc0\x4f\x8e\xdb\x8a"
+# W64 chunks: a 16-byte GUID and a 64-bit size that counts the header too; bodies are 8-byte aligned.
+_W64_HEADER = 24
+_W64_FIRST_CHUNK = 40
 _ASF_GUID = b"\x30\x26\xb2\x75\x8e\x66\xcf\x11"
 
 _MPEG_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
@@ -41,6 +45,9 @@ class Sniffed:
     container: str
     decoder: str  # "sndfile" or "ffmpeg"
     truncated: bool  # the container declares more audio than the file holds
+    # What a WAV or RF64 header declares, read before any decoder sees it; None when unknown.
+    channels: int | None = None
+    sample_rate: int | None = None
 
 
 def sniff(path: Path) -> Sniffed | None:
@@ -56,7 +63,8 @@ def sniff(path: Path) -> Sniffed | None:
             container = sniff_bytes(head)
         if container is None:
             return None
-        return Sniffed(container, _decoder(f, head, container), _truncated(f, container))
+        channels, rate = _declared_layout(f) if container in ("WAV", "RF64") else (None, None)
+        return Sniffed(container, _decoder(f, head, container), _truncated(f, container), channels, rate)
 
 
 def _decoder(f: BinaryIO, head: bytes, container: str) -> str:
@@ -155,6 +163,16 @@ def _adts_frame_length(h: bytes) -> int:
     return length if length >= 7 else 0
 
 
+def _declared_layout(f: BinaryIO) -> tuple[int | None, int | None]:
+    """(channels, sample rate) as the 'fmt ' chunk of a WAV or RF64 file declares them."""
+    for chunk, start, size in _chunks(f, 12, big_endian=False):
+        if chunk == b"fmt ":
+            f.seek(start)
+            fmt = f.read(min(size, 8))
+            return struct.unpack_from("<HI", fmt, 2) if len(fmt) == 8 else (None, None)
+    return None, None
+
+
 def _sndfile_wav_codec(f: BinaryIO) -> bool:
     """Whether the WAV's 'fmt ' chunk names a codec libsndfile decodes."""
     for chunk, start, size in _chunks(f, 12, big_endian=False):
@@ -174,6 +192,10 @@ def _truncated(f: BinaryIO, container: str) -> bool:
     """Whether the container declares more audio than the file holds."""
     if container == "WAV":
         return _chunk_truncated(f, b"data", big_endian=False)
+    if container == "RF64":
+        return _rf64_truncated(f)
+    if container == "W64":
+        return _w64_truncated(f)
     if container == "AIFF":
         return _chunk_truncated(f, b"SSND", big_endian=True)
     if container == "OGG":
@@ -188,6 +210,38 @@ def _chunk_truncated(f: BinaryIO, wanted: bytes, *, big_endian: bool) -> bool:
         if chunk == wanted:
             return size not in _UNKNOWN_SIZES and start + size > end
     return False
+
+
+def _rf64_truncated(f: BinaryIO) -> bool:
+    """Whether the RF64 data chunk, sized by its 'ds64' chunk when its own size field is full, runs past the end."""
+    end = f.seek(0, 2)
+    ds64_data_size = None
+    for chunk, start, size in _chunks(f, 12, big_endian=False):
+        if chunk == b"ds64":
+            f.seek(start + 8)  # after the 64-bit RIFF size
+            field = f.read(8)
+            ds64_data_size = struct.unpack("<Q", field)[0] if len(field) == 8 else None
+        elif chunk == b"data":
+            declared = ds64_data_size if size == 0xFFFFFFFF and ds64_data_size is not None else size
+            return declared not in _UNKNOWN_SIZES and start + declared > end
+    return False
+
+
+def _w64_truncated(f: BinaryIO) -> bool:
+    """Whether the Sony Wave64 data chunk's declared size runs past the end of the file."""
+    end = f.seek(0, 2)
+    offset = _W64_FIRST_CHUNK
+    while True:
+        f.seek(offset)
+        header = f.read(_W64_HEADER)
+        if len(header) < _W64_HEADER:
+            return False
+        size = struct.unpack_from("<Q", header, 16)[0]
+        if header[:16] == _W64_DATA_GUID:
+            return offset + size > end
+        if size < _W64_HEADER:
+            return False  # malformed; libsndfile reports it
+        offset += (size + 7) // 8 * 8
 
 
 def _chunks(f: BinaryIO, offset: int, *, big_endian: bool):
