@@ -60,7 +60,9 @@ async def rig(stack: Any, pool: ProcessPoolExecutor, tmp_path: Path) -> AsyncIte
         await client.aclose()
 
 
-async def ingested(rig: dict[str, Any], tmp_path: Path, *, store: bool = True, reused: bool = False) -> Event[Any]:
+async def ingested(
+    rig: dict[str, Any], tmp_path: Path, *, store: bool = True, reused: bool = False, primary: bool = True
+) -> Event[Any]:
     """An `audio.ingested` for 12 s of a 100 BPM song in E minor."""
     job_id = f"j{uuid.uuid4().hex[:10]}"
     samples = synth.song(100, 4, "minor", seconds=12.0, seed=13)
@@ -83,6 +85,8 @@ async def ingested(rig: dict[str, Any], tmp_path: Path, *, store: bool = True, r
         ),
         source=SourceInfo(format="WAV", sample_rate=RATE, channels=2, duration_s=seconds),
         reused=reused,
+        target=None if primary else "htdemucs_6s-6",
+        primary=primary,
     )
     return make_event(AUDIO_INGESTED, data, source="/stemflow/test")
 
@@ -107,6 +111,11 @@ async def test_a_song_is_analysed_from_the_blob_store(rig: dict[str, Any], tmp_p
 async def test_a_reused_job_is_left_to_ingest(rig: dict[str, Any], tmp_path: Path) -> None:
     # The blob is not even there: the handler must not look for it.
     assert await rig["analyzer"].on_ingested(await ingested(rig, tmp_path, store=False, reused=True)) == []
+
+
+async def test_only_the_primary_copy_of_a_multi_target_job_is_analysed(rig: dict[str, Any], tmp_path: Path) -> None:
+    # One audio.ingested per separation target arrives; the others are the same audio.
+    assert await rig["analyzer"].on_ingested(await ingested(rig, tmp_path, store=False, primary=False)) == []
 
 
 async def test_a_missing_blob_fails_the_analysis(rig: dict[str, Any], tmp_path: Path) -> None:

@@ -76,8 +76,10 @@ class Analyzer:
 
     async def on_ingested(self, event: Event[AudioIngested]) -> list[Event[Any]]:
         job = event.data
-        if job.reused:
-            return []  # ingest publishes the reused results itself
+        if job.reused or not job.primary:
+            # Reused: ingest publishes the earlier results itself. Not primary: one copy per separation target
+            # of the same audio arrives; the primary one is analysed.
+            return []
         if not job.options.analyze:
             return []
         if await is_cancelled(self._redis, self._settings.redis_prefix, job.job_id):
