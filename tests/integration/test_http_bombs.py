@@ -77,3 +77,15 @@ def test_a_json_body_bomb_is_refused(system: Any, api_key: str) -> None:
     )
     assert answer.status_code == 413 and answer.json()["code"] == "payload_too_large"
     still_serving(system)
+
+
+def test_the_notifier_refuses_a_header_bomb_too(system: Any, api_key: str) -> None:
+    notifier = system.events_url.replace("ws://", "http://").removesuffix("/v1/ws")
+    head = (
+        b"GET /v1/ws HTTP/1.1\r\nHost: n\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Authorization: Bearer " + api_key.encode() + b"\r\nX-Filler: " + b"a" * 200_000 + b"\r\n\r\n"
+    )
+    answer = raw_request(notifier, head)
+    assert status_of(answer) == 431, answer[:300]
+    assert httpx.get(f"{notifier}/healthz", timeout=10).status_code == 200

@@ -15,6 +15,7 @@ from pymongo import AsyncMongoClient
 
 from stemflow_shared import telemetry
 from stemflow_shared.auth import ApiKeys
+from stemflow_shared.httpserver import LimitedHttpToolsProtocol
 from stemflow_shared.ops import ops_routes
 from stemflow_shared.runtime import connect_broker
 from stemflow_shared.topology import NOTIFIER_QUEUE, WEBHOOKS_QUEUE
@@ -84,6 +85,7 @@ def server_config(app: Any, settings: Settings) -> uvicorn.Config:
         port=settings.http_port,
         log_config=None,
         access_log=False,
+        http=LimitedHttpToolsProtocol,  # httptools, with limits on the request head
         ws=websocket_protocol(settings),
         ws_ping_interval=settings.ping_interval_s,
         ws_ping_timeout=settings.ping_timeout_s,
