@@ -114,6 +114,8 @@ async def test_upload_progress_mixer_and_downloads_in_a_real_browser(
         assert abs(float(await page.locator("#bpm").inner_text()) - 120.0) < 5
         assert (await page.locator("#key").inner_text()).endswith(("major", "minor"))
         assert "confidence" in await page.locator("#bpm-conf").inner_text()
+        # The doubt the analysis states: the runner-up key, e.g. "A minor · or C major".
+        await page.locator("#key-conf").filter(has_text=" · or ").wait_for(timeout=30_000)
         rows = page.locator(".stem")
         assert sorted(await rows.evaluate_all("rows => rows.map(r => r.dataset.stem)")) == [
             "bass",

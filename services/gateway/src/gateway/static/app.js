@@ -377,7 +377,12 @@ async function showResults(job) {
   const mixer = new Mixer(job);
   state.mixer = mixer;
   if (job.options.analyze !== false) {
-    getJson(`/jobs/${job.id}/analysis`).then((analysis) => mixer.setEnergy(analysis)).catch(() => {});
+    getJson(`/jobs/${job.id}/analysis`)
+      .then((analysis) => {
+        mixer.setEnergy(analysis);
+        showDoubt(analysis);
+      })
+      .catch(() => {});
   }
   await mixer.load();
 }
@@ -392,6 +397,14 @@ function showFacts(a) {
   $("key-conf").textContent = conf(a.key_confidence);
   $("lufs").textContent = a.loudness_lufs.toFixed(1);
   $("dur").textContent = `${clock(a.duration_s)} long`;
+}
+
+// The analysis states its doubt: the runner-up key and the octave tempo, when it has them.
+function showDoubt(a) {
+  const key = (a.key_alternatives || [])[0];
+  if (key) $("key-conf").textContent += ` · or ${key.key} (${Math.round(100 * key.confidence)}%)`;
+  const tempo = (a.tempo_alternatives || [])[0];
+  if (tempo) $("bpm-conf").textContent += ` · or ${tempo.bpm.toFixed(1)} BPM`;
 }
 
 const clock = (s) => `${Math.floor(s / 60)}:${String(Math.floor(s % 60)).padStart(2, "0")}`;
