@@ -5,11 +5,19 @@ the same run, on this machine's cores:
 - rtf: the worker's real-time factor on 60 s per quality preset against demucs.apply.apply_model
   (shifts 1, overlap 0.25), and the largest difference from apply_model with the preset's settings;
 - throughput: the worker (jobs in flight = its prefetch) on 10 songs of 30 s against the demucs
-  command line run once per song, same model from a local repository, same settings, start-up paid;
+  command line run once per song, same model from a local repository, same settings, start-up paid,
+  in alternating rounds (worker, then CLI, on the same songs);
 - rss: peak RSS of the worker for 1, 10 and 60 minutes of audio and of apply_model on 60 s, each
-  in a process of its own.
+  in a process of its own; besides the process's peak, the peak while separating (the kernel's
+  count restarted once the model is loaded). `--rss-model production` (default) uses the production
+  architecture, which separates `fast` at 2-2.5x real time on 2 quiet cores: 60 minutes cost about
+  half an hour. `--rss-model tiny` runs the same streaming path (FileSource -> WindowReader ->
+  SegmentEngine -> Joiner -> FLAC StemWriter, the `fast` preset) with the tests' tiny htdemucs
+  (2 s segments, 4 channels), about 6x faster; its smaller fixed memory makes any growth with song
+  length show more, not less. Results are kept per model and per length, so runs merge.
 
     .venv/bin/python bench/separator.py [--threads 2] [--only rtf,throughput,rss] [--minutes 1,10,60]
+        [--rss-model production|tiny]
 """
 
 from __future__ import annotations
@@ -46,6 +54,10 @@ SAMPLERATE = 44100
 MODEL = "htdemucs"
 BASELINE = {"shifts": 1, "overlap": 0.25}
 GOALS = {"fast_rtf": 1.0, "peak_rss_mb": 1536, "throughput_ratio": 1.3, "long_rss_ratio": 1.2}
+RSS_MODELS = {
+    "production": "htdemucs (production architecture, random weights)",
+    "tiny": "tiny untrained htdemucs of the tests (stemflow_dev.models.make_tiny_repo)",
+}
 
 
 def write_repo(repo: Path) -> Path:
@@ -125,44 +137,65 @@ def bench_rtf(repo: Path, tmp: Path, seconds: float) -> dict:
             started = time.perf_counter()
             _, files = worker_job(engine, model, song, tmp / quality, quality)
             rtf = seconds / (time.perf_counter() - started)
+            started = time.perf_counter()
             expected = apply_model_run(model, mix, int(preset["shifts"]), preset["overlap"])
+            same_rtf = seconds / (time.perf_counter() - started)
             difference = max(
                 float(np.abs(sf.read(path, dtype="float32", always_2d=True)[0].T - expected[name]).max())
                 for name, (path, _) in files.items()
             )
-            presets[quality] = {"rtf": rtf, "ratio": rtf / baseline_rtf, "max_difference": difference}
+            presets[quality] = {
+                "rtf": rtf,
+                "ratio": rtf / baseline_rtf,
+                # apply_model with the preset's own settings, run right after the worker.
+                "apply_model_same_settings_rtf": same_rtf,
+                "ratio_same_settings": rtf / same_rtf,
+                "max_difference": difference,
+            }
             print(
-                f"worker {quality}: {rtf:.2f}x real time, {rtf / baseline_rtf:.2f}x apply_model, "
-                f"max difference from apply_model {difference:.2e}",
+                f"worker {quality}: {rtf:.2f}x real time, {rtf / baseline_rtf:.2f}x apply_model "
+                f"({rtf / same_rtf:.2f}x with the same settings), max difference from apply_model {difference:.2e}",
                 flush=True,
             )
     return {"seconds": seconds, "apply_model_rtf": baseline_rtf, "presets": presets}
 
 
 def bench_throughput(repo: Path, tmp: Path, songs: int, seconds: float, threads: int, compiled: bool) -> dict:
+    """The worker against the CLI in alternating rounds of `in_flight` songs, so that load from
+    other work on a shared machine weighs on both alike."""
     from separator.engine import SegmentEngine
     from separator.settings import Settings
 
     model = load(repo)
     paths = [write_song(tmp / f"song{i}.wav", seconds, seed=i) for i in range(songs)]
     in_flight = Settings.model_fields["prefetch"].default
-    with SegmentEngine("cpu", compile_models=compiled) as engine, ThreadPoolExecutor(in_flight) as pool:
-        # A running worker has its model loaded (and compiled) before the first job.
-        engine.warm_up(model.model.models[0])
-        started = time.perf_counter()
-        jobs = [pool.submit(worker_job, engine, model, p, tmp / "worker" / p.stem, "fast") for p in paths]
-        for job in jobs:
-            job.result()
-        worker_s = time.perf_counter() - started
-    print(f"worker: {songs} songs of {seconds:.0f} s in {worker_s:.1f} s", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     command = [sys.executable, "-m", "demucs", "--repo", str(repo), "-n", MODEL, "--shifts", "0", "--overlap", "0.1"]
     command += ["-d", "cpu", "--float32", "-o", str(tmp / "cli")]
-    started = time.perf_counter()
-    for path in paths:
-        subprocess.run([*command, str(path)], env=env, check=True, capture_output=True)
-    cli_s = time.perf_counter() - started
-    print(f"demucs CLI: {songs} songs in {cli_s:.1f} s; worker throughput {cli_s / worker_s:.2f}x the CLI", flush=True)
+    rounds = []
+    with SegmentEngine("cpu", compile_models=compiled) as engine, ThreadPoolExecutor(in_flight) as pool:
+        # A running worker has its model loaded (and compiled) before the first job.
+        engine.warm_up(model.model.models[0])
+        for first in range(0, songs, in_flight):
+            batch = paths[first : first + in_flight]
+            started = time.perf_counter()
+            jobs = [pool.submit(worker_job, engine, model, p, tmp / "worker" / p.stem, "fast") for p in batch]
+            for job in jobs:
+                job.result()
+            worker_s = time.perf_counter() - started
+            started = time.perf_counter()
+            for path in batch:
+                subprocess.run([*command, str(path)], env=env, check=True, capture_output=True)
+            cli_s = time.perf_counter() - started
+            rounds.append({"songs": len(batch), "worker_s": worker_s, "cli_s": cli_s, "ratio": cli_s / worker_s})
+            print(f"round of {len(batch)} songs: worker {worker_s:.1f} s, demucs CLI {cli_s:.1f} s", flush=True)
+    worker_s = sum(r["worker_s"] for r in rounds)
+    cli_s = sum(r["cli_s"] for r in rounds)
+    print(
+        f"{songs} songs of {seconds:.0f} s: worker {worker_s:.1f} s, demucs CLI {cli_s:.1f} s; "
+        f"worker throughput {cli_s / worker_s:.2f}x the CLI",
+        flush=True,
+    )
     return {
         "songs": songs,
         "seconds": seconds,
@@ -170,30 +203,61 @@ def bench_throughput(repo: Path, tmp: Path, songs: int, seconds: float, threads:
         "worker_s": worker_s,
         "cli_s": cli_s,
         "ratio": cli_s / worker_s,
+        "rounds": rounds,
     }
 
 
-def bench_rss(repo: Path, tmp: Path, minutes: list[float], threads: int, compiled: bool) -> dict:
+def bench_rss(repo: Path, tmp: Path, minutes: list[float], threads: int, compiled: bool, before: dict) -> dict:
+    """Peak RSS per song length, merged into `before` (an earlier run's figures for the same model)."""
+
     def child(*args: str) -> dict:
         command = [sys.executable, __file__, "--child", *args, "--repo", str(repo), "--threads", str(threads)]
         command += ["--compile"] if compiled else []
         return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
 
     baseline = child("apply_model", str(write_song(tmp / "rss-baseline.wav", 60)))
-    print(f"apply_model on 60 s: peak RSS {baseline['peak_rss_mb']:.0f} MB", flush=True)
-    sizes = {}
+    print(
+        f"apply_model on 60 s: peak RSS {baseline['peak_rss_mb']:.0f} MB "
+        f"(while separating {baseline.get('separation_peak_rss_mb') or 0:.0f} MB)",
+        flush=True,
+    )
+    sizes = dict(before.get("worker", {}))
     for size in minutes:
         song = write_song(tmp / f"rss{size:g}.wav", size * 60)
         sizes[f"{size:g}"] = child("worker", str(song))
         song.unlink()
+        figures = sizes[f"{size:g}"]
         print(
-            f"worker on {size:g} min: peak RSS {sizes[f'{size:g}']['peak_rss_mb']:.0f} MB "
-            f"in {sizes[f'{size:g}']['seconds_taken']:.0f} s",
+            f"worker on {size:g} min: peak RSS {figures['peak_rss_mb']:.0f} MB "
+            f"(while separating {figures.get('separation_peak_rss_mb') or 0:.0f} MB) in {figures['seconds_taken']:.0f} s",
             flush=True,
         )
-    first, last = sizes[f"{minutes[0]:g}"]["peak_rss_mb"], sizes[f"{minutes[-1]:g}"]["peak_rss_mb"]
-    print(f"peak RSS {minutes[-1]:g} min / {minutes[0]:g} min: {last / first:.3f}", flush=True)
-    return {"apply_model_60s": baseline, "worker": sizes, "torch_compile": compiled, "long_over_short": last / first}
+    lengths = sorted(sizes, key=float)
+    first, last = sizes[lengths[0]]["peak_rss_mb"], sizes[lengths[-1]]["peak_rss_mb"]
+    print(f"peak RSS {lengths[-1]} min / {lengths[0]} min: {last / first:.3f}", flush=True)
+    during = [sizes[size].get("separation_peak_rss_mb") for size in (lengths[0], lengths[-1])]
+    separation_ratio = during[1] / during[0] if None not in during else None
+    if separation_ratio is not None:
+        print(f"peak RSS while separating (after loading): {during[0]:.0f} -> {during[1]:.0f} MB", flush=True)
+    return {
+        "apply_model_60s": baseline,
+        "worker": {size: sizes[size] for size in lengths},
+        "torch_compile": compiled,
+        "quality": "fast",
+        "output_format": "flac",
+        "long_over_short": {
+            "minutes": [float(lengths[0]), float(lengths[-1])],
+            "ratio": last / first,
+            "separation_ratio": separation_ratio,
+        },
+    }
+
+
+def write_tiny_repo(repo: Path) -> Path:
+    """The tests' tiny untrained models, `htdemucs` among them."""
+    from stemflow_dev.models import make_tiny_repo
+
+    return make_tiny_repo(repo)
 
 
 def run_child(kind: str, song: Path, repo: Path, compiled: bool) -> None:
@@ -201,14 +265,35 @@ def run_child(kind: str, song: Path, repo: Path, compiled: bool) -> None:
     from separator.engine import SegmentEngine
 
     model = load(repo)
+    loaded_rss = _reset_peak_rss()
     started = time.perf_counter()
     if kind == "apply_model":
         apply_model_run(model, sf.read(song, dtype="float32", always_2d=True)[0].T.copy(), **BASELINE)
     else:
         with tempfile.TemporaryDirectory() as out, SegmentEngine("cpu", compile_models=compiled) as engine:
             worker_job(engine, model, song, Path(out), "fast", fmt="flac")
+    taken = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_rss_mb": peak, "seconds_taken": time.perf_counter() - started}))
+    figures = {"peak_rss_mb": peak, "seconds_taken": taken, "rss_after_loading_mb": loaded_rss}
+    if loaded_rss is not None:
+        figures["separation_peak_rss_mb"] = _status_mb("VmHWM")
+    print(json.dumps(figures))
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> float | None:
+    """Restart the kernel's peak-RSS count (Linux), so the separation's own peak can be read; the RSS now."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_mb("VmRSS")
+    except OSError:
+        return None
 
 
 def main() -> None:
@@ -219,6 +304,7 @@ def main() -> None:
     parser.add_argument("--songs", type=int, default=10)
     parser.add_argument("--song-seconds", type=float, default=30.0)
     parser.add_argument("--minutes", default="1,10,60")
+    parser.add_argument("--rss-model", choices=RSS_MODELS, default="production", help="model of the rss section")
     parser.add_argument("--compile", action="store_true", help="torch.compile the worker's model (throughput, rss)")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "SONG"), help=argparse.SUPPRESS)
     parser.add_argument("--repo", type=Path, help=argparse.SUPPRESS)
@@ -234,6 +320,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-separator-") as tmp_name:
         tmp = Path(tmp_name)
         repo = write_repo(tmp / "repo")
+        # The machine's cores may be shared with other work: each section records the load it started under.
         common = {
             "threads": args.threads,
             "model": "htdemucs (production architecture, random weights)",
@@ -244,15 +331,24 @@ def main() -> None:
         }
         results.update(common)
         if "rtf" in sections:
-            results["rtf"] = bench_rtf(repo, tmp, args.seconds)
+            results["rtf"] = {"load_average_at_start": os.getloadavg(), **bench_rtf(repo, tmp, args.seconds)}
         if "throughput" in sections:
-            results["throughput"] = bench_throughput(
-                repo, tmp, args.songs, args.song_seconds, args.threads, args.compile
-            )
+            results["throughput"] = {
+                "load_average_at_start": os.getloadavg(),
+                **bench_throughput(repo, tmp, args.songs, args.song_seconds, args.threads, args.compile),
+            }
         if "rss" in sections:
-            results["rss"] = bench_rss(
-                repo, tmp, [float(m) for m in args.minutes.split(",")], args.threads, args.compile
-            )
+            rss = results.get("rss", {})
+            # Figures from before results were kept per model are dropped, not mixed in.
+            rss = {name: rss[name] for name in RSS_MODELS if name in rss}
+            rss_repo = repo if args.rss_model == "production" else write_tiny_repo(tmp / "tiny-repo")
+            minutes = [float(m) for m in args.minutes.split(",")]
+            rss[args.rss_model] = {
+                "model": RSS_MODELS[args.rss_model],
+                "load_average_at_start": os.getloadavg(),
+                **bench_rss(rss_repo, tmp, minutes, args.threads, args.compile, rss.get(args.rss_model, {})),
+            }
+            results["rss"] = rss
         out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import shutil
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,10 @@ import redis.asyncio as redis
 import soundfile as sf
 
 from separator.device import make_engine
-from separator.engine import SegmentEngine
+from separator.engine import BatchReport, SegmentEngine
 from separator.handlers import Separator, Throttle, job_seed
 from separator.models import ModelCache
+from separator.separation import separate
 from separator.settings import Settings
 from stemflow_dev.fixtures import delete_namespace
 from stemflow_shared.events import (
@@ -38,10 +41,14 @@ from stemflow_shared.events import (
 from stemflow_shared.idempotency import cancel_flag_key
 from stemflow_shared.messaging import Broker
 from stemflow_shared.storage import FilesystemBlobStore, normalised_key
-from stemflow_shared.topology import Names
+from stemflow_shared.topology import MODEL_HEADER, PRIORITY_HEADER, QUEUE_HEADER, REASON_HEADER, Names, separator_queue
 
 SAMPLERATE = 44100
 TIMEOUT_S = 60.0
+FOUR = ("drums", "bass", "other", "vocals")
+STEM_NAMES = {2: ("vocals", "accompaniment"), 4: FOUR, 6: (*FOUR, "guitar", "piano")}
+# One tiny-model segment: 2 s of stereo in, four sources out, float32 (the simulated budget's measure).
+SEGMENT_BYTES = 2 * SAMPLERATE * 2 * (1 + 4) * 4
 
 
 @pytest_asyncio.fixture
@@ -98,23 +105,38 @@ async def ingested(blobs: FilesystemBlobStore, tmp_path: Path, seconds: float, *
     return make_event(AUDIO_INGESTED, data, source="/stemflow/test")
 
 
+def read_audio(path: Path) -> np.ndarray:
+    data, _ = sf.read(path, dtype="float32", always_2d=True)
+    return data.T
+
+
 def stem_files(blob_dir: Path, job_id: str) -> list[Path]:
     return sorted((blob_dir / "jobs" / job_id).glob("stems/**/*"))
 
 
-@pytest.mark.parametrize(("fmt", "stems"), [("flac", 2), ("mp3", 4), ("wav", 4)])
+@pytest.mark.parametrize(
+    ("model", "fmt", "stems"),
+    [
+        ("htdemucs", "flac", 2),
+        ("htdemucs", "mp3", 4),
+        ("htdemucs", "wav", 4),
+        ("htdemucs_ft", "wav", 2),
+        ("htdemucs_6s", "flac", 6),
+    ],
+)
 async def test_stems_and_residual_land_in_the_blob_store(
-    rig: dict[str, Any], tmp_path: Path, fmt: str, stems: int
+    rig: dict[str, Any], tmp_path: Path, model: str, fmt: str, stems: int
 ) -> None:
-    event = await ingested(rig["blobs"], tmp_path, 2.3, stems=stems, output_format=fmt, residual=True, quality="fast")
+    event = await ingested(
+        rig["blobs"], tmp_path, 2.3, model=model, stems=stems, output_format=fmt, residual=True, quality="fast"
+    )
 
     [completed] = await rig["separator"].on_ingested(event)
 
     assert completed.spec is SEPARATION_COMPLETED
     result = completed.data
-    expected = ("vocals", "accompaniment") if stems == 2 else ("drums", "bass", "other", "vocals")
-    assert [stem.name for stem in result.stems] == [*expected, "residual"]
-    assert (result.model, result.device, result.precision, result.untrained) == ("htdemucs", "cpu", "float32", True)
+    assert [stem.name for stem in result.stems] == [*STEM_NAMES[stems], "residual"]
+    assert (result.model, result.device, result.precision, result.untrained) == (model, "cpu", "float32", True)
     # Untrained stems miss the mix by about as much as the mix itself: near 0 dB, but measured.
     assert result.reconstruction_error_db is not None and math.isfinite(result.reconstruction_error_db)
     for stem in result.stems:
@@ -151,18 +173,137 @@ async def test_cancelling_mid_job_leaves_no_files(rig: dict[str, Any], tmp_path:
     assert list((tmp_path / "work").iterdir()) == []
 
 
-async def test_an_unknown_model_fails_with_a_code(rig: dict[str, Any], tiny_repo: Path, tmp_path: Path) -> None:
-    repo = Path(shutil.copytree(tiny_repo, tmp_path / "repo"))
+def _drop_the_bag(repo: Path) -> None:
     (repo / "htdemucs_6s.yaml").unlink()
+
+
+def _truncate_the_weights(repo: Path) -> None:
+    signature = (repo / "htdemucs_6s.yaml").read_text().split()[-1]
+    package = next(repo.glob(f"{signature}-*.th"))
+    package.write_bytes(package.read_bytes()[: package.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    ("damage", "code"), [(_drop_the_bag, "model_unknown"), (_truncate_the_weights, "model_load_failed")]
+)
+async def test_an_unknown_or_broken_model_fails_with_a_code_every_time(
+    rig: dict[str, Any], tiny_repo: Path, tmp_path: Path, damage: Callable[[Path], None], code: str
+) -> None:
+    repo = Path(shutil.copytree(tiny_repo, tmp_path / "repo"))
+    damage(repo)
     separator = Separator(
         ModelCache(repo, "cpu"), rig["engine"], rig["blobs"], rig["redis"], rig["broker"], rig["settings"]
     )
     event = await ingested(rig["blobs"], tmp_path, 1.0, model="htdemucs_6s", stems=6)
 
-    [failed] = await separator.on_ingested(event)
+    # A redelivery meets the same clear failure, not a crash.
+    for _ in range(2):
+        [failed] = await separator.on_ingested(event)
+        assert failed.spec is SEPARATION_FAILED
+        assert failed.data.error.code == code
+    assert stem_files(tmp_path / "blobs", event.data.job_id) == []
 
-    assert failed.spec is SEPARATION_FAILED
-    assert failed.data.error.code == "model_unknown"
+
+async def test_a_reused_result_is_left_to_ingest(rig: dict[str, Any], tmp_path: Path) -> None:
+    event = await ingested(rig["blobs"], tmp_path, 1.0)
+    reused = make_event(AUDIO_INGESTED, event.data.model_copy(update={"reused": True}), source="/stemflow/test")
+
+    assert await rig["separator"].on_ingested(reused) == []
+    assert stem_files(tmp_path / "blobs", event.data.job_id) == []
+
+
+async def test_a_simulated_memory_budget_splits_batches_and_every_job_completes(
+    rig: dict[str, Any], tmp_path: Path
+) -> None:
+    # Room for a segment and a half: batches of 4 and 2 run out of memory, single segments fit.
+    settings = rig["settings"].model_copy(
+        update={"max_batch": 4, "simulated_device_memory_mb": 1.5 * SEGMENT_BYTES / 2**20}
+    )
+    reports: list[BatchReport] = []
+    engine = make_engine(settings, "cpu", reports.append)
+    models = rig["separator"]._models
+    separator = Separator(models, engine, rig["blobs"], rig["redis"], rig["broker"], settings)
+    events = [await ingested(rig["blobs"], tmp_path, 6.0, output_format="wav", quality="fast") for _ in range(2)]
+    tasks = [asyncio.create_task(separator.on_ingested(event)) for event in events]
+    # Both jobs queue a batch's worth of segments before the engine runs any.
+    assert await asyncio.to_thread(engine.wait_queued, 8, TIMEOUT_S)
+    engine.start()
+    try:
+        outcomes = await asyncio.wait_for(asyncio.gather(*tasks), TIMEOUT_S)
+    finally:
+        engine.close()
+
+    assert [len(report.jobs) for report in reports if report.out_of_memory][:3] == [4, 2, 2]
+    assert all(len(report.jobs) == 1 for report in reports if not report.out_of_memory)
+    for event, [completed] in zip(events, outcomes, strict=True):
+        assert completed.spec is SEPARATION_COMPLETED
+        mix = read_audio(tmp_path / f"{event.data.job_id}.wav")
+        alone = separate(models.get("htdemucs"), mix, quality="fast", seed=job_seed(event.data.job_id))
+        for stem in completed.data.stems:
+            async with rig["blobs"].local_path(stem.blob_key) as path:
+                np.testing.assert_allclose(read_audio(path), alone[stem.name], rtol=0, atol=2e-6)
+
+
+async def test_a_malformed_request_is_dead_lettered_and_the_next_job_completes(
+    rig: dict[str, Any], tmp_path: Path
+) -> None:
+    broker = rig["broker"]
+    good = await ingested(rig["blobs"], tmp_path, 1.0, quality="fast")
+    body = json.loads(good.envelope.to_json())
+    body["data"]["options"]["stems"] = 7
+    connection = await aio_pika.connect(broker.url)
+    async with connection:
+        channel = await connection.channel()
+        completions = await channel.declare_queue(exclusive=True)
+        await completions.bind(broker.names.exchange, "separation.completed")
+        await broker.consume(separator_queue("htdemucs"), rig["separator"].handlers())
+        work = await channel.get_exchange(broker.names.work_exchange)
+        headers = {MODEL_HEADER: "htdemucs", PRIORITY_HEADER: "normal"}
+        await work.publish(aio_pika.Message(json.dumps(body).encode(), headers=headers, message_id="bad"), "")
+        dead_letters = await channel.get_queue(broker.names.dead_letter_queue, ensure=False)
+        async with dead_letters.iterator() as messages:
+            dead = await asyncio.wait_for(anext(messages), TIMEOUT_S)
+            await dead.ack()
+        await broker.publish(good)
+        async with completions.iterator() as messages:
+            completed = await asyncio.wait_for(anext(messages), TIMEOUT_S)
+            await completed.ack()
+
+    assert dead.headers[REASON_HEADER] == "invalid_data"
+    assert dead.headers[QUEUE_HEADER] == broker.names.queue(separator_queue("htdemucs"))
+    assert json.loads(completed.body)["subject"] == good.data.job_id
+
+
+async def test_progress_reaches_the_broker_at_most_four_times_a_second_per_job(
+    rig: dict[str, Any], tmp_path: Path
+) -> None:
+    interval = Settings.model_fields["progress_interval_s"].default
+    settings = rig["settings"].model_copy(update={"progress_interval_s": interval})
+    separator = Separator(rig["separator"]._models, rig["engine"], rig["blobs"], rig["redis"], rig["broker"], settings)
+    events = [await ingested(rig["blobs"], tmp_path, 20.0, quality="fast") for _ in range(2)]
+    connection = await aio_pika.connect(rig["broker"].url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(rig["broker"].names.exchange, "separation.progress")
+        outcomes = await asyncio.gather(*(separator.on_ingested(event) for event in events))
+        # Publishing was confirmed before the handlers returned: every progress event is queued.
+        progress: dict[str, list[tuple[datetime, float]]] = {}
+        while (message := await queue.get(no_ack=True, fail=False)) is not None:
+            envelope = json.loads(message.body)
+            when = datetime.fromisoformat(envelope["time"])
+            progress.setdefault(envelope["subject"], []).append((when, envelope["data"]["percent"]))
+
+    assert interval == 0.25
+    assert all(outcome[0].spec is SEPARATION_COMPLETED for outcome in outcomes)
+    assert set(progress) == {event.data.job_id for event in events}
+    for reports in progress.values():
+        times = sorted(when for when, _ in reports)
+        percents = [percent for _, percent in sorted(reports)]
+        assert len(reports) >= 2
+        assert percents == sorted(set(percents)) and percents[-1] < 100
+        # Only the two clocks' reading jitter may bring a gap under the interval.
+        assert min((b - a).total_seconds() for a, b in itertools.pairwise(times)) >= interval - 0.01
 
 
 async def test_running_out_of_memory_fails_with_a_code_and_no_files(rig: dict[str, Any], tmp_path: Path) -> None:

@@ -61,6 +61,8 @@ class Separator:
 
     async def on_ingested(self, event: Event[AudioIngested]) -> list[Event[Any]]:
         job = event.data
+        if job.reused:
+            return []
         if not job.options.separate:
             return []
         if await is_cancelled(self._redis, self._settings.redis_prefix, job.job_id):

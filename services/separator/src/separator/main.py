@@ -14,9 +14,9 @@ from stemflow_shared.runtime import connect_broker, open_blob_store, serve_worke
 from stemflow_shared.topology import PRIORITIES, separator_queue
 
 from .device import make_engine, pick_device
-from .engine import BatchReport
+from .engine import BatchReport, SegmentEngine
 from .handlers import Separator
-from .models import ModelCache
+from .models import ModelCache, ModelError
 from .plan import submodels
 from .settings import Settings
 
@@ -37,6 +37,31 @@ def _count_batch(report: BatchReport) -> None:
         metrics.GPU_MEMORY_PEAK.labels(device).set(torch.cuda.max_memory_allocated(index))
 
 
+async def preload(
+    models: ModelCache, engine: SegmentEngine, names: list[str], *, compile_models: bool = False
+) -> dict[str, ModelError]:
+    """Load (and compile) the served models before the first message; what failed, by name.
+
+    A model that cannot load does not stop the worker: restarting would meet the same error
+    forever, while its jobs can fail with the error's code (the cache tries again per job).
+    """
+    failed: dict[str, ModelError] = {}
+    for name in names:
+        try:
+            loaded = await asyncio.to_thread(models.get, name)
+        except ModelError as exc:
+            log.error("model %s cannot be served (%s): its jobs will fail with that code", name, exc.code)
+            failed[name] = exc
+            continue
+        if compile_models:
+            for model in submodels(loaded.model)[0]:
+                await asyncio.to_thread(engine.warm_up, model)
+        metrics.MODEL_INFO.labels(name, str(engine.device), engine.precision).set(1)
+        if loaded.untrained:
+            log.warning("model %s has UNTRAINED weights: stems will be noise-like, for testing only", name)
+    return failed
+
+
 async def run(settings: Settings) -> None:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
@@ -46,14 +71,7 @@ async def run(settings: Settings) -> None:
         total = torch.cuda.get_device_properties(torch.device(device).index or 0).total_memory
         metrics.GPU_MEMORY_TOTAL.labels(device).set(total)
     models = ModelCache(settings.model_repo, device)
-    for name in settings.model_names:
-        loaded = await asyncio.to_thread(models.get, name)
-        if settings.torch_compile:
-            for model in submodels(loaded.model)[0]:
-                await asyncio.to_thread(engine.warm_up, model)
-        metrics.MODEL_INFO.labels(name, device, engine.precision).set(1)
-        if loaded.untrained:
-            log.warning("model %s has UNTRAINED weights: stems will be noise-like, for testing only", name)
+    await preload(models, engine, settings.model_names, compile_models=settings.torch_compile)
     log.info("separating on %s in %s, up to %d segments per batch", device, engine.precision, engine.max_batch)
     blobs, close_blobs = open_blob_store(settings)
     redis_client = redis.from_url(settings.redis_url)

@@ -102,6 +102,11 @@ class ModelCache:
                 self._models[name] = loaded
             return loaded
 
+    @property
+    def warm(self) -> tuple[str, ...]:
+        """The names loaded so far."""
+        return tuple(self._models)
+
     def _lock_for(self, name: str) -> threading.Lock:
         with self._locks_guard:
             return self._locks.setdefault(name, threading.Lock())

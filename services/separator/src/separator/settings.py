@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from stemflow_shared.settings import BlobSettings, RedisSettings, ServiceSettings
+from stemflow_shared.topology import MODELS
 
 
 class Settings(ServiceSettings, BlobSettings, RedisSettings):
@@ -32,6 +33,15 @@ class Settings(ServiceSettings, BlobSettings, RedisSettings):
     progress_interval_s: float = Field(default=0.25, gt=0, description="At most one progress event per interval")
     cancel_poll_s: float = Field(default=0.5, gt=0)
     work_dir: str | None = None
+
+    @field_validator("models")
+    @classmethod
+    def _served_models_have_queues(cls, value: str) -> str:
+        names = [m.strip() for m in value.split(",") if m.strip()]
+        unknown = [name for name in names if name not in MODELS]
+        if not names or unknown:
+            raise ValueError(f"models must name some of {', '.join(MODELS)}; unknown: {', '.join(unknown) or 'none'}")
+        return value
 
     @property
     def model_names(self) -> list[str]:
