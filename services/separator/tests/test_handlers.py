@@ -212,6 +212,36 @@ async def test_a_reused_result_is_left_to_ingest(rig: dict[str, Any], tmp_path: 
     assert stem_files(tmp_path / "blobs", event.data.job_id) == []
 
 
+async def test_each_target_of_a_job_has_its_own_stems_and_events(rig: dict[str, Any], tmp_path: Path) -> None:
+    # Ingest sends one audio.ingested per target, with the options narrowed to it.
+    event = await ingested(rig["blobs"], tmp_path, 1.5, quality="fast")
+    job_id = event.data.job_id
+    copies = [
+        make_event(
+            AUDIO_INGESTED,
+            event.data.model_copy(
+                update={"options": event.data.options.model_copy(update=update), "target": name, "primary": i == 0}
+            ),
+            source="/stemflow/test",
+        )
+        for i, (name, update) in enumerate(
+            [("htdemucs-2", {"model": "htdemucs", "stems": 2}), ("htdemucs_6s-6", {"model": "htdemucs_6s", "stems": 6})]
+        )
+    ]
+    [two] = await rig["separator"].on_ingested(copies[0])
+    [six] = await rig["separator"].on_ingested(copies[1])
+    assert (two.data.target, six.data.target) == ("htdemucs-2", "htdemucs_6s-6")
+    assert [s.name for s in two.data.stems] == [*STEM_NAMES[2]]
+    assert [s.name for s in six.data.stems] == [*STEM_NAMES[6]]
+    assert {s.blob_key.split("/")[3] for s in two.data.stems} == {"htdemucs-2"}
+    assert {s.blob_key.split("/")[3] for s in six.data.stems} == {"htdemucs_6s-6"}
+    assert two.id != six.id  # each target's completion is its own event
+    files = {
+        p.relative_to(tmp_path / "blobs" / "jobs" / job_id).parts[1] for p in stem_files(tmp_path / "blobs", job_id)
+    }
+    assert files == {"htdemucs-2", "htdemucs_6s-6"}
+
+
 async def test_a_simulated_memory_budget_splits_batches_and_every_job_completes(
     rig: dict[str, Any], tmp_path: Path
 ) -> None:

@@ -32,7 +32,7 @@ from stemflow_shared.events import (
 )
 from stemflow_shared.idempotency import is_cancelled
 from stemflow_shared.messaging import Handler
-from stemflow_shared.storage import BlobNotFound, stem_key
+from stemflow_shared.storage import BlobNotFound, stem_key, stems_prefix
 
 from .encode import FORMAT_EXTENSIONS, MEDIA_TYPES
 from .engine import SegmentEngine
@@ -80,8 +80,8 @@ class Separator:
             metrics.STAGE_FAILURES.labels("separation", code).inc()
             metrics.STAGE_DURATION.labels("separation", model_name, "failed").observe(time.perf_counter() - started)
             await self._remove_stems(job)
-            failed = StageFailed(job_id=job.job_id, error=ErrorInfo(code=code, message=str(exc)))
-            return [make_event(SEPARATION_FAILED, failed, source=SOURCE, id=event_id(job.job_id, "separation.failed"))]
+            failed = StageFailed(job_id=job.job_id, target=job.target, error=ErrorInfo(code=code, message=str(exc)))
+            return [make_event(SEPARATION_FAILED, failed, source=SOURCE, id=_event_id(job, "separation.failed"))]
         except BaseException:
             await self._remove_stems(job)
             raise
@@ -100,6 +100,7 @@ class Separator:
         loaded = self._models.get(model_name)
         data = SeparationCompleted(
             job_id=job.job_id,
+            target=job.target,
             model=model_name,
             device=self._engine.device.type,
             precision=self._engine.precision,
@@ -107,12 +108,12 @@ class Separator:
             stems=stems,
             reconstruction_error_db=separated.reconstruction_error_db,
         )
-        return [make_event(SEPARATION_COMPLETED, data, source=SOURCE, id=event_id(job.job_id, "separation.completed"))]
+        return [make_event(SEPARATION_COMPLETED, data, source=SOURCE, id=_event_id(job, "separation.completed"))]
 
     async def _separate(self, job: AudioIngested) -> tuple[list[StemInfo], Separated]:
         loaded = await asyncio.to_thread(self._models.get, job.options.model)
         cancelled = threading.Event()
-        progress = _ProgressPublisher(self._broker, job.job_id, self._settings.progress_interval_s)
+        progress = _ProgressPublisher(self._broker, job.job_id, self._settings.progress_interval_s, job.target)
         watcher = asyncio.create_task(self._watch_cancel(job.job_id, cancelled))
         try:
             with tempfile.TemporaryDirectory(prefix="stemflow-stems-", dir=self._settings.work_dir) as tmp:
@@ -144,7 +145,7 @@ class Separator:
         fmt = job.options.output_format
         infos: list[StemInfo] = []
         for name, (path, size) in files.items():
-            key = stem_key(job.job_id, name, FORMAT_EXTENSIONS[fmt])
+            key = stem_key(job.job_id, name, FORMAT_EXTENSIONS[fmt], job.target)
             await self._blobs.put_file(key, path)
             infos.append(
                 StemInfo(
@@ -160,7 +161,8 @@ class Separator:
 
     async def _remove_stems(self, job: AudioIngested) -> None:
         with contextlib.suppress(Exception):
-            await self._blobs.delete_prefix(f"jobs/{job.job_id}/stems")
+            # Only this target's stems: the other targets of the job are not this failure's to remove.
+            await self._blobs.delete_prefix(stems_prefix(job.job_id, job.target))
 
     async def _watch_cancel(self, job_id: str, cancelled: threading.Event) -> None:
         while not cancelled.is_set():
@@ -171,6 +173,11 @@ class Separator:
             except Exception as exc:
                 log.debug("cancel flag check failed: %s", exc)
             await asyncio.sleep(self._settings.cancel_poll_s)
+
+
+def _event_id(job: AudioIngested, name: str) -> str:
+    """Stable per job (and per target, for a job with several), so a redelivery republishes the same event."""
+    return event_id(job.job_id, name) if job.target is None else event_id(job.job_id, name, job.target)
 
 
 def job_seed(job_id: str) -> int:
@@ -197,9 +204,10 @@ class Throttle:
 class _ProgressPublisher:
     """Turns progress callbacks from the worker thread into throttled `separation.progress` events."""
 
-    def __init__(self, broker: Any, job_id: str, interval_s: float) -> None:
+    def __init__(self, broker: Any, job_id: str, interval_s: float, target: str | None = None) -> None:
         self._broker = broker
         self._job_id = job_id
+        self._target = target
         self._throttle = Throttle(interval_s)
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -210,7 +218,7 @@ class _ProgressPublisher:
             return
         event = make_event(
             SEPARATION_PROGRESS,
-            SeparationProgress(job_id=self._job_id, percent=round(100.0 * fraction, 1)),
+            SeparationProgress(job_id=self._job_id, target=self._target, percent=round(100.0 * fraction, 1)),
             source=SOURCE,
         )
         future = asyncio.run_coroutine_threadsafe(self._publish(event), self._loop)
