@@ -55,6 +55,21 @@ async def test_a_trimmed_resume_point_is_reported_and_what_is_kept_replayed(
     assert 0 < len(replay.items) < 299 and replay.items[-1].id == batch[-1].id
 
 
+async def test_every_key_of_the_log_expires_and_the_streams_stay_bounded(
+    redis_client: Any, notifier_env: dict[str, str]
+) -> None:
+    events = log(redis_client, notifier_env, max_len=10)
+    batch = items("log-e", "j1", 1000)
+    await events.append(batch)
+    prefix = f"{notifier_env['STEMFLOW_NAMESPACE']}:events:{{log-e}}:"
+    job_stream, owner_stream = f"{prefix}job:j1", f"{prefix}all"
+    # Trimming is approximate (whole stream nodes of 100 entries), never unbounded.
+    assert 10 <= await redis_client.xlen(job_stream) < 10 + 200
+    assert 100 <= await redis_client.xlen(owner_stream) < 100 + 200
+    for key in (job_stream, owner_stream, f"{prefix}id:{batch[0].id}", f"{prefix}id:{batch[-1].id}"):
+        assert 0 < await redis_client.ttl(key) <= 600
+
+
 async def test_a_forgotten_script_is_loaded_again(redis_client: Any, notifier_env: dict[str, str]) -> None:
     events = log(redis_client, notifier_env)
     events._sha = "0" * 40  # as if Redis had restarted since the script was loaded

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import aio_pika
 import pytest
 from websockets.exceptions import ConnectionClosed
+
+from stemflow_shared.topology import NOTIFIER_QUEUE, Names
 
 
 def ids(events: list[dict[str, Any]]) -> list[str]:
@@ -72,6 +75,7 @@ async def test_two_replicas_both_deliver_and_log_each_event_once(
     ):
         await kit.subscribe(on_one, job_id=job)
         await kit.subscribe(on_two)
+        assert await consumers_of_replica_queues(notifier_env, ("one", "two")) == [1, 1]
         first = await feed.progress("scaled", job, 10.0)
         assert ids(await kit.events_until(on_one, first.id)) == [first.id]
         assert ids(await kit.events_until(on_two, first.id)) == [first.id]
@@ -87,6 +91,16 @@ async def test_two_replicas_both_deliver_and_log_each_event_once(
     assert await redis_client.xlen(stream) == 3
 
 
+async def consumers_of_replica_queues(notifier_env: dict[str, str], replicas: tuple[str, ...]) -> list[int]:
+    """How many consumers each replica's own queue has (declared passively: it must exist)."""
+    names = Names(notifier_env["STEMFLOW_NAMESPACE"])
+    connection = await aio_pika.connect(notifier_env["AMQP_URL"])
+    async with connection:
+        channel = await connection.channel()
+        queues = [await channel.declare_queue(names.queue(NOTIFIER_QUEUE, r), passive=True) for r in replicas]
+        return [queue.declaration_result.consumer_count for queue in queues]
+
+
 async def test_an_unknown_last_event_id_replays_all_that_is_kept(
     kit: Any, notifier_env: dict[str, str], feed: Any
 ) -> None:
@@ -99,5 +113,5 @@ async def test_an_unknown_last_event_id_replays_all_that_is_kept(
             await kit.events_until(ws, kept[-1].id)
         async with kit.connect(notifier.url, key) as ws:
             reply = await kit.subscribe(ws, last_event_id="not-an-event-we-know")
-            assert reply == {"type": "subscribed", "job_id": None, "resumed": False}
+            assert (reply["type"], reply["job_id"], reply["resumed"]) == ("subscribed", None, False)
             assert ids(await kit.events_until(ws, kept[-1].id)) == [e.id for e in kept]

@@ -23,11 +23,13 @@ from stemflow_shared.topology import REASON_HEADER, Names
 
 
 class Receiver:
-    """An HTTP endpoint that records every request and answers with the statuses it is given, then 200."""
+    """An HTTP endpoint that records every request (and when it came) and answers with the statuses it is
+    given (a status, or a status and headers), then 200."""
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, dict[str, str], bytes]] = []
-        self.answers: dict[str, list[int]] = {}
+        self.arrivals: dict[str, list[float]] = {}
+        self.answers: dict[str, list[int | tuple[int, dict[str, str]]]] = {}
         self._arrived = asyncio.Condition()
         self.base_url = ""
 
@@ -39,9 +41,12 @@ class Receiver:
             if not message.get("more_body"):
                 break
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        self.arrivals.setdefault(scope["path"], []).append(asyncio.get_running_loop().time())
         queued = self.answers.get(scope["path"], [])
-        status = queued.pop(0) if queued else 200
-        await send({"type": "http.response.start", "status": status, "headers": [(b"content-length", b"0")]})
+        answer = queued.pop(0) if queued else 200
+        status, extra = answer if isinstance(answer, tuple) else (answer, {})
+        response_headers = [(b"content-length", b"0"), *((k.encode(), v.encode()) for k, v in extra.items())]
+        await send({"type": "http.response.start", "status": status, "headers": response_headers})
         await send({"type": "http.response.body", "body": b""})
         async with self._arrived:
             self.requests.append((scope["path"], headers, body))
@@ -132,6 +137,26 @@ async def test_a_receiver_that_fails_twice_gets_the_webhook_on_the_third_attempt
     assert {h["stemflow-event-type"] for h, _ in attempts} == {"job.failed"}
     for headers, body in attempts:
         verify(headers, body, kit.webhook_secret)
+    # WEBHOOK_BACKOFF_S is 0.05 s, doubling, less up to 10% of jitter.
+    first, second, third = receiver.arrivals["/flaky"]
+    assert second - first >= 0.045 and third - second >= 0.09
+
+
+async def test_retry_after_is_honoured(notifier: Any, receiver: Receiver, feed: Any) -> None:
+    receiver.answers["/busy"] = [(429, {"retry-after": "1"})]
+    job = await feed.job("hooked", callback_url=f"{receiver.base_url}/busy")
+    await feed.completed("hooked", job)
+    await receiver.wait("/busy", 2)
+    first, second = receiver.arrivals["/busy"]
+    assert second - first >= 1.0
+
+
+async def test_a_redirect_is_not_followed(notifier: Any, receiver: Receiver, feed: Any, dead_letters: Any) -> None:
+    receiver.answers["/moved"] = [(307, {"location": f"{receiver.base_url}/elsewhere"})] * 10
+    job = await feed.job("hooked", callback_url=f"{receiver.base_url}/moved")
+    event = await feed.completed("hooked", job)
+    assert await dead_letters(event.id) == "webhook_failed"
+    assert len(receiver.at("/moved")) == 4 and receiver.at("/elsewhere") == []
 
 
 async def test_a_receiver_that_keeps_failing_is_given_up_and_dead_lettered(
@@ -166,9 +191,11 @@ async def test_jobs_without_a_callback_url_are_not_called_back(notifier: Any, re
 async def test_private_addresses_are_refused_unless_allowed(receiver: Receiver) -> None:
     async with httpx.AsyncClient() as http:
         strict = Webhooks(http, jobs=None, secret=b"s", policy=Policy(allow_private=False))
-        with pytest.raises(PermanentError) as refused:
-            await strict.deliver(f"{receiver.base_url}/private", b"{}", "e1", "job.completed")
-        assert refused.value.code == "webhook_rejected"
+        by_name = receiver.base_url.replace("127.0.0.1", "localhost")
+        for url in (f"{receiver.base_url}/private", f"{by_name}/private", "ftp://example.com/hook"):
+            with pytest.raises(PermanentError) as refused:
+                await strict.deliver(url, b"{}", "e1", "job.completed")
+            assert refused.value.code == "webhook_rejected", url
         assert receiver.at("/private") == []
         lenient = Webhooks(http, jobs=None, secret=b"s", policy=Policy(allow_private=True))
         await lenient.deliver(f"{receiver.base_url}/private", b"{}", "e2", "job.completed")

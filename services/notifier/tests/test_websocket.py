@@ -51,6 +51,27 @@ async def test_subscribing_sends_the_jobs_current_state_first(kit: Any, notifier
         assert received["data"]["progress"]["overall"] == 42.0
 
 
+async def test_subscribing_to_all_jobs_sends_the_state_of_the_unfinished_ones_first(
+    kit: Any, notifier: Any, feed: Any
+) -> None:
+    key = await feed.key("gina")
+    unfinished = [await feed.job("gina", status=status) for status in ("queued", "ingesting", "processing")]
+    for status in ("completed", "failed", "cancelled"):
+        await feed.job("gina", status=status)
+    await feed.job("not-gina")
+    async with kit.connect(notifier.url, key) as ws:
+        reply = await kit.subscribe(ws)
+        assert reply["type"] == "subscribed" and reply["job_id"] is None
+        assert [state["id"] for state in reply["jobs"]] == sorted(unfinished, reverse=True)
+        assert {state["id"]: state["status"] for state in reply["jobs"]} == dict(
+            zip(unfinished, ("queued", "ingesting", "processing"), strict=True)
+        )
+        event = await feed.progress("gina", unfinished[0], 30.0)
+        assert [e["id"] for e in await kit.events_until(ws, event.id)] == [event.id]
+    async with kit.connect(notifier.url, await feed.key("nobody-yet")) as ws:
+        assert await kit.subscribe(ws) == {"type": "subscribed", "job_id": None}
+
+
 async def test_a_job_id_in_the_url_subscribes_at_once(kit: Any, notifier: Any, feed: Any) -> None:
     key = await feed.key("alice")
     job = await feed.job("alice")
@@ -86,6 +107,19 @@ async def test_after_unsubscribing_no_more_events_of_that_job_arrive(kit: Any, n
         assert await kit.receive(ws) == {"type": "unsubscribed", "job_id": job}
         await feed.completed("bob", job)
         sentinel = await feed.completed("bob", other)
+        assert [e["id"] for e in await kit.events_until(ws, sentinel.id)] == [sentinel.id]
+
+
+async def test_unsubscribing_from_all_jobs_stops_their_events(kit: Any, notifier: Any, feed: Any) -> None:
+    key = await feed.key("hank")
+    job, kept = await feed.job("hank"), await feed.job("hank")
+    async with kit.connect(notifier.url, key) as ws:
+        await kit.subscribe(ws)
+        await kit.subscribe(ws, job_id=kept)
+        await ws.send(json.dumps({"type": "unsubscribe"}))
+        assert await kit.receive(ws) == {"type": "unsubscribed", "job_id": None}
+        await feed.completed("hank", job)
+        sentinel = await feed.completed("hank", kept)
         assert [e["id"] for e in await kit.events_until(ws, sentinel.id)] == [sentinel.id]
 
 

@@ -50,6 +50,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.event_log = event_log
         app.state.api_keys = ApiKeys(database)
         app.state.jobs = database["jobs"]
+        app.state.batches = database["batches"]
         app.state.checks = {"mongodb": lambda: _ping(mongo), "redis": redis_client.ping, "broker": broker.ready}
         await broker.consume(
             NOTIFIER_QUEUE,

@@ -7,13 +7,14 @@ import contextlib
 import json
 import logging
 import re
-from typing import Any
+from typing import Any, get_args
 
 from fastapi import WebSocket
 from redis.exceptions import RedisError
 from starlette.websockets import WebSocketDisconnect
 
 from stemflow_shared import metrics
+from stemflow_shared.events import TERMINAL_JOB_STATUSES, JobStatus
 
 from .hub import Client
 from .mailbox import Item, Mailbox
@@ -27,6 +28,7 @@ CLOSE_REVOKED = 4401
 JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 SNAPSHOT_FIELDS = {"status": 1, "stages": 1, "progress": 1, "error": 1, "updated_at": 1}
 STAGES = ("ingest", "separation", "analysis")
+UNFINISHED = sorted(set(get_args(JobStatus)) - TERMINAL_JOB_STATUSES)
 _EVENTS_SENT: dict[str, Any] = {}
 
 
@@ -56,6 +58,8 @@ class Session:
             params = self._ws.query_params
             if params.get("job_id"):
                 await self._subscribe({"job_id": params["job_id"], "last_event_id": params.get("last_event_id")})
+            elif params.get("batch_id"):
+                await self._subscribe({"batch_id": params["batch_id"]})
             await self._receive()
         except WebSocketDisconnect:
             pass
@@ -99,6 +103,9 @@ class Session:
             await self._error("unknown_message", f"unknown type {str(kind)[:40]!r}")
 
     async def _subscribe(self, message: dict[str, Any]) -> None:
+        if message.get("batch_id") is not None:
+            await self._subscribe_batch(message["batch_id"])
+            return
         job_id, last_event_id = message.get("job_id"), message.get("last_event_id")
         if job_id is not None and not (isinstance(job_id, str) and JOB_ID.match(job_id)):
             await self._error("invalid_job_id", "job_id must be a job id")
@@ -125,6 +132,10 @@ class Session:
                     await self._error("job_not_found", "no such job", job_id=job_id)
                     return
                 reply["state"] = snapshot(job)
+            else:
+                unfinished = await self._unfinished_jobs()
+                if unfinished:
+                    reply["jobs"] = unfinished
             if last_event_id:
                 replay = await self._replay(last_event_id, job_id)
                 reply["resumed"] = replay.resumed
@@ -137,6 +148,42 @@ class Session:
                 client.release()
             else:
                 client.release({item.id for item in replay.items}, job_id, replay.upto)
+
+    async def _subscribe_batch(self, batch_id: Any) -> None:
+        """Every job of one of the owner's batches (POST /v1/batches): their states first, then their events."""
+        if not (isinstance(batch_id, str) and JOB_ID.match(batch_id)):
+            await self._error("invalid_batch_id", "batch_id must be a batch id")
+            return
+        client, settings = self._client, self._state.settings
+        if not await self._still_authorized():
+            return
+        batch = await self._state.batches.find_one({"_id": batch_id, "owner": client.owner}, {"job_ids": 1})
+        if batch is None:
+            await self._error("batch_not_found", "no such batch", batch_id=batch_id)
+            return
+        job_ids: list[str] = batch["job_ids"]
+        if len(set(client.jobs) | set(job_ids)) > settings.max_subscriptions:
+            await self._error("too_many_subscriptions", f"at most {settings.max_subscriptions} jobs per connection")
+            return
+        client.hold()
+        try:
+            for job_id in job_ids:
+                self._state.hub.subscribe(client, job_id)
+            query = {"_id": {"$in": job_ids}, "owner": client.owner}
+            jobs = [snapshot(job) async for job in self._state.jobs.find(query, SNAPSHOT_FIELDS).sort("_id", 1)]
+            async with self._sending:
+                await self._send_json({"type": "subscribed", "batch_id": batch_id, "jobs": jobs})
+        finally:
+            client.release()
+
+    async def _unfinished_jobs(self) -> list[dict[str, Any]]:
+        """The current state of the owner's unfinished jobs, newest first, for a subscription to all of them."""
+        limit = self._state.settings.snapshot_max_jobs
+        if limit == 0:
+            return []
+        query = {"owner": self._client.owner, "status": {"$in": UNFINISHED}}
+        cursor = self._state.jobs.find(query, SNAPSHOT_FIELDS).sort("_id", -1).limit(limit)
+        return [snapshot(job) async for job in cursor]
 
     async def _send_replay(self, items: list[Item]) -> None:
         """The missed events in order, a batch at a time, each write waiting for the client to take the last."""

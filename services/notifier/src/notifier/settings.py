@@ -20,6 +20,9 @@ class Settings(ServiceSettings, RedisSettings):
 
     batch_window_ms: float = Field(default=100.0, ge=0, description="How long events wait for company; 0 = no batching")
     batch_max_events: int = Field(default=50, ge=1)
+    snapshot_max_jobs: int = Field(
+        default=100, ge=0, description="Unfinished jobs whose state a subscription to all jobs gets first"
+    )
     max_subscriptions: int = Field(default=1000, ge=1, description="Jobs one connection may subscribe to")
     client_queue_max: int = Field(default=1000, ge=1, description="Undelivered events a client may have pending")
     send_timeout_s: float = Field(default=10.0, gt=0, description="A write blocked this long drops the connection")

@@ -13,8 +13,11 @@ with the shared secret (`WEBHOOK_SECRET`), compares it in constant time, and
 rejects timestamps a few minutes old (replays). The timestamp is that of the
 attempt, so each retry is signed afresh.
 
-The URL goes through `stemflow_shared.netguard` (public addresses only unless
-`WEBHOOK_ALLOW_PRIVATE`; redirects are not followed). A 2xx answer is delivery.
+The URL goes through `stemflow_shared.netguard`, as ingest's `source_url` does:
+http(s) only, no credentials in the URL, every address the host resolves to
+public unless `WEBHOOK_ALLOW_PRIVATE` (cloud metadata addresses never), and the
+connection pinned to the checked address. Redirects are not followed: a 3xx
+answer counts as a failed attempt. A 2xx answer is delivery.
 Network errors, timeouts, 408, 429 and 5xx are retried with exponential backoff
 (a `Retry-After` is honoured up to the cap) until `WEBHOOK_MAX_ATTEMPTS`; then
 the webhook is given up: a log line, a metric, and the message dead-lettered

@@ -6,12 +6,16 @@ problem+json body); no WebSocket is opened.
 
 Client messages (JSON objects):
   {"type": "subscribe", "job_id": ID?, "last_event_id": ID?}   no job_id: all of the key's jobs
+  {"type": "subscribe", "batch_id": ID}                         every job of a batch (POST /v1/batches)
   {"type": "unsubscribe", "job_id": ID?}
   {"type": "ping"}
-`?job_id=` and `&last_event_id=` on the URL subscribe at once.
+`?job_id=` and `&last_event_id=` (or `?batch_id=`) on the URL subscribe at once.
 
 Server messages:
-  {"type": "subscribed", "job_id", "state"?, "resumed"?}   state: the job now (job subscriptions)
+  {"type": "subscribed", "job_id", "state"?, "jobs"?, "resumed"?}
+  {"type": "subscribed", "batch_id", "jobs"}              the batch's jobs now, in submission order
+      state: the job now (job subscriptions); jobs: the states of the key's unfinished
+      jobs, newest first, at most SNAPSHOT_MAX_JOBS (subscriptions to all jobs, when any)
   {"type": "batch", "events": [CloudEvent, ...]}           oldest first
   {"type": "unsubscribed", "job_id"}, {"type": "pong"}
   {"type": "error", "code", "message", "job_id"?}
