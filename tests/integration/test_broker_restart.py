@@ -56,10 +56,14 @@ async def test_jobs_in_flight_survive_a_broker_restart(
     state, ports, urls = private_broker
     assert urls.amqp_url.endswith(f":{ports.amqp}/") or f":{ports.amqp}" in urls.amqp_url
     service_ports = Ports.free()
+    # A database of its own: the session's system shares the MongoDB server, and its gateway's outbox
+    # sweeper would otherwise publish this system's pending jobs on the other broker.
+    database = f"{isolation.mongodb_db}_restart"
+    own_db = mongo_db.client[database]
     env = service_env(
         urls,
         namespace=f"{isolation.namespace}-restart",
-        mongodb_db=isolation.mongodb_db,
+        mongodb_db=database,
         blob_dir=tmp_path / "blobs",
         model_repo=make_tiny_repo(tmp_path / "models"),
         ports=service_ports,
@@ -69,7 +73,7 @@ async def test_jobs_in_flight_survive_a_broker_restart(
     group.start(service_specs(env, service_ports), ARTIFACTS / "logs-broker-restart")
     try:
         await asyncio.to_thread(group.wait_ready, 240)
-        key = await ApiKeys(mongo_db).create("restart")
+        key = await ApiKeys(own_db).create("restart")
         client = StemflowClient(
             f"http://127.0.0.1:{service_ports.gateway}", f"ws://127.0.0.1:{service_ports.notifier}/v1/ws", key
         )
@@ -97,3 +101,4 @@ async def test_jobs_in_flight_survive_a_broker_restart(
         await client.aclose()
     finally:
         group.stop()
+        await mongo_db.client.drop_database(database)
