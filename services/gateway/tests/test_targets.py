@@ -29,6 +29,17 @@ async def _once(data: bytes) -> Any:
     yield data
 
 
+async def _ingested(app: Any, job_id: str) -> None:
+    audio = AudioIngested(
+        job_id=job_id,
+        owner="o",
+        options=JobOptions(analyze=False),
+        audio=AudioInfo(blob_key="a", duration_s=1, sample_rate=44100, channels=2, frames=44100, fingerprint=job_id),
+        source=SourceInfo(format="WAV", sample_rate=44100, channels=2, duration_s=1),
+    )
+    await app.state.jobs.apply_event(make_event(AUDIO_INGESTED, audio, source="/t"))
+
+
 async def _separated(app: Any, job_id: str, target: str, model: str, names: list[str]) -> None:
     jobs = app.state.jobs
     stems = []
@@ -56,14 +67,7 @@ async def test_each_target_has_its_status_results_and_downloads(
         "htdemucs-2": {"status": "pending", "percent": 0.0},
         "htdemucs_6s-6": {"status": "pending", "percent": 0.0},
     }
-    audio = AudioIngested(
-        job_id=job["id"],
-        owner="targets",
-        options=JobOptions(analyze=False),
-        audio=AudioInfo(blob_key="a", duration_s=1, sample_rate=44100, channels=2, frames=44100, fingerprint="t"),
-        source=SourceInfo(format="WAV", sample_rate=44100, channels=2, duration_s=1),
-    )
-    await app.state.jobs.apply_event(make_event(AUDIO_INGESTED, audio, source="/t"))
+    await _ingested(app, job["id"])
     await _separated(app, job["id"], "htdemucs_6s-6", "htdemucs_6s", ["guitar", "piano"])
     running = (await client.get(f"/v1/jobs/{job['id']}", headers=alice)).json()
     assert running["status"] == "processing"
@@ -99,14 +103,7 @@ async def test_a_failed_target_leaves_a_partial_completed_job(
 ) -> None:
     alice = await helpers.new_key(app, "targets-partial")
     job = (await helpers.submit(client, alice, targets="htdemucs:4,htdemucs_6s:6", analyze="false")).json()
-    audio = AudioIngested(
-        job_id=job["id"],
-        owner="targets-partial",
-        options=JobOptions(analyze=False),
-        audio=AudioInfo(blob_key="a", duration_s=1, sample_rate=44100, channels=2, frames=44100, fingerprint="p"),
-        source=SourceInfo(format="WAV", sample_rate=44100, channels=2, duration_s=1),
-    )
-    await app.state.jobs.apply_event(make_event(AUDIO_INGESTED, audio, source="/t"))
+    await _ingested(app, job["id"])
     failed = StageFailed(job_id=job["id"], target="htdemucs_6s-6", error=ErrorInfo(code="model_unavailable"))
     await app.state.jobs.apply_event(make_event(SEPARATION_FAILED, failed, source="/t"))
     await _separated(app, job["id"], "htdemucs-4", "htdemucs", ["vocals", "drums", "bass", "other"])

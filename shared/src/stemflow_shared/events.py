@@ -43,6 +43,10 @@ SIX_STEM_MODELS: frozenset[str] = frozenset({"htdemucs_6s"})
 MAX_TARGETS = 4
 
 
+def _int_from_text(value: Any) -> Any:
+    return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
+
 class Target(_Data):
     """One separation of a job's audio: a model and a stem set (`targets` asks for several)."""
 
@@ -52,7 +56,7 @@ class Target(_Data):
     @field_validator("stems", mode="before")
     @classmethod
     def _stems_from_text(cls, value: Any) -> Any:
-        return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+        return _int_from_text(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> Target:
@@ -95,11 +99,11 @@ class JobOptions(_Data):
             return [_target_from_text(item) if isinstance(item, str) else item for item in value]
         return value
 
+    # Form fields arrive as text; a Literal of ints would otherwise refuse "4".
     @field_validator("stems", mode="before")
     @classmethod
     def _stems_from_text(cls, value: Any) -> Any:
-        # Form fields arrive as text; a Literal of ints would otherwise refuse "4".
-        return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+        return _int_from_text(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> JobOptions:

@@ -23,7 +23,7 @@ from . import state, views
 from .deps import Owner, jobs_of
 from .jobs import Jobs
 from .problems import Problem
-from .routes import _check_source_url, _declared_length, _options_from, _safe_filename
+from .routes import _check_source_url, _declared_length, _options_from, _safe_filename, read_json_object
 from .uploads import MultipartUpload, stream_file_parts
 
 router = APIRouter(prefix="/v1")
@@ -129,18 +129,7 @@ def batch_view(jobs: Jobs, batch: dict[str, Any], docs: list[dict[str, Any]]) ->
 
 
 async def _json_batch(request: Request, limit: int) -> tuple[JobOptions, list[InputRef]]:
-    max_bytes = request.app.state.settings.max_json_body_bytes
-    body = bytearray()
-    async for chunk in request.stream():
-        body.extend(chunk)
-        if len(body) > max_bytes:
-            raise Problem(413, "payload_too_large", f"JSON submissions are limited to {max_bytes} bytes")
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise Problem(400, "malformed_json", f"the body is not valid JSON: {exc}") from exc
-    if not isinstance(payload, dict):
-        raise Problem(422, "validation_failed", "the body must be a JSON object", errors=[{"field": "body"}])
+    payload = await read_json_object(request)
     urls = payload.pop("source_urls", None)
     if not isinstance(urls, list) or not 1 <= len(urls) <= limit:
         raise Problem(

@@ -127,6 +127,13 @@ async def _accepted(jobs: Jobs, doc: dict[str, Any]) -> Response:
 
 
 async def _json_submission(request: Request) -> tuple[JobOptions, InputRef]:
+    payload = await read_json_object(request)
+    url = _check_source_url(payload.pop("source_url", None))
+    return _options_from(payload), InputRef(source_url=url)
+
+
+async def read_json_object(request: Request) -> dict[str, Any]:
+    """The request's JSON object, read up to MAX_JSON_BODY_BYTES (413 past it, 400/422 when not an object)."""
     limit = request.app.state.settings.max_json_body_bytes
     body = bytearray()
     async for chunk in request.stream():
@@ -139,8 +146,7 @@ async def _json_submission(request: Request) -> tuple[JobOptions, InputRef]:
         raise Problem(400, "malformed_json", f"the body is not valid JSON: {exc}") from exc
     if not isinstance(payload, dict):
         raise Problem(422, "validation_failed", "the body must be a JSON object", errors=[{"field": "body"}])
-    url = _check_source_url(payload.pop("source_url", None))
-    return _options_from(payload), InputRef(source_url=url)
+    return payload
 
 
 async def _multipart_submission(request: Request, job_id: str, content_type: str) -> tuple[JobOptions, InputRef]:
