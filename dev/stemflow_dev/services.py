@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import socket
 import sys
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ def service_env(
         "PUBLIC_URL": f"http://127.0.0.1:{ports.gateway}",
         "EVENTS_URL": f"ws://127.0.0.1:{ports.notifier}/v1/ws",
         "REPLICA_ID": "local",
+        # Webhooks are signed with it (a fresh one per stack: nothing outside the machine checks them).
+        "WEBHOOK_SECRET": secrets.token_urlsafe(32),
         "PYTHONUNBUFFERED": "1",
     }
     env.update(extra or {})

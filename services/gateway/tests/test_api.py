@@ -309,3 +309,11 @@ async def test_ops_endpoints(client: httpx.AsyncClient) -> None:
 
 def test_ids_are_time_ordered() -> None:
     assert state.new_job_id(1) < state.new_job_id(2)
+
+
+async def test_a_callback_url_must_be_http(app: Any, client: httpx.AsyncClient, helpers: Any) -> None:
+    alice = await helpers.new_key(app, "callbacks")
+    for bad in ("ftp://example.com/hook", "file:///etc/passwd", "not a url"):
+        body = helpers.assert_problem(await helpers.submit(client, alice, callback_url=bad), 422, "validation_failed")
+        assert body["errors"][0]["field"] == "callback_url"
+    assert (await helpers.submit(client, alice, callback_url="https://example.com/hook")).status_code == 202

@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, Literal, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -104,6 +105,16 @@ class JobOptions(_Data):
     @classmethod
     def _stems_from_text(cls, value: Any) -> Any:
         return _int_from_text(value)
+
+    @field_validator("callback_url")
+    @classmethod
+    def _http_callback(cls, value: str | None) -> str | None:
+        # Where it may point (public addresses only) is checked when it is called; the form, here.
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("callback_url must be an http or https URL")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> JobOptions:

@@ -13,9 +13,9 @@ Client messages (JSON objects):
 
 Server messages:
   {"type": "subscribed", "job_id", "state"?, "jobs"?, "resumed"?}
-  {"type": "subscribed", "batch_id", "jobs"}              the batch's jobs now, in submission order
       state: the job now (job subscriptions); jobs: the states of the key's unfinished
       jobs, newest first, at most SNAPSHOT_MAX_JOBS (subscriptions to all jobs, when any)
+  {"type": "subscribed", "batch_id", "jobs"}              the batch's jobs now, in submission order
   {"type": "batch", "events": [CloudEvent, ...]}           oldest first
   {"type": "unsubscribed", "job_id"}, {"type": "pong"}
   {"type": "error", "code", "message", "job_id"?}
