@@ -94,11 +94,17 @@ async def redis_client(stack: StackUrls, isolation: Isolation) -> AsyncIterator[
         await client.aclose()
 
 
+# Suffixes of the namespaces tests derive from the run's own on the shared broker
+# (`f"{isolation.namespace}-outages"`, ...): the session's clean-up removes them too.
+DERIVED_NAMESPACES = ("outages", "ni", "nt")
+
+
 @pytest_asyncio.fixture(scope="session", autouse=False)
 async def broker_cleanup(stack: StackUrls, isolation: Isolation) -> AsyncIterator[None]:
-    """Delete this run's exchanges and queues at the end of the session."""
+    """Delete this run's exchanges and queues at the end of the session (derived namespaces included)."""
     yield
-    await delete_namespace(stack.amqp_url, isolation.namespace)
+    for namespace in (isolation.namespace, *(f"{isolation.namespace}-{s}" for s in DERIVED_NAMESPACES)):
+        await delete_namespace(stack.amqp_url, namespace)
 
 
 async def delete_namespace(amqp_url: str, namespace: str) -> None:
