@@ -6,7 +6,8 @@ the same run, on this machine's cores:
   (shifts 1, overlap 0.25), and the largest difference from apply_model with the preset's settings;
 - throughput: the worker (jobs in flight = its prefetch) on 10 songs of 30 s against the demucs
   command line run once per song, same model from a local repository, same settings, start-up paid,
-  in alternating rounds (worker, then CLI, on the same songs);
+  in alternating rounds (worker, then CLI, on the same songs); the worker also with the opt-in
+  bfloat16 precision, and that precision's distance from float32;
 - rss: peak RSS of the worker for 1, 10 and 60 minutes of audio and of apply_model on 60 s, each
   in a process of its own; besides the process's peak, the peak while separating (the kernel's
   count restarted once the model is loaded). `--rss-model production` (default) uses the production
@@ -54,6 +55,7 @@ SAMPLERATE = 44100
 MODEL = "htdemucs"
 BASELINE = {"shifts": 1, "overlap": 0.25}
 GOALS = {"fast_rtf": 1.0, "peak_rss_mb": 1536, "throughput_ratio": 1.3, "long_rss_ratio": 1.2}
+PRECISIONS = ("float32", "bfloat16")
 RSS_MODELS = {
     "production": "htdemucs (production architecture, random weights)",
     "tiny": "tiny untrained htdemucs of the tests (stemflow_dev.models.make_tiny_repo)",
@@ -162,7 +164,11 @@ def bench_rtf(repo: Path, tmp: Path, seconds: float) -> dict:
 
 def bench_throughput(repo: Path, tmp: Path, songs: int, seconds: float, threads: int, compiled: bool) -> dict:
     """The worker against the CLI in alternating rounds of `in_flight` songs, so that load from
-    other work on a shared machine weighs on both alike."""
+    other work on a shared machine weighs on both alike.
+
+    The worker runs twice per round: in float32 (the CPU default, output equal to apply_model's) and
+    with the opt-in PRECISION=bfloat16 setting, whose distance from float32 is reported too.
+    """
     from separator.engine import SegmentEngine
     from separator.settings import Settings
 
@@ -172,39 +178,67 @@ def bench_throughput(repo: Path, tmp: Path, songs: int, seconds: float, threads:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     command = [sys.executable, "-m", "demucs", "--repo", str(repo), "-n", MODEL, "--shifts", "0", "--overlap", "0.1"]
     command += ["-d", "cpu", "--float32", "-o", str(tmp / "cli")]
+    engines = {
+        precision: SegmentEngine("cpu", precision=precision, compile_models=compiled) for precision in PRECISIONS
+    }
     rounds = []
-    with SegmentEngine("cpu", compile_models=compiled) as engine, ThreadPoolExecutor(in_flight) as pool:
-        # A running worker has its model loaded (and compiled) before the first job.
-        engine.warm_up(model.model.models[0])
+    with ThreadPoolExecutor(in_flight) as pool:
+        for engine in engines.values():
+            # A running worker has its model loaded (and compiled) before the first job.
+            engine.start().warm_up(model.model.models[0])
         for first in range(0, songs, in_flight):
             batch = paths[first : first + in_flight]
-            started = time.perf_counter()
-            jobs = [pool.submit(worker_job, engine, model, p, tmp / "worker" / p.stem, "fast") for p in batch]
-            for job in jobs:
-                job.result()
-            worker_s = time.perf_counter() - started
+            times = {}
+            for precision, engine in engines.items():
+                started = time.perf_counter()
+                out = tmp / "worker" / precision
+                for job in [pool.submit(worker_job, engine, model, p, out / p.stem, "fast") for p in batch]:
+                    job.result()
+                times[f"worker_{precision}_s"] = time.perf_counter() - started
             started = time.perf_counter()
             for path in batch:
                 subprocess.run([*command, str(path)], env=env, check=True, capture_output=True)
-            cli_s = time.perf_counter() - started
-            rounds.append({"songs": len(batch), "worker_s": worker_s, "cli_s": cli_s, "ratio": cli_s / worker_s})
-            print(f"round of {len(batch)} songs: worker {worker_s:.1f} s, demucs CLI {cli_s:.1f} s", flush=True)
-    worker_s = sum(r["worker_s"] for r in rounds)
-    cli_s = sum(r["cli_s"] for r in rounds)
+            times["cli_s"] = time.perf_counter() - started
+            rounds.append({"songs": len(batch), **times})
+            print(
+                f"round of {len(batch)} songs: "
+                + ", ".join(f"{name.removesuffix('_s')} {value:.1f} s" for name, value in times.items()),
+                flush=True,
+            )
+        for engine in engines.values():
+            engine.close()
+    totals = {name: sum(r[name] for r in rounds) for name in rounds[0] if name.endswith("_s")}
+    ratios = {precision: totals["cli_s"] / totals[f"worker_{precision}_s"] for precision in PRECISIONS}
     print(
-        f"{songs} songs of {seconds:.0f} s: worker {worker_s:.1f} s, demucs CLI {cli_s:.1f} s; "
-        f"worker throughput {cli_s / worker_s:.2f}x the CLI",
+        f"{songs} songs of {seconds:.0f} s, demucs CLI {totals['cli_s']:.1f} s; worker throughput "
+        + ", ".join(f"{ratio:.2f}x the CLI in {precision}" for precision, ratio in ratios.items()),
         flush=True,
     )
+    bfloat16_error_db = _error_db(tmp / "worker" / "bfloat16", tmp / "worker" / "float32")
+    print(f"bfloat16 stems are {bfloat16_error_db:.1f} dB (energy) away from float32's", flush=True)
     return {
         "songs": songs,
         "seconds": seconds,
         "in_flight": in_flight,
-        "worker_s": worker_s,
-        "cli_s": cli_s,
-        "ratio": cli_s / worker_s,
+        "worker_s": totals["worker_float32_s"],
+        "cli_s": totals["cli_s"],
+        "ratio": ratios["float32"],
+        "worker_bfloat16_s": totals["worker_bfloat16_s"],
+        "ratio_bfloat16": ratios["bfloat16"],
+        "bfloat16_error_db": bfloat16_error_db,
         "rounds": rounds,
     }
+
+
+def _error_db(stems: Path, reference: Path) -> float:
+    """Energy of the difference between two folders of stem files, relative to the reference's, in dB."""
+    difference = total = 0.0
+    for path in sorted(reference.rglob("*.wav")):
+        expected = sf.read(path, dtype="float64")[0]
+        got = sf.read(stems / path.relative_to(reference), dtype="float64")[0]
+        difference += float(np.sum((got - expected) ** 2))
+        total += float(np.sum(expected**2))
+    return 10 * float(np.log10(difference / total))
 
 
 def bench_rss(repo: Path, tmp: Path, minutes: list[float], threads: int, compiled: bool, before: dict) -> dict:
