@@ -41,3 +41,14 @@ async def test_two_targets_of_one_upload_complete_each_with_its_stems(client: St
         assert sf.info(path).frames == frames_expected
     archive = await client.http.get(targets["htdemucs-4"]["stems_zip"])
     assert archive.status_code == 200 and archive.content[:2] == b"PK"
+
+
+async def test_stems_keep_the_inputs_integer_bit_depth(client: StemflowClient, tmp_path: Path) -> None:
+    song = tmp_path / "sixteen.wav"
+    sf.write(song, demo_song.render(3.0, seed=202), 44100, subtype="PCM_16")
+    job = await client.submit(song, stems=2, quality="fast", output_format="flac", analyze=False)
+    await client.follow(job["id"], timeout_s=300)
+    done = await client.job(job["id"])
+    assert done["status"] == "completed"
+    for path in await client.download_stems(done, tmp_path / "stems"):
+        assert sf.info(path).subtype == "PCM_16", path

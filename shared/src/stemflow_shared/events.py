@@ -186,6 +186,8 @@ class SourceInfo(_Data):
     sample_rate: int
     channels: int
     duration_s: float
+    # The source's integer bit depth (16 or 24) when it had one; stems keep it where the format allows.
+    bits_per_sample: int | None = None
 
 
 class StemInfo(_Data):

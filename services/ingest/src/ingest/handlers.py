@@ -42,6 +42,8 @@ from .fetch import fetch
 
 log = logging.getLogger(__name__)
 SOURCE = "/stemflow/ingest"
+# Integer sample formats whose depth the stems keep (lossless outputs); anything else is float or lossy.
+INTEGER_BITS = {"PCM_16": 16, "PCM_24": 24}
 
 
 class Ingest:
@@ -133,6 +135,7 @@ class Ingest:
                 sample_rate=audio.source_sample_rate,
                 channels=audio.source_channels,
                 duration_s=audio.duration_s,
+                bits_per_sample=INTEGER_BITS.get(audio.source_subtype or ""),
             ),
         )
 

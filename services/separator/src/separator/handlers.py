@@ -125,8 +125,8 @@ class Separator:
                         path,
                         Path(tmp),
                         fmt=job.options.output_format,
-                        # The source's integer bit depth, once ingest reports it, is kept where the format allows.
-                        bits=getattr(job.source, "bits_per_sample", None),
+                        # The source's integer bit depth is kept where the format allows.
+                        bits=job.source.bits_per_sample,
                         quality=job.options.quality,
                         stems=job.options.stems,
                         residual=job.options.residual,
