@@ -35,6 +35,8 @@ from stemflow_shared.events import (
     JobOptions,
     JobProgressed,
     Progress,
+    SeparationCompleted,
+    SeparationProgress,
     StemInfo,
     event_id,
     make_event,
@@ -132,12 +134,11 @@ def _target_event(doc: dict[str, Any], name: str, data: Any, changes: dict[str, 
     target = targets.get(name)
     if target is None or target["status"] in TERMINAL_STAGE:
         return None
-    kind = type(data).__name__
-    if kind == "SeparationProgress":
+    if isinstance(data, SeparationProgress):
         if data.percent <= target["percent"]:
             return None
         target.update(status="running", percent=min(round(data.percent, 1), 99.9))
-    elif kind == "SeparationCompleted":
+    elif isinstance(data, SeparationCompleted):
         target.update(status="completed", percent=100.0)
         results = dict((doc.get("result") or {}).get("targets") or {})
         results[name] = {
