@@ -1,11 +1,17 @@
-"""Logging: one JSON line per record, credentials never written."""
+"""Logging: one JSON line per record, credentials never written. Head sampling: one decision per request."""
 
 from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 import pytest
+from opentelemetry import propagate, trace
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
+from opentelemetry.sdk.trace import TracerProvider, sampling
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from stemflow_shared import telemetry
 
@@ -30,3 +36,107 @@ def test_log_lines_are_json_with_the_job_id_and_no_secret(capsys: pytest.Capture
     assert entry["service"] == "unit" and entry["job_id"] == "job-42" and entry["level"] == "INFO"
     assert entry["msg"] == "127.0.0.1 - WebSocket /v1/ws?token=[redacted]"
     assert "sfk_secret" not in json.dumps(entry)
+
+
+# --- head sampling ------------------------------------------------------------------------------
+
+
+class Seen:
+    """What the app behind HeadSampling saw of its request's trace."""
+
+    def __init__(self, tracer: trace.Tracer) -> None:
+        self.tracer = tracer
+        self.requests: list[dict[str, Any]] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        current = trace.get_current_span().get_span_context()
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)  # what a job started by this request would carry to the other services
+        self.requests.append(
+            {
+                "current": current,
+                "traceparent": carrier.get("traceparent"),
+                "instrumented": is_instrumentation_enabled(),
+                "excluded_from_fastapi": telemetry.fastapi_telemetry()["exclude"](scope),
+            }
+        )
+        # The server span FastAPI would open, from the same provider (root: no parent in the context
+        # when sampled; a child of the unsampled span otherwise).
+        with self.tracer.start_as_current_span("GET /v1/jobs", kind=trace.SpanKind.SERVER) as span:
+            self.requests[-1]["span"] = span.get_span_context()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+
+def gate(sampler: Any) -> tuple[telemetry.HeadSampling, Seen, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=sampler, id_generator=telemetry._PresetTraceIds())
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    seen = Seen(provider.get_tracer("test"))
+    return telemetry.HeadSampling(seen, provider), seen, exporter
+
+
+async def call(app: Any, path: str = "/v1/jobs", headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    scope = {"type": "http", "method": "GET", "path": path, "headers": headers or []}
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        return None
+
+    await app(scope, receive, send)
+
+
+async def test_an_unsampled_request_runs_uninstrumented_but_passes_its_decision_on() -> None:
+    app, seen, exporter = gate(sampling.ALWAYS_OFF)
+    await call(app)
+    (request,) = seen.requests
+    assert request["instrumented"] is False
+    assert request["excluded_from_fastapi"] is True
+    assert request["current"].is_valid and not request["current"].trace_flags.sampled
+    # A job submitted here carries "not sampled", so ingest, separator and analyzer follow the decision.
+    trace_id = format(request["current"].trace_id, "032x")
+    assert request["traceparent"].startswith(f"00-{trace_id}-") and request["traceparent"].endswith("-00")
+    assert not request["span"].trace_flags.sampled
+    assert exporter.get_finished_spans() == ()
+
+
+async def test_a_sampled_request_is_traced_with_the_trace_id_the_sampler_judged() -> None:
+    app, seen, exporter = gate(sampling.ALWAYS_ON)
+    await call(app)
+    (request,) = seen.requests
+    assert request["instrumented"] is True and request["excluded_from_fastapi"] is False
+    assert not request["current"].is_valid  # the server span is the root
+    (span,) = exporter.get_finished_spans()
+    assert span.context.trace_flags.sampled and span.parent is None
+    assert request["traceparent"] is None
+
+
+async def test_the_ratio_is_applied_once_not_twice() -> None:
+    """The sampler answers the same for the request and for its server span: 50% stays 50%, not 25%."""
+    app, seen, exporter = gate(sampling.ParentBased(sampling.TraceIdRatioBased(0.5)))
+    for _ in range(600):
+        await call(app)
+    sampled = [r for r in seen.requests if r["span"].trace_flags.sampled]
+    assert all(r["instrumented"] for r in sampled)
+    assert all(not r["instrumented"] for r in seen.requests if not r["span"].trace_flags.sampled)
+    assert 220 <= len(sampled) <= 380, len(sampled)  # binomial(600, 0.5): beyond 6 sigma otherwise
+    assert len(exporter.get_finished_spans()) == len(sampled)
+
+
+async def test_requests_with_a_parent_and_probes_are_left_to_the_sdk() -> None:
+    app, seen, _ = gate(sampling.ALWAYS_OFF)
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    await call(app, headers=[(b"traceparent", parent.encode())])
+    await call(app, path="/healthz")
+    assert [r["instrumented"] for r in seen.requests] == [True, True]
+    assert telemetry.fastapi_telemetry()["exclude"]({"path": "/healthz"}) is True
+
+
+def test_without_tracing_the_app_is_served_as_it_is() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        return None
+
+    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        assert telemetry.head_sampling(app) is app

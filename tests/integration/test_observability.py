@@ -529,7 +529,7 @@ async def test_one_job_is_one_trace_rooted_at_the_gateways_http_span(job_trace: 
     (root,) = roots
     assert (root.service, root.kind) == ("gateway", SERVER), (
         f"the root is {root.service}'s {root.name!r} (kind {root.kind}), not the gateway's HTTP server span: "
-        "the gateway must call telemetry.instrument_app(app)"
+        "the gateway must build its FastAPI app with telemetry=telemetry.fastapi_telemetry()"
     )
     assert root.attributes.get("http.route") == "/v1/jobs"
     assert root.attributes.get("http.request.method", root.attributes.get("http.method")) == "POST"

@@ -19,6 +19,8 @@ from typing import Any
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ def setup_tracing(service: str, *, exporter: Any | None = None) -> Any | None:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
-    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: _service_name}))
+    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: _service_name}), id_generator=_PresetTraceIds())
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     elif os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "console":
@@ -74,16 +76,121 @@ def _instrument_clients() -> None:
             instrumentor.instrument()
 
 
-def instrument_app(app: Any) -> None:
-    """Server spans for a FastAPI app (the root span of a job's trace), when tracing is on."""
-    if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
-        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+# Probes and scrapes: frequent, and nothing an SRE wants in a trace.
+UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
-        # No internal span per ASGI receive/send message: they tripled the cost of a traced request
-        # and say nothing the server span does not (bench/tracing.py).
-        FastAPIInstrumentor.instrument_app(
-            app, excluded_urls="healthz,readyz,metrics", exclude_spans=["receive", "send"]
+
+# Set by HeadSampling on requests its sampler declined.
+_UNSAMPLED = "stemflow.unsampled"
+
+
+def _untraced(scope: MutableMapping[str, Any]) -> bool:
+    return scope.get("path") in UNTRACED_PATHS or _UNSAMPLED in scope
+
+
+def fastapi_telemetry() -> dict[str, Any]:
+    """Settings for FastAPI's own OpenTelemetry support: `FastAPI(telemetry=fastapi_telemetry())`.
+
+    FastAPI (0.162 on) opens the HTTP server span of every request itself, named by
+    its route template with the stable HTTP semantic conventions, whenever a tracer
+    provider is installed (`setup_tracing`), and costs nothing otherwise. It replaces
+    opentelemetry-instrumentation-fastapi, which matched every route a second time per
+    request to name its span. Off here: FastAPI's internal spans per dependency
+    resolution, endpoint and serialisation (three more spans per request, which the
+    HTTP span's duration already covers), its OpenTelemetry metrics (the services
+    export Prometheus metrics: stemflow_shared.metrics) and its log records (the
+    services log JSON lines with the trace ids: setup_logging).
+    """
+    return {
+        "tracing": True,
+        "metrics": False,
+        "logs": False,
+        "operation_spans": False,
+        "auto_configure": False,
+        "exclude": _untraced,
+    }
+
+
+_preset_trace_id: contextvars.ContextVar[int] = contextvars.ContextVar("stemflow_preset_trace_id", default=0)
+
+
+class _PresetTraceIds(RandomIdGenerator):
+    """Random ids, except the trace id `HeadSampling` drew and judged for the request at hand (used once)."""
+
+    def generate_trace_id(self) -> int:
+        preset = _preset_trace_id.get()
+        if preset:
+            _preset_trace_id.set(0)
+            return preset
+        return super().generate_trace_id()
+
+
+class HeadSampling:
+    """Takes the sampling decision of a request without a parent before any instrumentation runs.
+
+    Instrumentations do their work (attributes, span objects, context switches) for
+    unsampled requests too, only to drop it: at 10% sampling that was over half of
+    what tracing cost a cached read (bench/tracing.py). This middleware, outermost,
+    draws the trace id and asks the configured sampler (OTEL_TRACES_SAMPLER) once:
+    - sampled: the id is handed to the SDK for the server span, so the sampler's
+      answer there is the same, and everything is traced as usual;
+    - not sampled: the request runs under a non-recording span of that trace (so a
+      job it starts carries "not sampled" in its traceparent and every service
+      follows the decision) with instrumentation suppressed, and FastAPI opens no
+      span for it (`fastapi_telemetry`'s exclude).
+    A request that brings a traceparent is left to the parent-based sampler.
+    """
+
+    def __init__(self, app: Any, provider: Any) -> None:
+        self.app = app
+        self._sampler = provider.sampler
+        self._ids = provider.id_generator
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in UNTRACED_PATHS or _has_traceparent(scope["headers"]):
+            await self.app(scope, receive, send)
+            return
+        trace_id = RandomIdGenerator.generate_trace_id(self._ids)
+        decision = self._sampler.should_sample(
+            None,
+            trace_id,
+            scope["method"],
+            trace.SpanKind.SERVER,
+            {"http.request.method": scope["method"], "url.path": scope["path"]},
+        ).decision
+        if decision.is_sampled():
+            token = _preset_trace_id.set(trace_id)
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                _preset_trace_id.reset(token)
+            return
+        unsampled = trace.NonRecordingSpan(
+            trace.SpanContext(trace_id, self._ids.generate_span_id(), is_remote=False, trace_flags=trace.TraceFlags(0))
         )
+        scope[_UNSAMPLED] = True
+        with trace.use_span(unsampled), suppress_instrumentation():
+            await self.app(scope, receive, send)
+
+
+def head_sampling(app: Any) -> Any:
+    """`app` behind `HeadSampling` when tracing is on; `app` itself otherwise."""
+    provider = trace.get_tracer_provider()
+    if isinstance(getattr(provider, "id_generator", None), _PresetTraceIds):
+        return HeadSampling(app, provider)
+    return app
+
+
+def _has_traceparent(headers: Any) -> bool:
+    return any(name == b"traceparent" for name, _ in headers)
+
+
+def name_server_span(method: str, route: str) -> None:
+    """Name the current HTTP server span after a route a middleware answered before FastAPI's routing."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attribute("http.route", route)
+        span.update_name(f"{method} {route}")
 
 
 def tracer(name: str = "stemflow") -> trace.Tracer:

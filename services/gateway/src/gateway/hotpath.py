@@ -14,6 +14,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from stemflow_shared import telemetry
 from stemflow_shared.auth import bearer_token
 
 from . import views
@@ -47,6 +48,7 @@ class CachedJobReads:
         )
         scope[LOOKED_UP] = True
         scope["route"] = self._route
+        telemetry.name_server_span("GET", self._route.path)
         try:
             state.limiter.enforce(count)
         except Problem as problem:

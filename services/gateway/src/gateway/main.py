@@ -129,6 +129,7 @@ def create_app(settings: Settings) -> FastAPI:
         version="1.0.0",
         description="Split songs into stems and measure them.",
         lifespan=lifespan,
+        telemetry=telemetry.fastapi_telemetry(),
     )
     problems.install(app)
     app.include_router(router)
@@ -140,7 +141,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(GZipMiddleware, minimum_size=GZIP_MIN_BYTES, compresslevel=settings.gzip_level)
     app.add_middleware(CachedJobReads)
     app.add_middleware(Observe)
-    telemetry.instrument_app(app)
     return app
 
 
@@ -149,12 +149,12 @@ async def _ping_mongo(client: AsyncMongoClient[Any]) -> bool:
     return True
 
 
-def app_from_environment() -> FastAPI:
+def app_from_environment() -> Any:
     """The app of one server process: settings from the environment, logging and tracing set up."""
     settings = Settings()
     telemetry.setup_logging("gateway", settings.log_level, settings.log_format)
     telemetry.setup_tracing("gateway")
-    return create_app(settings)
+    return telemetry.head_sampling(create_app(settings))
 
 
 def main() -> None:

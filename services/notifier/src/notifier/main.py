@@ -71,7 +71,9 @@ def create_app(settings: Settings) -> FastAPI:
             await redis_client.aclose()
             await mongo.close()
 
-    app = FastAPI(title="Stemflow notifier", version="1.0.0", lifespan=lifespan)
+    app = FastAPI(
+        title="Stemflow notifier", version="1.0.0", lifespan=lifespan, telemetry=telemetry.fastapi_telemetry()
+    )
     app.add_api_websocket_route("/v1/ws", websocket_route)
     for route in ops_routes(lambda request: request.app.state.checks):
         app.router.routes.append(route)
