@@ -302,6 +302,39 @@ def test_prod_runs_every_separator_pool_on_a_gpu(render):
         assert mounts[data["MODEL_REPO"]]["readOnly"] is True, "models come from the separator-models volume"
 
 
+def service_settings(docs: tuple[Doc, ...], service: str) -> list[dict[str, str]]:
+    """The ConfigMap data each Deployment of a service reads its environment from."""
+    found = []
+    for deployment in deployments_of(docs, service):
+        (container,) = pod_spec(deployment)["containers"]
+        (config,) = [source["configMapRef"]["name"] for source in container["envFrom"]]
+        found.append(find(docs, "ConfigMap", config)["data"])
+    return found
+
+
+def test_prod_traces_one_job_in_ten_through_a_collector(render, services):
+    docs = render("overlays/prod")
+    for service in services:
+        for data in service_settings(docs, service):
+            assert data["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http://otel-collector."), service
+            assert data["OTEL_EXPORTER_OTLP_PROTOCOL"] == "http/protobuf"
+            # Parent-based everywhere: the gateway decides per job, the others follow its decision.
+            assert data["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
+            assert float(data["OTEL_TRACES_SAMPLER_ARG"]) == 0.1
+            assert data["OTEL_SERVICE_NAME"] == service
+
+
+def test_without_the_tracing_component_nothing_is_exported(render, services):
+    for target in ("base", "overlays/dev"):
+        docs = render(target)
+        for service in services:
+            for data in service_settings(docs, service):
+                assert not any(key.startswith("OTEL_EXPORTER") or key == "OTEL_TRACES_SAMPLER" for key in data), (
+                    target,
+                    service,
+                )
+
+
 def test_prod_replicates_every_service(render, services):
     docs = render("overlays/prod")
     for service in services:

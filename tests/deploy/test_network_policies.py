@@ -52,6 +52,9 @@ DNS = Peer("dns", {"k8s-app": "kube-dns"}, "kube-system", {"dns": 53})
 INGRESS = Peer("ingress-controller", {"app.kubernetes.io/name": "ingress-nginx"}, "ingress-nginx")
 PROMETHEUS = Peer("prometheus", {"app.kubernetes.io/name": "prometheus"}, "monitoring")
 KEDA = Peer("keda", {"app.kubernetes.io/name": "keda-operator"}, "keda")
+COLLECTOR = Peer(
+    "otel-collector", {"app.kubernetes.io/name": "opentelemetry-collector"}, "observability", {"otlp-http": 4318}
+)
 STRANGER = Peer("stranger", {"app": "curl"}, "default")
 OUTSIDERS = (INGRESS, PROMETHEUS, KEDA, STRANGER)
 PUBLIC = (Peer("public-v4", ip="93.184.216.34"), Peer("public-v6", ip="2606:4700:4700::1111"))
@@ -173,13 +176,25 @@ def role(peer: Peer) -> str:
     return peer.name
 
 
-def expected(client: Peer, server: Peer, port: int, *, keda: bool, gridfs: bool, downloads: bool = False) -> bool:
+def expected(
+    client: Peer,
+    server: Peer,
+    port: int,
+    *,
+    keda: bool,
+    gridfs: bool,
+    downloads: bool = False,
+    tracing: bool = False,
+) -> bool:
     """The connections Stemflow needs, and no other.
 
     `keda`: the autoscaling component is in; `gridfs`: the GridFS blob store;
-    `downloads`: the separator fetches its weights (no MODEL_REPO, the dev overlay).
+    `downloads`: the separator fetches its weights (no MODEL_REPO, the dev overlay);
+    `tracing`: the services export spans to the collector (the tracing component).
     """
     who, what = role(client), role(server)
+    if server is COLLECTOR:
+        return tracing and who in SERVICES and port == 4318
     if what == "dns":
         return port == 53 and client.namespace == NAMESPACE
     if server.ip is not None:
@@ -206,18 +221,22 @@ def expected(client: Peer, server: Peer, port: int, *, keda: bool, gridfs: bool,
     return (who, what, port) in needs
 
 
-def check_matrix(docs: tuple[Doc, ...], *, keda: bool, gridfs: bool, downloads: bool = False) -> None:
+def check_matrix(
+    docs: tuple[Doc, ...], *, keda: bool, gridfs: bool, downloads: bool = False, tracing: bool = False
+) -> None:
     pods = [*service_pods(docs), RABBITMQ, MONGODB]
     wrong = []
     for client in [*pods, *OUTSIDERS]:
         # Outside the namespace only what enters it is these policies' business.
-        servers = [*pods, DNS] if client.namespace == NAMESPACE else pods
+        servers = [*pods, DNS, COLLECTOR] if client.namespace == NAMESPACE else pods
         for server in servers:
             ports = {*server.ports.values(), *STRAY_PORTS}
             for port in sorted(ports):
                 protocols = ("UDP", "TCP") if server is DNS else ("TCP",)
                 for protocol in protocols:
-                    want = expected(client, server, port, keda=keda, gridfs=gridfs, downloads=downloads)
+                    want = expected(
+                        client, server, port, keda=keda, gridfs=gridfs, downloads=downloads, tracing=tracing
+                    )
                     if connects(docs, client, server, port, protocol) != want:
                         state = "open" if want else "shut"
                         wrong.append(f"{client.name} -> {server.name}:{port}/{protocol} should be {state}")
@@ -251,7 +270,7 @@ def test_every_selector_in_a_policy_selects_something(render, target):
     """A misspelt label would make a policy silently useless (or an allowance silently missing)."""
     docs = render(target)
     pods = [*service_pods(docs), RABBITMQ, MONGODB]
-    outside = [DNS, *OUTSIDERS]
+    outside = [DNS, COLLECTOR, *OUTSIDERS]
     for policy in (doc for doc in docs if doc["kind"] == "NetworkPolicy"):
         name = policy["metadata"]["name"]
         spec = policy["spec"]
@@ -279,12 +298,12 @@ def test_in_dev_the_separator_also_downloads_its_weights(render):
 
 
 def test_each_service_reaches_only_what_it_needs_in_prod(render):
-    check_matrix(render("overlays/prod"), keda=True, gridfs=False)
+    check_matrix(render("overlays/prod"), keda=True, gridfs=False, tracing=True)
 
 
 def test_with_gridfs_blobs_the_workers_reach_mongodb(render_with):
     docs = render_with("overlays/prod", ("components/gridfs-blobs",))
-    check_matrix(docs, keda=True, gridfs=True)
+    check_matrix(docs, keda=True, gridfs=True, tracing=True)
 
 
 def widen(policy: Doc, key: str, rule: Doc) -> Doc:
