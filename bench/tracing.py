@@ -6,14 +6,22 @@ Redis (their own namespace, database and blob directory, removed at the end):
 - off:      no OTEL_* variables, so no SDK (the baseline, measured in the same run);
 - always_on: OTEL_TRACES_SAMPLER=always_on, every request traced and exported;
 - ratio_10: OTEL_TRACES_SAMPLER=parentbased_traceidratio, OTEL_TRACES_SAMPLER_ARG=0.1,
-            the sampler we recommend as the deployments' default. (The SDK's own
-            default, parentbased_always_on, samples every request that arrives
-            without a parent, as client requests do: at the gateway it is always_on.)
+            the default sampler of the production deployment
+            (deploy/k8s/components/tracing). (The SDK's own default,
+            parentbased_always_on, samples every request that arrives without a
+            parent, as client requests do: at the gateway it is always_on.)
+
+The traced gateways run as in production: FastAPI's own server spans, the
+official PyMongo/Redis/httpx instrumentations, the BatchSpanProcessor with the
+OTLP/HTTP exporter, and HeadSampling (stemflow_shared.telemetry) deciding each
+request before any instrumentation runs.
 
 Spans go over OTLP/HTTP to a sink in another process that reads and discards
 them, so the export cost is real but no collector is needed. wrk drives each
-gateway in turn (interleaved rounds, medians) for two reads: a job's GET served
-from the cache, and the first page of the job list. The gateway is pinned to one
+gateway in turn (interleaved rounds, medians) for three calls: a job's GET served
+from the cache (the cheapest and most frequent call: clients poll), the first
+page of the job list, and a job's creation (a 0.25 s WAV uploaded; the request
+whose trace follows the job through every service). The gateway is pinned to one
 CPU, wrk and the sink to another, where the machine has two. Prints req/s, the
 gateway's CPU time per request and the loss against `off`; writes
 bench/results/tracing.json. Goals: at most 10% loss at 100% sampling, 3% with
@@ -109,7 +117,9 @@ def process_cpu_s(pid: int) -> float:
     return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
-def wrk(url: str, key: str, connections: int, duration_s: int, cpu: int | None) -> dict[str, float]:
+def wrk(
+    url: str, key: str, connections: int, duration_s: int, cpu: int | None, script: Path | None = None
+) -> dict[str, float]:
     """Requests per second (and count) of one wrk run; any non-2xx answer is an error."""
     argv = [
         shutil.which("wrk") or "wrk",
@@ -118,6 +128,7 @@ def wrk(url: str, key: str, connections: int, duration_s: int, cpu: int | None) 
         f"-d{duration_s}s",
         "-H",
         f"Authorization: Bearer {key}",
+        *(["-s", str(script)] if script else []),
         url,
     ]
     result = subprocess.run(pinned(cpu, argv), capture_output=True, text=True, check=True, timeout=duration_s + 60)
@@ -183,6 +194,7 @@ def gateways(args: argparse.Namespace, sink_url: str, cpu: int | None) -> Iterat
             key = asyncio.run(create_key())
             job_id = seed(f"http://127.0.0.1:{ports['off']}", key, args.jobs)
             yield {
+                "create_script": create_script(Path(tmp)),
                 "ports": ports,
                 "key": key,
                 "job_id": job_id,
@@ -200,19 +212,46 @@ def gateways(args: argparse.Namespace, sink_url: str, cpu: int | None) -> Iterat
             asyncio.run(clean())
 
 
-def seed(base_url: str, key: str, jobs: int) -> str:
-    """Submit `jobs` small uploads (they stay queued: no worker runs); return the last job's id."""
+def small_wav() -> bytes:
     import io
 
     import numpy as np
     import soundfile as sf
 
     buffer = io.BytesIO()
-    sf.write(buffer, np.zeros((22050, 2), dtype=np.float32), 44100, format="WAV", subtype="PCM_16")
+    sf.write(buffer, np.zeros((11025, 2), dtype=np.float32), 44100, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def create_script(folder: Path) -> Path:
+    """A wrk script that POSTs /v1/jobs with a 0.25 s WAV as multipart form data."""
+    boundary = uuid.uuid4().hex
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="s.wav"\r\n'
+            "Content-Type: audio/wav\r\n\r\n"
+        ).encode()
+        + small_wav()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    (folder / "create.body").write_bytes(body)
+    script = folder / "create.lua"
+    script.write_text(
+        f'local f = io.open("{folder / "create.body"}", "rb")\n'
+        'wrk.method = "POST"\n'
+        'wrk.body = f:read("*a")\n'
+        "f:close()\n"
+        f'wrk.headers["Content-Type"] = "multipart/form-data; boundary={boundary}"\n'
+    )
+    return script
+
+
+def seed(base_url: str, key: str, jobs: int) -> str:
+    """Submit `jobs` small uploads (they stay queued: no worker runs); return the last job's id."""
     job_id = ""
     with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
         for _ in range(jobs):
-            response = client.post("/v1/jobs", files={"file": ("s.wav", buffer.getvalue(), "audio/wav")})
+            response = client.post("/v1/jobs", files={"file": ("s.wav", small_wav(), "audio/wav")})
             response.raise_for_status()
             job_id = response.json()["id"]
         assert client.get(f"/v1/jobs/{job_id}").status_code == 200
@@ -221,12 +260,13 @@ def seed(base_url: str, key: str, jobs: int) -> str:
 
 
 def measure(args: argparse.Namespace, ctx: dict[str, Any], cpus: tuple[int | None, int | None]) -> dict[str, Any]:
-    scenarios = {"get_cached": f"/v1/jobs/{ctx['job_id']}", "list_first_page": "/v1/jobs"}
+    scenarios = {"get_cached": f"/v1/jobs/{ctx['job_id']}", "list_first_page": "/v1/jobs", "create_job": "/v1/jobs"}
+    scripts = {"create_job": ctx["create_script"]}
     _, load_cpu = cpus
     samples: dict[str, dict[str, list[dict[str, float]]]] = {s: {c: [] for c in CONFIGS} for s in scenarios}
     for port in ctx["ports"].values():  # warm up every process and path once
-        for path in scenarios.values():
-            wrk(f"http://127.0.0.1:{port}{path}", ctx["key"], args.connections, 1, load_cpu)
+        for scenario, path in scenarios.items():
+            wrk(f"http://127.0.0.1:{port}{path}", ctx["key"], args.connections, 1, load_cpu, scripts.get(scenario))
     for round_index in range(args.rounds):
         order = list(CONFIGS)[round_index % len(CONFIGS) :] + list(CONFIGS)[: round_index % len(CONFIGS)]
         for scenario, path in scenarios.items():
@@ -239,6 +279,7 @@ def measure(args: argparse.Namespace, ctx: dict[str, Any], cpus: tuple[int | Non
                     args.connections,
                     args.duration,
                     load_cpu,
+                    scripts.get(scenario),
                 )
                 run["cpu_ms_per_request"] = 1000 * (process_cpu_s(pid) - cpu_before) / max(run["requests"], 1)
                 samples[scenario][config].append(run)

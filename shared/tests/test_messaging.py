@@ -27,6 +27,7 @@ from stemflow_shared.events import (
     make_event,
 )
 from stemflow_shared.messaging import Broker, BrokerOptions, PermanentError
+from stemflow_shared.metrics import REGISTRY
 from stemflow_shared.topology import DETAIL_HEADER, INGEST_QUEUE, REASON_HEADER, Names
 
 EXPORTER = InMemorySpanExporter()
@@ -248,6 +249,7 @@ async def test_a_redelivered_event_that_was_handled_is_not_worked_again(broker: 
         (second if seen.is_set() else seen).set()
 
     await broker.consume(INGEST_QUEUE, {JOB_SUBMITTED: ingest}, done_marks=marks)
+    dedup_hits = REGISTRY.get_sample_value("stemflow_dedup_hits_total", {"kind": "event"}) or 0.0
     event = submitted("dup")
     await broker.publish(event)
     await asyncio.wait_for(seen.wait(), 10)
@@ -257,5 +259,6 @@ async def test_a_redelivered_event_that_was_handled_is_not_worked_again(broker: 
     await asyncio.wait_for(second.wait(), 10)
     # Queues are FIFO: had the duplicate been worked, it would have come before "other".
     assert len(calls) == 2 and calls[0] == event.id and calls[1] != event.id
+    assert REGISTRY.get_sample_value("stemflow_dedup_hits_total", {"kind": "event"}) == dedup_hits + 1
     await marks.forget(broker.names.queue(INGEST_QUEUE), event.id)
     await client.aclose()

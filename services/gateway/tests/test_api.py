@@ -13,6 +13,7 @@ import pytest
 
 from gateway import state
 from stemflow_shared.events import ANALYSIS_COMPLETED, AnalysisCompleted, AnalysisResult, make_event
+from stemflow_shared.metrics import REGISTRY
 
 new_key: Any = None
 wav_bytes: Any = None
@@ -96,17 +97,22 @@ async def test_the_cache_follows_every_transition(app: Any, client: httpx.AsyncC
 
 async def test_idempotency_key_returns_the_same_job(app: Any, client: httpx.AsyncClient) -> None:
     alice, bob = await new_key(app, "alice"), await new_key(app, "bob")
+    replays = REGISTRY.get_sample_value("stemflow_dedup_hits_total", {"kind": "idempotency_key"}) or 0.0
     first = await submit(client, {**alice, "Idempotency-Key": "abc-1"})
     second = await submit(client, {**alice, "Idempotency-Key": "abc-1"})
     other = await submit(client, {**bob, "Idempotency-Key": "abc-1"})
     assert first.json()["id"] == second.json()["id"]
     assert other.json()["id"] != first.json()["id"]
+    assert REGISTRY.get_sample_value("stemflow_dedup_hits_total", {"kind": "idempotency_key"}) == replays + 1
 
 
 async def test_concurrent_idempotent_submissions_make_one_job(app: Any, client: httpx.AsyncClient) -> None:
     alice = await new_key(app, "carol")
+    replays = REGISTRY.get_sample_value("stemflow_dedup_hits_total", {"kind": "idempotency_key"}) or 0.0
     responses = await asyncio.gather(*(submit(client, {**alice, "Idempotency-Key": "race"}) for _ in range(5)))
     assert len({r.json()["id"] for r in responses}) == 1
+    # Every submission but the one that made the job counts as a replay, however the race was lost.
+    assert REGISTRY.get_sample_value("stemflow_dedup_hits_total", {"kind": "idempotency_key"}) == replays + 4
     listed = (await client.get("/v1/jobs", headers=alice)).json()["items"]
     assert len(listed) == 1
     await assert_no_orphan_uploads(app)

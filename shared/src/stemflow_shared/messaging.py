@@ -367,6 +367,7 @@ class Consumer:
         try:
             if self.done_marks is not None and await self.done_marks.is_done(queue, event.id):
                 span.set_attribute("stemflow.duplicate", True)
+                metrics.DEDUP_HITS.labels("event").inc()
                 log.info("event %s was already handled; acking the redelivery", event.id)
                 await message.ack()
                 metrics.MESSAGES_ACKED.labels(queue).inc()

@@ -131,6 +131,13 @@ JOBS_TIMED_OUT = Counter(
     registry=REGISTRY,
 )
 CACHE_REQUESTS = Counter("stemflow_cache_requests_total", "Cache lookups.", ["cache", "result"], registry=REGISTRY)
+DEDUP_HITS = Counter(
+    "stemflow_dedup_hits_total",
+    "Work not done twice: a submission replayed with its Idempotency-Key (kind=idempotency_key), "
+    "an event delivered again after it was handled, acked without rework (kind=event).",
+    ["kind"],
+    registry=REGISTRY,
+)
 
 # --- separator ------------------------------------------------------------------
 MODEL_INFO = Gauge(

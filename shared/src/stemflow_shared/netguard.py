@@ -92,16 +92,20 @@ async def guarded_request(
     *,
     allow_private: bool = False,
     max_redirects: int = 3,
+    follow_redirects: bool = True,
     **kwargs: Any,
 ) -> AsyncIterator[httpx.Response]:
-    """A streamed request to a user-supplied URL; redirects are re-checked hop by hop."""
+    """A streamed request to a user-supplied URL; redirects are re-checked hop by hop.
+
+    With `follow_redirects=False` the first answer is the response, a 3xx included.
+    """
     for _ in range(max_redirects + 1):
         target = await resolve(url, allow_private=allow_private)
         headers = {**kwargs.pop("headers", {}), "Host": target.host_header}
         extensions = {"sni_hostname": target.sni_hostname} if target.sni_hostname else {}
         request = client.build_request(method, target.url, headers=headers, extensions=extensions, **kwargs)
         response = await client.send(request, stream=True, follow_redirects=False)
-        if response.is_redirect and "location" in response.headers:
+        if follow_redirects and response.is_redirect and "location" in response.headers:
             await response.aclose()
             url = urljoin(url, response.headers["location"])
             kwargs["headers"] = {k: v for k, v in headers.items() if k != "Host"}

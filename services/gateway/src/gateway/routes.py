@@ -10,6 +10,7 @@ import orjson
 from fastapi import APIRouter, Header, Query, Request, Response
 from pydantic import ValidationError
 
+from stemflow_shared import metrics
 from stemflow_shared.events import InputRef, JobOptions, JobStatus
 from stemflow_shared.storage import TooLarge, upload_key
 
@@ -93,6 +94,7 @@ async def create_job(
             raise Problem(400, "invalid_idempotency_key", "Idempotency-Key must be 1-200 visible ASCII characters")
         existing = await jobs.repo.find_by_idempotency_key(who.owner, idempotency_key)
         if existing is not None:
+            metrics.DEDUP_HITS.labels("idempotency_key").inc()
             return await _accepted(jobs, existing)
     job_id = state.new_job_id()
     media = content_type.split(";")[0].strip().lower()
@@ -107,6 +109,7 @@ async def create_job(
     try:
         doc = await jobs.submit(job_id, who.owner, options, input_ref, idempotency_key=idempotency_key)
     except IdempotencyConflict as conflict:
+        metrics.DEDUP_HITS.labels("idempotency_key").inc()
         if input_ref.blob_key:
             await jobs.blobs.delete_prefix(input_ref.blob_key)
         return await _accepted(jobs, conflict.job)

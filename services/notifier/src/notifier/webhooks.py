@@ -17,11 +17,12 @@ The URL goes through `stemflow_shared.netguard`, as ingest's `source_url` does:
 http(s) only, no credentials in the URL, every address the host resolves to
 public unless `WEBHOOK_ALLOW_PRIVATE` (cloud metadata addresses never), and the
 connection pinned to the checked address. Redirects are not followed: a 3xx
-answer counts as a failed attempt. A 2xx answer is delivery.
+answer gives the webhook up at once (the same URL would answer the same). A 2xx
+answer is delivery.
 Network errors, timeouts, 408, 429 and 5xx are retried with exponential backoff
 (a `Retry-After` is honoured up to the cap) until `WEBHOOK_MAX_ATTEMPTS`; then
 the webhook is given up: a log line, a metric, and the message dead-lettered
-with the reason. Other 4xx answers and refused addresses are given up at once.
+with the reason. Other 3xx and 4xx answers and refused addresses are given up at once.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ class Webhooks:
                 "POST",
                 url,
                 allow_private=self._policy.allow_private,
-                max_redirects=0,
+                follow_redirects=False,
                 content=body,
                 headers=headers,
                 timeout=self._policy.timeout_s,
@@ -163,6 +164,10 @@ def _classify(response: httpx.Response) -> Attempt:
         return Attempt("delivered", f"HTTP {status}")
     if status in RETRYABLE_STATUS or status >= 500:
         return Attempt("retry", f"HTTP {status}", _retry_after(response.headers.get("retry-after")))
+    if response.is_redirect:
+        # The same URL would answer the same: the receiver's address is wrong, not busy.
+        location = response.headers.get("location", "")[:200]
+        return Attempt("rejected", f"HTTP {status}: redirects are not followed (Location: {location})")
     return Attempt("rejected", f"HTTP {status}")
 
 

@@ -22,6 +22,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from torch import nn
 
+from stemflow_shared import telemetry
+
 PRECISIONS = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -291,7 +293,7 @@ def _trace_batch(items: list[_Item], start_ns: int, device: str, precision: str)
         return
     end_ns = time.time_ns()
     jobs = len({item.job for item in items})
-    tracer = trace.get_tracer("stemflow.separator")
+    tracer = telemetry.tracer("stemflow.separator")
     for mine in by_job.values():
         first = mine[0]
         rate = getattr(first.model, "samplerate", 44100)
