@@ -11,6 +11,7 @@ span of every event, all five services in one trace.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import os
@@ -438,8 +439,10 @@ class TracedSystem:
     client: StemflowClient
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def traced(stack: StackUrls, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[TracedSystem]:
+@contextlib.asynccontextmanager
+async def traced_system(
+    stack: StackUrls, tmp_path_factory: pytest.TempPathFactory, name: str, extra: dict[str, str]
+) -> AsyncIterator[TracedSystem]:
     """The five services in a namespace of their own, exporting spans to a receiver run here."""
     from pymongo import AsyncMongoClient
 
@@ -451,8 +454,8 @@ async def traced(stack: StackUrls, tmp_path_factory: pytest.TempPathFactory) -> 
         stack,
         namespace=namespace,
         mongodb_db=database,
-        blob_dir=tmp_path_factory.mktemp("traced-blobs"),
-        model_repo=make_tiny_repo(tmp_path_factory.mktemp("traced-models")),
+        blob_dir=tmp_path_factory.mktemp(f"{name}-blobs"),
+        model_repo=make_tiny_repo(tmp_path_factory.mktemp(f"{name}-models")),
         ports=ports,
         extra={
             "MODELS": "htdemucs",
@@ -460,16 +463,16 @@ async def traced(stack: StackUrls, tmp_path_factory: pytest.TempPathFactory) -> 
             "LOG_LEVEL": "DEBUG",
             "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
             "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-            "OTEL_TRACES_SAMPLER": "parentbased_always_on",
             # Export every 50 ms, so the test waits for spans only as long as the job takes.
             "OTEL_BSP_SCHEDULE_DELAY": "50",
+            **extra,
         },
     )
     group = ProcessGroup()
     mongo: AsyncMongoClient[Any] = AsyncMongoClient(stack.mongodb_url, tz_aware=True)
     client = None
     try:
-        group.start(service_specs(env, ports), ARTIFACTS / "logs-traced")
+        group.start(service_specs(env, ports), ARTIFACTS / f"logs-{name}")
         await asyncio.to_thread(group.wait_ready, 240)
         key = await ApiKeys(mongo[database]).create("traces")
         client = StemflowClient(f"http://127.0.0.1:{ports.gateway}", f"ws://127.0.0.1:{ports.notifier}/v1/ws", key)
@@ -482,6 +485,15 @@ async def traced(stack: StackUrls, tmp_path_factory: pytest.TempPathFactory) -> 
         await mongo.drop_database(database)
         await mongo.close()
         await delete_namespace(stack.amqp_url, namespace)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def traced(stack: StackUrls, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[TracedSystem]:
+    """Every request traced (the SDK's default sampler)."""
+    async with traced_system(
+        stack, tmp_path_factory, "traced", {"OTEL_TRACES_SAMPLER": "parentbased_always_on"}
+    ) as system:
+        yield system
 
 
 def whole_trace(spans: list[Span], job_id: str) -> list[Span] | None:
@@ -626,3 +638,51 @@ async def test_service_logs_carry_the_jobs_trace(job_trace: tuple[str, list[Span
             assert entry["service"] == service
             assert entry["trace_id"] == trace_id, entry
             assert entry["span_id"] in span_ids, entry
+
+
+async def test_sampling_keeps_or_drops_whole_jobs(
+    stack: StackUrls, tmp_path_factory: pytest.TempPathFactory, song: Path
+) -> None:
+    """At 50% the gateway decides per job, and every service follows: each job's trace is whole or absent.
+
+    A decision that did not travel with the job's events would let ingest, the separator or the
+    analyzer start traces of their own for unsampled jobs: partial traces without the gateway's root.
+    """
+    sampler = {
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.5",
+        "REUSE_RESULTS": "false",  # the same song each time: every job must run every stage
+    }
+    async with traced_system(stack, tmp_path_factory, "half-traced", sampler) as system:
+        jobs = [await system.client.submit(song, stems=2, quality="fast") for _ in range(8)]
+        for job in jobs:
+            await system.client.follow(job["id"], timeout_s=300)
+            assert (await system.client.job(job["id"]))["status"] == "completed"
+        job_ids = [job["id"] for job in jobs]
+
+        def settled(spans: list[Span]) -> bool:
+            return all(
+                whole_trace(spans, job_id) is not None
+                for job_id in job_ids
+                if any(s.attributes.get("cloudevents.event_subject") == job_id for s in spans)
+            )
+
+        await asyncio.to_thread(system.receiver.wait_for, settled, 60)
+        await asyncio.sleep(1.0)  # three export intervals more: a late partial trace would show now
+        spans = list(system.receiver.spans)
+    for job_id in job_ids:
+        mine = {s.trace_id for s in spans if s.attributes.get("cloudevents.event_subject") == job_id}
+        if not mine:
+            continue  # not sampled: no service traced it
+        assert len(mine) == 1, f"job {job_id} is in {len(mine)} traces"
+        trace = whole_trace(spans, job_id)
+        assert trace is not None, f"job {job_id} has a partial trace"
+        roots = [s for s in trace if not s.parent_span_id]
+        assert [(r.service, r.kind) for r in roots] == [("gateway", SERVER)]
+        assert {s.service for s in trace} >= set(SERVICES)
+    # Nothing else was traced either: every span belongs to a sampled job's trace or to the
+    # services' own background work (sweeps), which is never a child of a job's spans.
+    sampled_traces = {s.trace_id for s in spans if s.attributes.get("cloudevents.event_subject") in job_ids}
+    for span in spans:
+        if span.trace_id not in sampled_traces:
+            assert "cloudevents.event_subject" not in span.attributes, span
