@@ -142,7 +142,11 @@ def wrk(
 
 @contextmanager
 def gateways(args: argparse.Namespace, sink_url: str, cpu: int | None) -> Iterator[dict[str, Any]]:
-    """The three gateways, a seeded API key and job, torn down with their data at the end."""
+    """The three gateways, each with a database, namespace, API key and seeded jobs of its own.
+
+    Nothing is shared, so one gateway's background work (outbox and retention sweeps over the jobs the
+    creation runs make) never lands on another's CPU. Everything is removed at the end.
+    """
     import asyncio
 
     from pymongo import AsyncMongoClient
@@ -154,50 +158,52 @@ def gateways(args: argparse.Namespace, sink_url: str, cpu: int | None) -> Iterat
     from stemflow_shared.auth import ApiKeys
 
     urls = ensure_stack(STATE_DIR)
-    namespace = f"bt{uuid.uuid4().hex[:8]}"
-    database = f"stemflow_{namespace}"
+    run = uuid.uuid4().hex[:6]
+    namespaces = {config: f"bt{run}{config.replace('_', '')}" for config in CONFIGS}
+    databases = {config: f"stemflow_{namespaces[config]}" for config in CONFIGS}
     ports = {config: Ports.free().gateway for config in CONFIGS}
     for name in [v for v in os.environ if v.startswith("OTEL_")]:
         del os.environ[name]  # the baseline must run without any SDK configuration
     with tempfile.TemporaryDirectory() as tmp:
-        env = service_env(
-            urls,
-            namespace=namespace,
-            mongodb_db=database,
-            blob_dir=Path(tmp) / "blobs",
-            model_repo=Path(tmp) / "models",
-            ports=Ports(gateway=ports["off"]),
-            extra={"LOG_LEVEL": "WARNING", "RATE_LIMIT_PER_MINUTE": "0"},
-        )
         tracing = {"OTEL_EXPORTER_OTLP_ENDPOINT": sink_url, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
-        specs = [
-            ServiceSpec(
-                name=f"gateway-{config}",
-                argv=pinned(cpu, [sys.executable, "-m", "gateway.main"]),
-                env={**env, "HTTP_PORT": str(ports[config]), **(tracing if extra else {}), **extra},
-                ready_url=f"http://127.0.0.1:{ports[config]}/readyz",
+        specs = []
+        for config, extra in CONFIGS.items():
+            env = service_env(
+                urls,
+                namespace=namespaces[config],
+                mongodb_db=databases[config],
+                blob_dir=Path(tmp) / config / "blobs",
+                model_repo=Path(tmp) / "models",
+                ports=Ports(gateway=ports[config]),
+                extra={"LOG_LEVEL": "WARNING", "RATE_LIMIT_PER_MINUTE": "0"},
             )
-            for config, extra in CONFIGS.items()
-        ]
+            specs.append(
+                ServiceSpec(
+                    name=f"gateway-{config}",
+                    argv=pinned(cpu, [sys.executable, "-m", "gateway.main"]),
+                    env={**env, "HTTP_PORT": str(ports[config]), **(tracing if extra else {}), **extra},
+                    ready_url=f"http://127.0.0.1:{ports[config]}/readyz",
+                )
+            )
         group = ProcessGroup()
         try:
             group.start(specs, Path(tmp) / "logs")
             group.wait_ready(timeout=120)
 
-            async def create_key() -> str:
+            async def create_keys() -> dict[str, str]:
                 client: AsyncMongoClient[Any] = AsyncMongoClient(urls.mongodb_url)
                 try:
-                    return await ApiKeys(client[database]).create("bench-tracing")
+                    return {c: await ApiKeys(client[databases[c]]).create("bench-tracing") for c in CONFIGS}
                 finally:
                     await client.close()
 
-            key = asyncio.run(create_key())
-            job_id = seed(f"http://127.0.0.1:{ports['off']}", key, args.jobs)
+            keys = asyncio.run(create_keys())
+            job_ids = {c: seed(f"http://127.0.0.1:{ports[c]}", keys[c], args.jobs) for c in CONFIGS}
             yield {
                 "create_script": create_script(Path(tmp)),
                 "ports": ports,
-                "key": key,
-                "job_id": job_id,
+                "keys": keys,
+                "job_ids": job_ids,
                 "pids": {c: group.pid(f"gateway-{c}") for c in CONFIGS},
             }
         finally:
@@ -205,9 +211,10 @@ def gateways(args: argparse.Namespace, sink_url: str, cpu: int | None) -> Iterat
 
             async def clean() -> None:
                 client: AsyncMongoClient[Any] = AsyncMongoClient(urls.mongodb_url)
-                await client.drop_database(database)
+                for config in CONFIGS:
+                    await client.drop_database(databases[config])
+                    await delete_namespace(urls.amqp_url, namespaces[config])
                 await client.close()
-                await delete_namespace(urls.amqp_url, namespace)
 
             asyncio.run(clean())
 
@@ -260,13 +267,17 @@ def seed(base_url: str, key: str, jobs: int) -> str:
 
 
 def measure(args: argparse.Namespace, ctx: dict[str, Any], cpus: tuple[int | None, int | None]) -> dict[str, Any]:
-    scenarios = {"get_cached": f"/v1/jobs/{ctx['job_id']}", "list_first_page": "/v1/jobs", "create_job": "/v1/jobs"}
+    scenarios = {"get_cached": "/v1/jobs/{job_id}", "list_first_page": "/v1/jobs", "create_job": "/v1/jobs"}
     scripts = {"create_job": ctx["create_script"]}
     _, load_cpu = cpus
     samples: dict[str, dict[str, list[dict[str, float]]]] = {s: {c: [] for c in CONFIGS} for s in scenarios}
-    for port in ctx["ports"].values():  # warm up every process and path once
+
+    def url(config: str, path: str) -> str:
+        return f"http://127.0.0.1:{ctx['ports'][config]}{path.format(job_id=ctx['job_ids'][config])}"
+
+    for config in CONFIGS:  # warm up every process and path once
         for scenario, path in scenarios.items():
-            wrk(f"http://127.0.0.1:{port}{path}", ctx["key"], args.connections, 1, load_cpu, scripts.get(scenario))
+            wrk(url(config, path), ctx["keys"][config], args.connections, 1, load_cpu, scripts.get(scenario))
     for round_index in range(args.rounds):
         order = list(CONFIGS)[round_index % len(CONFIGS) :] + list(CONFIGS)[: round_index % len(CONFIGS)]
         for scenario, path in scenarios.items():
@@ -274,8 +285,8 @@ def measure(args: argparse.Namespace, ctx: dict[str, Any], cpus: tuple[int | Non
                 pid = ctx["pids"][config]
                 cpu_before = process_cpu_s(pid)
                 run = wrk(
-                    f"http://127.0.0.1:{ctx['ports'][config]}{path}",
-                    ctx["key"],
+                    url(config, path),
+                    ctx["keys"][config],
                     args.connections,
                     args.duration,
                     load_cpu,
