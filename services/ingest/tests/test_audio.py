@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import tempfile
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -460,3 +461,89 @@ def test_real_ffmpeg_decodes_aac(tmp_path: Path) -> None:
     expected = sine(2.0, RATE, channels=1, freq=1000.0)[:, 0]
     out = output_of(dst)
     assert best_correlation(out[RATE // 4 : RATE, 0], expected[RATE // 4 : RATE], 4096) > 0.95
+
+
+# --- decompression bombs: compressed audio never decodes to more than the limits allow ----------
+
+
+def flac_declaring(seconds: float, holding: float) -> Callable[[Path], None]:
+    def make(path: Path) -> None:
+        sf.write(path, noise(holding), RATE, format="FLAC", subtype="PCM_16")
+        data = bytearray(path.read_bytes())
+        info = int.from_bytes(data[18:26], "big") & ~(2**36 - 1) | round(seconds * RATE)
+        data[18:26] = info.to_bytes(8, "big")
+        path.write_bytes(bytes(data))
+
+    return make
+
+
+def mp3_declaring(fraction: float, holding: float) -> Callable[[Path], None]:
+    """An MP3 whose Xing header counts `fraction` of the frames it holds."""
+
+    def make(path: Path) -> None:
+        sf.write(path, noise(holding), RATE, format="MP3")
+        data = bytearray(path.read_bytes())
+        at = data.index(b"Xing") + 8  # after the tag and its flags: the frame count
+        frames = int.from_bytes(data[at : at + 4], "big")
+        data[at : at + 4] = round(frames * fraction).to_bytes(4, "big")
+        path.write_bytes(bytes(data))
+
+    return make
+
+
+def mp3_without_header(holding: float) -> Callable[[Path], None]:
+    """An MP3 with no Xing header: the decoder can only estimate its length from its size."""
+
+    def make(path: Path) -> None:
+        sf.write(path, noise(holding), RATE, format="MP3")
+        data = path.read_bytes()
+        path.write_bytes(data.replace(b"Xing", b"\0\0\0\0", 1))
+
+    return make
+
+
+def noise(seconds: float) -> np.ndarray:
+    return (np.random.default_rng(3).standard_normal((round(seconds * RATE), 2)) * 0.1).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("make", "declared_s"),
+    [(flac_declaring(2.0, holding=20.0), 2.0), (mp3_declaring(0.1, holding=20.0), 2.0)],
+    ids=["flac_declares_2_s_holds_20_s", "mp3_declares_a_tenth_of_20_s"],
+)
+def test_a_compressed_file_decodes_no_more_than_it_declares(
+    tmp_path: Path, make: Callable[[Path], None], declared_s: float
+) -> None:
+    """What a header declares is checked against the limits, and decoding stops there: whatever the
+    file holds beyond it is never decoded, so a small declaration cannot hide a bomb."""
+    src, dst = tmp_path / "in", tmp_path / "out.wav"
+    make(src)
+
+    result = normalise(src, dst, limits=Limits(max_duration_s=5.0))
+
+    assert result.duration_s == pytest.approx(declared_s, abs=0.1)
+    assert len(output_of(dst)) == result.frames
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(
+            flac_declaring(0.0, holding=20.0),
+            id="flac_of_unknown_length",
+            marks=pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg decodes FLAC of unknown length"),
+        ),
+        pytest.param(mp3_without_header(holding=20.0), id="mp3_without_length_header"),
+    ],
+)
+def test_a_compressed_file_of_unknown_length_is_held_to_the_duration_limit(
+    tmp_path: Path, make: Callable[[Path], None]
+) -> None:
+    src, dst = tmp_path / "in", tmp_path / "out.wav"
+    make(src)
+
+    with pytest.raises(AudioError) as error:
+        normalise(src, dst, limits=Limits(max_duration_s=5.0))
+
+    assert error.value.code == "too_long"
+    assert not dst.exists() and list(tmp_path.iterdir()) == [src]
