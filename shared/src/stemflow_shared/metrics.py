@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import time
+from typing import Any
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -21,6 +25,32 @@ gc_collector.GCCollector(registry=REGISTRY)
 
 _FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _SLOW = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+
+# --- the Python runtime ------------------------------------------------------------
+# prometheus_client counts collections (python_gc_collections_total); how long each one stopped the
+# process is what shows on latency: a full collection over millions of objects (a notifier holding
+# thousands of WebSockets) takes far longer than a young one.
+GC_PAUSE = Histogram(
+    "stemflow_gc_pause_seconds",
+    "Time the process stood still in a garbage collection, by generation.",
+    ["generation"],
+    buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+    registry=REGISTRY,
+)
+_GC_PAUSE_BY_GENERATION = [GC_PAUSE.labels(str(generation)) for generation in range(3)]
+_gc_started = 0.0
+
+
+def _time_gc(phase: str, info: dict[str, Any]) -> None:
+    global _gc_started
+    if phase == "start":
+        _gc_started = time.perf_counter()
+    elif _gc_started:
+        _GC_PAUSE_BY_GENERATION[info["generation"]].observe(time.perf_counter() - _gc_started)
+        _gc_started = 0.0
+
+
+gc.callbacks.append(_time_gc)
 
 # --- HTTP (OpenTelemetry semantic-convention names) -------------------------------
 HTTP_REQUEST_DURATION = Histogram(
