@@ -275,7 +275,30 @@ def scrape(port: int) -> dict[str, float]:
     for family in text_string_to_metric_families(text):
         if family.name in names:
             totals[names[family.name]] += sum(s.value for s in family.samples if s.name.endswith("_total"))
+        elif family.name == "stemflow_gc_pause_seconds":
+            for sample in family.samples:
+                if sample.labels.get("generation") != "2":
+                    continue
+                if sample.name.endswith("_bucket"):
+                    totals[f"gc2_le_{sample.labels['le']}"] = sample.value
+                elif sample.name.endswith("_count"):
+                    totals["gc2_count"] = sample.value
+                elif sample.name.endswith("_sum"):
+                    totals["gc2_s"] = sample.value
     return totals
+
+
+def full_collections(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """The notifier's full garbage collections between two scrapes: how many, their total and longest pause."""
+    count = after.get("gc2_count", 0.0) - before.get("gc2_count", 0.0)
+    bounds = sorted((float(k[7:]), k) for k in after if k.startswith("gc2_le_"))
+    # The longest pause is at most the smallest bucket bound that holds every new collection.
+    longest = next((bound for bound, k in bounds if after[k] - before.get(k, 0.0) >= count), None) if count else 0.0
+    return {
+        "count": int(count),
+        "total_s": round(after.get("gc2_s", 0.0) - before.get("gc2_s", 0.0), 3),
+        "longest_at_most_s": longest,
+    }
 
 
 def cpu_seconds(pid: int) -> float:
@@ -413,6 +436,9 @@ async def run_mode(mode: str, args: argparse.Namespace, urls: Any) -> dict[str, 
         "connect_failures": sum(s["failed"] for s in stats),
         "rss_held_mb": round(held, 1),
         "rss_after_stream_mb": round(rss_after, 1),
+        # Full collections stop every client at once: while they connected, and during the stream.
+        "gc_full_while_connecting": full_collections({}, before),
+        "gc_full_during_stream": full_collections(before, after),
         # Above the 2 cores, other work shared the machine: latency tails then say little about the notifier.
         "load_1m_after_stream": round(load, 2),
     }
@@ -465,9 +491,15 @@ def main() -> None:
     urls = ensure_stack(STATE_DIR)
     results = {mode: asyncio.run(run_mode(mode, args, urls)) for mode in MODES}
     summary = report(args, results)
+
+    def shown(value: Any) -> str:
+        if isinstance(value, dict):  # full collections
+            return f"{value['count']}: {value['total_s']} s, each <= {value['longest_at_most_s']} s"
+        return str(value)
+
     print(f"{'':>26} {'batched':>10} {'unbatched':>10}")
     for key in results["batched"]:
-        print(f"{key:>26} {results['batched'][key]!s:>10} {results['unbatched'][key]!s:>10}")
+        print(f"{key:>26} {shown(results['batched'][key]):>10} {shown(results['unbatched'][key]):>10}")
     for key in ("frames_ratio", "bytes_ratio", "cpu_ratio", "terminal_p99_added_ms", "terminal_push_p99_added_ms"):
         print(f"{key:>26} {summary[key]}")
     for goal, met in summary["goals"].items():
