@@ -277,26 +277,27 @@ def scrape(port: int) -> dict[str, float]:
             totals[names[family.name]] += sum(s.value for s in family.samples if s.name.endswith("_total"))
         elif family.name == "stemflow_gc_pause_seconds":
             for sample in family.samples:
-                if sample.labels.get("generation") != "2":
-                    continue
+                generation = sample.labels.get("generation")
                 if sample.name.endswith("_bucket"):
-                    totals[f"gc2_le_{sample.labels['le']}"] = sample.value
+                    totals[f"gc{generation}_le_{sample.labels['le']}"] = sample.value
                 elif sample.name.endswith("_count"):
-                    totals["gc2_count"] = sample.value
+                    totals[f"gc{generation}_count"] = sample.value
                 elif sample.name.endswith("_sum"):
-                    totals["gc2_s"] = sample.value
+                    totals[f"gc{generation}_s"] = sample.value
     return totals
 
 
-def full_collections(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
-    """The notifier's full garbage collections between two scrapes: how many, their total and longest pause."""
-    count = after.get("gc2_count", 0.0) - before.get("gc2_count", 0.0)
-    bounds = sorted((float(k[7:]), k) for k in after if k.startswith("gc2_le_"))
+def collections(before: dict[str, float], after: dict[str, float], generation: int) -> dict[str, Any]:
+    """The notifier's garbage collections of a generation between two scrapes: how many, their total and
+    longest pause (full collections, generation 2, walk the whole heap and stop every client at once)."""
+    prefix = f"gc{generation}_"
+    count = after.get(f"{prefix}count", 0.0) - before.get(f"{prefix}count", 0.0)
+    bounds = sorted((float(k[len(prefix) + 3 :]), k) for k in after if k.startswith(f"{prefix}le_"))
     # The longest pause is at most the smallest bucket bound that holds every new collection.
     longest = next((bound for bound, k in bounds if after[k] - before.get(k, 0.0) >= count), None) if count else 0.0
     return {
         "count": int(count),
-        "total_s": round(after.get("gc2_s", 0.0) - before.get("gc2_s", 0.0), 3),
+        "total_s": round(after.get(f"{prefix}s", 0.0) - before.get(f"{prefix}s", 0.0), 3),
         "longest_at_most_s": longest,
     }
 
@@ -436,9 +437,9 @@ async def run_mode(mode: str, args: argparse.Namespace, urls: Any) -> dict[str, 
         "connect_failures": sum(s["failed"] for s in stats),
         "rss_held_mb": round(held, 1),
         "rss_after_stream_mb": round(rss_after, 1),
-        # Full collections stop every client at once: while they connected, and during the stream.
-        "gc_full_while_connecting": full_collections({}, before),
-        "gc_full_during_stream": full_collections(before, after),
+        # Garbage collections stop every client at once: while they connected, and during the stream.
+        **{f"gc{g}_while_connecting": collections({}, before, g) for g in range(3)},
+        **{f"gc{g}_during_stream": collections(before, after, g) for g in range(3)},
         # Above the 2 cores, other work shared the machine: latency tails then say little about the notifier.
         "load_1m_after_stream": round(load, 2),
     }
