@@ -151,7 +151,7 @@ class HeadSampling:
         if scope["type"] != "http" or scope["path"] in UNTRACED_PATHS or _has_traceparent(scope["headers"]):
             await self.app(scope, receive, send)
             return
-        trace_id = RandomIdGenerator.generate_trace_id(self._ids)
+        trace_id = RandomIdGenerator.generate_trace_id(self._ids)  # a fresh draw, never a preset one
         decision = self._sampler.should_sample(
             None,
             trace_id,
