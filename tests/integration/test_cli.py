@@ -126,6 +126,43 @@ async def test_scripts_get_json_and_every_job_command_works(
     assert gone.code == 4 and f"no job {job_id}" in gone.err
 
 
+async def test_one_upload_with_several_targets_downloads_each_targets_stems(
+    env: dict[str, str], songs: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "stems"
+    # The running system serves htdemucs only: two stem sets of it are two targets.
+    ran = await stemflow(
+        "submit", songs["short"], "--target", "htdemucs:2", "--target", "htdemucs:4", "--quality", "fast",
+        "--out", out, "--json", env=env,
+    )  # fmt: skip
+    assert ran.code == 0, ran.err
+    (job,) = ran.lines()
+    assert set(job["result"]["targets"]) == {"htdemucs-2", "htdemucs-4"}
+    assert sorted(p.name for p in (out / "short" / "htdemucs-2").iterdir()) == ["accompaniment.wav", "vocals.wav"]
+    four = sorted(p.name for p in (out / "short" / "htdemucs-4").iterdir())
+    assert four == ["bass.wav", "drums.wav", "other.wav", "vocals.wav"]
+    assert set(job["files"]) == {
+        *(f"htdemucs-2/{n}" for n in ("vocals", "accompaniment")),
+        *(f"htdemucs-4/{n}" for n in ("bass", "drums", "other", "vocals")),
+    }
+    for path in (out / "short").rglob("*.wav"):
+        assert sf.info(path).duration == pytest.approx(4.0, abs=0.01)
+
+    one = await stemflow(
+        "download", job["id"], "--target", "htdemucs-4", "--stem", "drums", "--out", tmp_path / "one", "--json", env=env
+    )
+    assert one.code == 0, one.err
+    assert one.lines()[0]["files"] == {"htdemucs-4/drums": str(tmp_path / "one" / "htdemucs-4" / "drums.wav")}
+    zipped = await stemflow("download", job["id"], "--target", "htdemucs-2", "--zip", "--out", tmp_path, env=env)
+    assert zipped.code == 0, zipped.err
+    archive = zipfile.ZipFile(tmp_path / f"{job['id']}-htdemucs-2-stems.zip")
+    assert sorted(archive.namelist()) == ["accompaniment.wav", "vocals.wav"]
+    unknown = await stemflow("download", job["id"], "--target", "htdemucs_6s-6", env=env)
+    assert unknown.code == 4 and "has no target htdemucs_6s-6" in unknown.err
+    bad = await stemflow("submit", songs["short"], "--target", "htdemucs:5", env=env)
+    assert bad.code == 2 and "MODEL:STEMS" in bad.err
+
+
 async def test_watch_shows_every_job_of_the_key_live(
     env: dict[str, str], songs: dict[str, Path], mongo_db: Any, system: Any
 ) -> None:

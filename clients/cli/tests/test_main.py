@@ -58,3 +58,16 @@ def test_an_unreachable_gateway_exits_8_and_says_where(tmp_path: Path, capsys: p
     assert run(["--json", "list", "--url", "http://127.0.0.1:9"], environ) == 8
     err = capsys.readouterr().err
     assert '"exit_code": 8' in err and "127.0.0.1:9" in err
+
+
+def test_targets_are_sent_as_one_form_field_and_checked_first(capsys: pytest.CaptureFixture[str]) -> None:
+    from stemflow_cli.api import _form_value
+
+    options = _options(parse("submit", "a.wav", "--target", "htdemucs:4", "--target", "htdemucs_6s:6"))
+    assert options == {"targets": ["htdemucs:4", "htdemucs_6s:6"]}
+    assert _form_value(options["targets"]) == "htdemucs:4,htdemucs_6s:6"
+    for bad in ("htdemucs:5", "demucs:4", "htdemucs"):
+        with pytest.raises(SystemExit) as raised:
+            parse("submit", "a.wav", "--target", bad)
+        assert raised.value.code == 2
+        assert "MODEL:STEMS" in capsys.readouterr().err

@@ -96,7 +96,7 @@ class Api:
     async def submit_file(
         self, path: Path, options: dict[str, Any], on_bytes: Progress | None = None
     ) -> dict[str, Any]:
-        fields = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in options.items()}
+        fields = {k: _form_value(v) for k, v in options.items()}
         try:
             fh = open(path, "rb")  # noqa: SIM115 - closed below, after the upload
         except OSError as exc:
@@ -141,7 +141,8 @@ class Api:
 
     async def download(self, url: str, dest: Path, on_bytes: Progress | None = None) -> Path:
         """Stream `url` (a link of the job document) to `dest`, via a `.part` file so nothing half-written stays."""
-        path = urlsplit(url).path if is_url(url) else url
+        # The link's path and query (a target's stems are `?target=` of the job's), on the configured gateway.
+        path = urlsplit(url)._replace(scheme="", netloc="").geturl() if is_url(url) else url
         part = dest.with_name(dest.name + ".part")
         try:
             async with self._http.stream("GET", path) as response:
@@ -184,3 +185,12 @@ def error_of(response: httpx.Response) -> CliError:
     error.message = f"HTTP {response.status_code} {response.reason_phrase} from {response.request.url}"
     error.hint = error.hint or "check --url / STEMFLOW_URL: it must point at the Stemflow gateway"
     return error
+
+
+def _form_value(value: Any) -> str:
+    """A job option as a form field: booleans in lower case, lists (targets) comma-separated."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return ",".join(map(str, value))
+    return str(value)

@@ -234,15 +234,52 @@ def _emit_all(ctx: Context, docs: Any, files: dict[str, dict[str, str]] | None =
 
 
 async def _download_stems(
-    ctx: Context, api: Api, doc: dict[str, Any], folder: Path, names: list[str] | None
+    ctx: Context, api: Api, doc: dict[str, Any], folder: Path, names: list[str] | None, target: str | None = None
 ) -> dict[str, str]:
-    stems = doc["result"]["stems"]
+    """The job's stems into `folder` (a multi-target job's into `folder/<target>/`); {stem or target/stem: path}."""
+    targets = (doc.get("result") or {}).get("targets")
+    if not targets:
+        if target is not None:
+            raise CliError(f"job {doc['id']} has no targets: it made one set of stems", Exit.NOT_FOUND)
+        return await _download_set(ctx, api, doc["id"], doc["result"]["stems"], folder, names)
+    if target is not None and target not in targets:
+        raise CliError(
+            f"job {doc['id']} has no target {target} (it has {', '.join(sorted(targets))})",
+            Exit.NOT_FOUND,
+        )
+    chosen = {target: targets[target]} if target is not None else targets
+    made = {name: t for name, t in chosen.items() if t.get("stems")}
+    if target is not None and not made:
+        error = targets[target].get("error") or {}
+        raise CliError(
+            f"target {target} of job {doc['id']} has no stems: {error.get('code', targets[target]['status'])}",
+            Exit.JOB_FAILED,
+        )
+    if names:
+        known = {s["name"] for t in made.values() for s in t["stems"]}
+        missing = [n for n in names if n not in known]
+        if missing:
+            raise CliError(
+                f"job {doc['id']} has no stem {', '.join(missing)} (it has {', '.join(sorted(known))})", Exit.NOT_FOUND
+            )
+    files: dict[str, str] = {}
+    for name, made_target in made.items():
+        wanted = [s["name"] for s in made_target["stems"] if not names or s["name"] in names]
+        if wanted:
+            got = await _download_set(ctx, api, doc["id"], made_target["stems"], folder / name, wanted)
+            files.update({f"{name}/{stem}": path for stem, path in got.items()})
+    return files
+
+
+async def _download_set(
+    ctx: Context, api: Api, job_id: str, stems: list[dict[str, Any]], folder: Path, names: list[str] | None
+) -> dict[str, str]:
     if names:
         known = {s["name"] for s in stems}
         missing = [n for n in names if n not in known]
         if missing:
             raise CliError(
-                f"job {doc['id']} has no stem {', '.join(missing)} (it has {', '.join(sorted(known))})", Exit.NOT_FOUND
+                f"job {job_id} has no stem {', '.join(missing)} (it has {', '.join(sorted(known))})", Exit.NOT_FOUND
             )
         stems = [s for s in stems if s["name"] in names]
     folder.mkdir(parents=True, exist_ok=True)
@@ -267,7 +304,9 @@ def _transfer_bars(ctx: Context) -> Progress:
     )
 
 
-async def download(ctx: Context, job_id: str, *, out: Path | None, stems: list[str] | None, as_zip: bool) -> int:
+async def download(
+    ctx: Context, job_id: str, *, out: Path | None, stems: list[str] | None, as_zip: bool, target: str | None = None
+) -> int:
     async with ctx.api() as api:
         doc = await api.job(job_id)
         if doc["status"] != "completed":
@@ -279,13 +318,18 @@ async def download(ctx: Context, job_id: str, *, out: Path | None, stems: list[s
         if as_zip:
             folder = out or Path(".")
             folder.mkdir(parents=True, exist_ok=True)
-            dest = folder / f"{job_id}-stems.zip"
+            url, dest = doc["links"]["stems_zip"], folder / f"{job_id}-stems.zip"
+            if target is not None:
+                targets = (doc.get("result") or {}).get("targets") or {}
+                if not (targets.get(target) or {}).get("stems_zip"):
+                    raise CliError(f"job {job_id} has no stems of a target {target}", Exit.NOT_FOUND)
+                url, dest = targets[target]["stems_zip"], folder / f"{job_id}-{target}-stems.zip"
             with _transfer_bars(ctx) as bars:
                 task = bars.add_task(dest.name, total=None)
-                await api.download(doc["links"]["stems_zip"], dest, lambda n: bars.advance(task, n))
+                await api.download(url, dest, lambda n: bars.advance(task, n))
             files = {"zip": str(dest)}
         else:
-            files = await _download_stems(ctx, api, doc, out or Path(job_id), stems)
+            files = await _download_stems(ctx, api, doc, out or Path(job_id), stems, target)
     if ctx.json:
         ctx.emit({"id": job_id, "files": files})
     else:

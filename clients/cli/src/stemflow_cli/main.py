@@ -56,6 +56,19 @@ def _trim(text: str) -> tuple[float | None, float | None]:
     return start, end
 
 
+MODELS = ("htdemucs", "htdemucs_ft", "htdemucs_6s")
+
+
+def _target(text: str) -> str:
+    """'htdemucs_6s:6' -> the same, checked: a model and a stem count (2, 4 or 6)."""
+    model, sep, stems = text.partition(":")
+    if not sep or model not in MODELS or stems not in ("2", "4", "6"):
+        raise argparse.ArgumentTypeError(
+            f"expected MODEL:STEMS with MODEL one of {', '.join(MODELS)} and STEMS 2, 4 or 6, not {text!r}"
+        )
+    return f"{model}:{stems}"
+
+
 def _positive(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -99,7 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     submit = command("submit", "upload songs (files or http(s) URLs), follow them, fetch the results")
     submit.add_argument("songs", nargs="+", metavar="SONG")
     submit.add_argument("--stems", type=int, choices=(2, 4, 6), help="2: vocals + accompaniment, 4 or 6 sources")
-    submit.add_argument("--model", choices=("htdemucs", "htdemucs_ft", "htdemucs_6s"))
+    submit.add_argument("--model", choices=MODELS)
+    submit.add_argument(
+        "--target",
+        dest="targets",
+        action="append",
+        type=_target,
+        metavar="MODEL:STEMS",
+        help="one separation of the upload (repeat, up to 4: e.g. --target htdemucs:4 --target htdemucs_6s:6)",
+    )
     submit.add_argument("--quality", choices=("fast", "balanced", "best"))
     submit.add_argument("--format", dest="output_format", choices=("wav", "flac", "mp3"))
     submit.add_argument("--trim", type=_trim, metavar="START:END", help="keep only START..END seconds, e.g. 10:95")
@@ -111,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--priority", choices=("normal", "high"))
     submit.add_argument("--callback-url", help="webhook called when the job ends")
     submit.add_argument("--wait", action="store_true", help="follow the jobs live until they end")
-    submit.add_argument("--out", type=Path, metavar="DIR", help="download the stems to DIR/<song>/ (implies --wait)")
+    submit.add_argument(
+        "--out", type=Path, metavar="DIR", help="download the stems to DIR/<song>/ (DIR/<song>/<target>/ with targets)"
+    )
     submit.add_argument("--timeout", type=_positive, metavar="SECONDS", help="give up waiting after SECONDS (exit 9)")
 
     for name, help_text in (
@@ -133,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("job", metavar="JOB")
     download.add_argument("--out", type=Path, metavar="DIR", help="where to write (default: ./JOB/, or . for --zip)")
     download.add_argument("--stem", dest="stems", action="append", metavar="NAME", help="only this stem (repeatable)")
+    download.add_argument(
+        "--target", metavar="NAME", help="only this target of a multi-target job (e.g. htdemucs_6s-6; default: all)"
+    )
     download.add_argument("--zip", dest="as_zip", action="store_true", help="one zip of every stem")
 
     watch = command("watch", "all of your jobs, live (Ctrl-C to stop)")
@@ -146,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     """Only the job options given, so the server's defaults apply to the rest."""
     options = {key: getattr(args, key) for key in JOB_OPTIONS if getattr(args, key) is not None}
+    if args.targets:
+        options["targets"] = args.targets
     if args.trim:
         start, end = args.trim
         if start is not None:
@@ -177,7 +205,9 @@ def _dispatch(ctx: commands.Context, args: argparse.Namespace) -> Coroutine[Any,
         case "list":
             return commands.list_jobs(ctx, status=args.status, limit=args.limit, cursor=args.cursor, every=args.every)
         case "download":
-            return commands.download(ctx, args.job, out=args.out, stems=args.stems, as_zip=args.as_zip)
+            return commands.download(
+                ctx, args.job, out=args.out, stems=args.stems, as_zip=args.as_zip, target=args.target
+            )
         case "watch":
             return commands.watch(ctx, count=args.count, timeout=args.timeout)
         case "configure":
