@@ -163,6 +163,30 @@ async def test_one_upload_with_several_targets_downloads_each_targets_stems(
     assert bad.code == 2 and "MODEL:STEMS" in bad.err
 
 
+async def test_a_batch_is_one_request_with_one_id_and_every_job_followed(
+    env: dict[str, str], songs: dict[str, Path], system: Any, api_key: str
+) -> None:
+    import httpx
+
+    ran = await stemflow(
+        "submit", songs["short"], songs["song"], "--batch", "--wait", "--json", "--stems", "2", "--quality", "fast",
+        "--trim", "0:3", env=env,
+    )  # fmt: skip
+    assert ran.code == 0, ran.err
+    jobs = ran.lines()
+    assert [job["input"]["filename"] for job in jobs] == ["short.flac", "song.wav"]  # the songs' order
+    assert all(job["status"] == "completed" and len(job["result"]["stems"]) == 2 for job in jobs)
+    (batch_id,) = {job["batch_id"] for job in jobs}
+    async with httpx.AsyncClient(base_url=system.gateway_url, headers={"Authorization": f"Bearer {api_key}"}) as http:
+        batch = (await http.get(f"/v1/batches/{batch_id}")).json()
+    assert batch["status"] == "completed" and sorted(j["id"] for j in batch["jobs"]) == sorted(j["id"] for j in jobs)
+
+    mixed = await stemflow("submit", songs["short"], "https://example.com/a.mp3", "--batch", env=env)
+    assert mixed.code == 2 and "all files or all URLs" in mixed.err
+    refused = await stemflow("submit", songs["short"], songs["noise"], "--batch", "--wait", env=env)
+    assert refused.code == 1  # the batch is accepted; the job of the text file fails, the other completes
+
+
 async def test_watch_shows_every_job_of_the_key_live(
     env: dict[str, str], songs: dict[str, Path], mongo_db: Any, system: Any
 ) -> None:

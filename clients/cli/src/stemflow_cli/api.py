@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -106,6 +107,26 @@ class Api:
             files = {"file": (path.name, upload, media_type(path))}
             headers = {"Idempotency-Key": str(uuid.uuid4())}
             return await self._json("POST", "/v1/jobs", files=files, data=fields, headers=headers)
+
+    async def submit_batch_files(
+        self, paths: list[Path], options: dict[str, Any], on_bytes: list[Progress | None] | None = None
+    ) -> dict[str, Any]:
+        """One batch of uploads with shared options (POST /v1/batches): the batch, its jobs in the files' order."""
+        fields = {k: _form_value(v) for k, v in options.items()}
+        with contextlib.ExitStack() as files_open:
+            files = []
+            for index, path in enumerate(paths):
+                try:
+                    fh = files_open.enter_context(open(path, "rb"))
+                except OSError as exc:
+                    raise CliError(f"cannot read {path}: {exc.strerror}", Exit.USAGE) from exc
+                counted = on_bytes[index] if on_bytes else None
+                upload: Any = _CountingFile(fh, counted) if counted else fh
+                files.append(("file", (path.name, upload, media_type(path))))
+            return await self._json("POST", "/v1/batches", files=files, data=fields)
+
+    async def submit_batch_urls(self, urls: list[str], options: dict[str, Any]) -> dict[str, Any]:
+        return await self._json("POST", "/v1/batches", json={"source_urls": urls, **options})
 
     async def submit_url(self, url: str, options: dict[str, Any]) -> dict[str, Any]:
         headers = {"Idempotency-Key": str(uuid.uuid4())}

@@ -83,21 +83,40 @@ class Outcome:
 
 
 async def submit(
-    ctx: Context, songs: list[str], options: dict[str, Any], *, wait: bool, out: Path | None, timeout: float | None
+    ctx: Context,
+    songs: list[str],
+    options: dict[str, Any],
+    *,
+    wait: bool,
+    out: Path | None,
+    timeout: float | None,
+    batch: bool = False,
 ) -> int:
     for song in songs:
         if not is_url(song) and not Path(song).is_file():
             raise CliError(f"no such file: {song}", Exit.USAGE, hint="give audio files or http(s) URLs")
+    if batch and len({is_url(song) for song in songs}) > 1:
+        raise CliError("a batch is either all files or all URLs", Exit.USAGE, hint="submit them as two batches")
     outcome = Outcome(ctx)
     jobs: dict[str, dict[str, Any]] = {}
     async with ctx.api() as api:
         with Board(ctx.err, enabled=ctx.live) as board:
-            for index, song in enumerate(songs):
+            if batch:
                 try:
-                    doc = await _submit_one(api, board, f"upload-{index}", song, options)
+                    made = await _submit_batch(api, board, songs, options)
                 except CliError as error:
                     outcome.fail(error)
-                    continue
+                    made = []
+                if made:
+                    ctx.say(f"submitted {len(made)} songs as batch [bold]{made[0]['batch_id']}[/]")
+            else:
+                made = []
+                for index, song in enumerate(songs):
+                    try:
+                        made.append(await _submit_one(api, board, f"upload-{index}", song, options))
+                    except CliError as error:
+                        outcome.fail(error)
+            for doc in made:
                 jobs[doc["id"]] = doc
                 if not wait:
                     ctx.say(f"submitted {job_name(doc)} as job [bold]{doc['id']}[/] ({doc['status']})")
@@ -115,22 +134,47 @@ async def submit(
     return int(outcome.code)
 
 
+async def _submit_batch(api: Api, board: Board, songs: list[str], options: dict[str, Any]) -> list[dict[str, Any]]:
+    """All songs in one POST /v1/batches; their jobs, in the songs' order."""
+    keys = [f"upload-{index}" for index in range(len(songs))]
+    if is_url(songs[0]):
+        for key, song in zip(keys, songs, strict=True):
+            board.add(key, song.rsplit("/", 1)[-1] or song)
+        batch = await api.submit_batch_urls(songs, options)
+    else:
+        paths = [Path(song) for song in songs]
+        counters = []
+        for key, path in zip(keys, paths, strict=True):
+            board.add(key, path.name)
+            counters.append(_upload_counter(board, key, path))
+        batch = await api.submit_batch_files(paths, options, counters)
+    docs: list[dict[str, Any]] = batch["jobs"]
+    for key, doc in zip(keys, docs, strict=True):
+        board.rename(key, doc["id"])
+        board.update(doc["id"], doc["status"], doc.get("progress"))
+    return docs
+
+
+def _upload_counter(board: Board, key: str, path: Path) -> Callable[[int], None]:
+    total = max(path.stat().st_size, 1)
+    sent = 0
+
+    def on_bytes(count: int) -> None:
+        nonlocal sent
+        sent += count
+        board.uploaded(key, min(sent / total, 1.0))
+
+    return on_bytes
+
+
 async def _submit_one(api: Api, board: Board, key: str, song: str, options: dict[str, Any]) -> dict[str, Any]:
     if is_url(song):
         board.add(key, song.rsplit("/", 1)[-1] or song)
         doc = await api.submit_url(song, options)
     else:
         path = Path(song)
-        total = max(path.stat().st_size, 1)
-        sent = 0
-
-        def on_bytes(count: int) -> None:
-            nonlocal sent
-            sent += count
-            board.uploaded(key, min(sent / total, 1.0))
-
         board.add(key, path.name)
-        doc = await api.submit_file(path, options, on_bytes)
+        doc = await api.submit_file(path, options, _upload_counter(board, key, path))
     board.rename(key, doc["id"])
     board.update(doc["id"], doc["status"], doc.get("progress"))
     return doc

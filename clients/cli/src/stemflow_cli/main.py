@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--residual", action="store_true", default=None, help="also deliver mix minus the stems")
     submit.add_argument("--priority", choices=("normal", "high"))
     submit.add_argument("--callback-url", help="webhook called when the job ends")
+    submit.add_argument(
+        "--batch", action="store_true", help="send the songs as one batch (one request, one batch id; up to 50)"
+    )
     submit.add_argument("--wait", action="store_true", help="follow the jobs live until they end")
     submit.add_argument(
         "--out", type=Path, metavar="DIR", help="download the stems to DIR/<song>/ (DIR/<song>/<target>/ with targets)"
@@ -193,6 +196,7 @@ def _dispatch(ctx: commands.Context, args: argparse.Namespace) -> Coroutine[Any,
                 wait=args.wait or args.out is not None,
                 out=args.out,
                 timeout=args.timeout,
+                batch=args.batch,
             )
         case "status":
             return commands.status(ctx, args.jobs)
