@@ -117,6 +117,7 @@ async def test_upload_progress_mixer_and_downloads_in_a_real_browser(
         # The doubt the analysis states: the runner-up key, e.g. "A minor · or C major".
         await page.locator("#key-conf").filter(has_text=" · or ").wait_for(timeout=30_000)
         rows = page.locator(".stem")
+        assert not await page.locator("#target-pick").is_visible()  # one separation: nothing to pick
         assert sorted(await rows.evaluate_all("rows => rows.map(r => r.dataset.stem)")) == [
             "bass",
             "drums",
@@ -214,5 +215,54 @@ async def test_a_pasted_url_that_fails_shows_why_and_the_job_can_be_deleted(
         await page.locator(f"#jobs li[data-id='{job_id}']").wait_for(state="detached")
         async with httpx.AsyncClient(headers={"Authorization": f"Bearer {api_key}"}) as http:
             assert (await http.get(f"{system.gateway_url}/v1/jobs/{job_id}")).status_code == 404
+    finally:
+        await context.close()
+
+
+async def test_a_job_with_several_targets_plays_and_zips_the_chosen_one(
+    system: Any, api_key: str, browser: Any, client: Any, tmp_path: Path
+) -> None:
+    song = tmp_path / "two-targets.wav"
+    sf.write(song, demo_song.render(4.0, bpm=100.0), 44100, subtype="PCM_16")
+    # The running system serves htdemucs only: two stem sets of it are two targets.
+    job = await client.submit(song, targets="htdemucs:2,htdemucs:4", quality="fast", output_format="wav")
+    await client.follow(job["id"], timeout_s=300)
+    context = await browser.new_context(viewport={"width": 1100, "height": 1400}, accept_downloads=True)
+    page = await context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    try:
+        await page.goto(system.gateway_url + "/")
+        await page.evaluate("key => localStorage.setItem('stemflow.apiKey', key)", api_key)
+        await page.reload()
+        await page.locator(f"#jobs li[data-id='{job['id']}'] button.open").click()
+        await page.locator("#player[data-state=ready]").wait_for(timeout=120_000)
+        rows = page.locator(".stem")
+        stems = "rows => rows.map(r => r.dataset.stem).sort()"
+        # The primary target first, and a picker of both.
+        assert await rows.evaluate_all(stems) == ["accompaniment", "vocals"]
+        assert await page.locator("#target-pick").is_visible()
+        picker = page.get_by_label("Target", exact=True)
+        assert await picker.evaluate("s => [...s.options].map(o => o.value)") == ["htdemucs-2", "htdemucs-4"]
+        assert await picker.input_value() == "htdemucs-2"
+
+        await picker.select_option("htdemucs-4")
+        await page.locator("#player[data-state=ready]").wait_for(timeout=120_000)
+        await page.wait_for_function("() => document.querySelectorAll('.stem').length === 4")
+        assert await rows.evaluate_all(stems) == ["bass", "drums", "other", "vocals"]
+        await page.screenshot(path=ARTIFACTS / "6-targets.png", full_page=True)
+
+        async with page.expect_download() as stem_download:
+            await page.get_by_role("button", name="Download drums").click()
+        drums = await stem_download.value
+        await drums.save_as(tmp_path / "drums.wav")
+        assert sf.info(tmp_path / "drums.wav").frames == 4 * 44100
+        async with page.expect_download() as zip_download:
+            await page.get_by_role("button", name="Download all stems (zip)").click()
+        archive = await zip_download.value
+        assert archive.suggested_filename == f"{job['id']}-htdemucs-4-stems.zip"
+        names = zipfile.ZipFile(io.BytesIO(Path(await archive.path()).read_bytes())).namelist()
+        assert sorted(names) == ["bass.wav", "drums.wav", "other.wav", "vocals.wav"]
+        assert problems == []
     finally:
         await context.close()

@@ -18,6 +18,7 @@ const state = {
   wsFailures: 0,
   lastEventId: null,
   mixer: null,
+  analysis: null, // the shown job's analysis (its energy curve lights the waveform of every target)
 };
 
 // ---- HTTP
@@ -69,7 +70,11 @@ async function api(path, options = {}) {
 const getJson = async (path) => (await api(path)).json();
 
 // Job documents carry absolute links; the page stays on its own origin.
-const pathOf = (link) => new URL(link, location.href).pathname.replace(/^\/v1/, "");
+// A link's path and query (a target's stems are `?target=`), without the /v1 the api() helper adds.
+const pathOf = (link) => {
+  const url = new URL(link, location.href);
+  return url.pathname.replace(/^\/v1/, "") + url.search;
+};
 
 // ---- messages
 
@@ -374,17 +379,49 @@ function showJob(job) {
 async function showResults(job) {
   $("results").hidden = false;
   showFacts(job.result.analysis);
+  showTargets(job);
+  state.analysis = null;
   const mixer = new Mixer(job);
   state.mixer = mixer;
   if (job.options.analyze !== false) {
     getJson(`/jobs/${job.id}/analysis`)
       .then((analysis) => {
+        state.analysis = analysis;
         mixer.setEnergy(analysis);
         showDoubt(analysis);
       })
       .catch(() => {});
   }
   await mixer.load();
+}
+
+// One upload, several separations: a picker of the targets that made stems; the mixer plays the chosen one.
+function madeTargets(job) {
+  return Object.entries(job.result.targets || {}).filter(([, t]) => t.stems.length);
+}
+
+function showTargets(job) {
+  const made = madeTargets(job);
+  $("target-pick").hidden = made.length < 2;
+  $("target").replaceChildren(...made.map(([name]) => new Option(name, name)));
+  const primary = made.find(([, t]) => t.stems[0]?.url === job.result.stems[0]?.url);
+  if (primary) $("target").value = primary[0];
+}
+
+async function switchTarget() {
+  const job = state.jobs.get(state.current);
+  const target = job && (job.result.targets || {})[$("target").value];
+  if (!target) return;
+  if (state.mixer) state.mixer.close();
+  const mixer = new Mixer(job, target.stems);
+  state.mixer = mixer;
+  if (state.analysis) mixer.setEnergy(state.analysis);
+  await mixer.load();
+}
+
+function zipLink(job) {
+  const target = $("target-pick").hidden ? null : (job.result.targets || {})[$("target").value];
+  return target ? [target.stems_zip, `${job.id}-${$("target").value}-stems.zip`] : [job.links.stems_zip, `${job.id}-stems.zip`];
 }
 
 function showFacts(a) {
@@ -424,18 +461,18 @@ async function download(link, filename) {
 // ---- the mixer: one AudioBufferSourceNode per stem, all started at the same instant
 
 class Mixer {
-  constructor(job) {
+  constructor(job, stems = job.result.stems) {
     this.job = job;
     this.jobId = job.id;
     this.ctx = new AudioContext();
     this.master = this.ctx.createGain();
     this.master.connect(this.ctx.destination);
-    this.stems = job.result.stems.map((info) => this.row(info));
+    this.stems = stems.map((info) => this.row(info));
     this.sources = [];
     this.playing = false;
     this.offset = 0;
     this.startedAt = 0;
-    this.duration = Math.max(...job.result.stems.map((s) => s.duration), 0);
+    this.duration = Math.max(...stems.map((s) => s.duration), 0);
     this.peaks = null;
     this.energy = null;
     this.frame = 0;
@@ -649,8 +686,9 @@ function setupPlayer() {
   window.addEventListener("resize", () => mixer()?.draw());
   $("zip").addEventListener("click", () => {
     const job = state.jobs.get(state.current);
-    if (job) download(job.links.stems_zip, `${job.id}-stems.zip`).catch(fail);
+    if (job) download(...zipLink(job)).catch(fail);
   });
+  $("target").addEventListener("change", () => switchTarget().catch(fail));
   $("cancel").addEventListener("click", () => {
     if (!state.current) return;
     api(`/jobs/${state.current}/cancel`, { method: "POST" }).then((r) => r.json()).then((job) => { remember(job); renderJobs(); showJob(job); }).catch(fail);
