@@ -266,3 +266,40 @@ async def test_a_job_with_several_targets_plays_and_zips_the_chosen_one(
         assert problems == []
     finally:
         await context.close()
+
+
+async def test_several_files_make_one_batch_listed_in_order(
+    system: Any, api_key: str, browser: Any, tmp_path: Path
+) -> None:
+    songs = []
+    for index, bpm in enumerate((90.0, 110.0)):
+        path = tmp_path / f"track-{index + 1}.wav"
+        sf.write(path, demo_song.render(3.0, bpm=bpm), 44100, subtype="PCM_16")
+        songs.append(path)
+    context = await browser.new_context(viewport={"width": 1100, "height": 1200})
+    page = await context.new_page()
+    try:
+        await page.goto(system.gateway_url + "/")
+        await page.evaluate("key => localStorage.setItem('stemflow.apiKey', key)", api_key)
+        await page.reload()
+        await page.set_input_files("#file", songs)
+        await page.locator("#file-name").filter(has_text="Selected 2 songs (one batch)").wait_for()
+        await page.get_by_label("Stems").select_option("2")
+        await page.get_by_label("Quality").select_option("fast")
+        await page.get_by_role("button", name="Split the song").click()
+        await page.locator("#job-section:not([hidden])").wait_for()
+        # Both jobs listed, the first file on top, and the first one opened.
+        listed = await page.locator("#jobs li button.open").evaluate_all("bs => bs.slice(0, 2).map(b => b.textContent)")
+        assert listed == ["track-1.wav", "track-2.wav"]
+        ids = await page.locator("#jobs li").evaluate_all("lis => lis.slice(0, 2).map(li => li.dataset.id)")
+        assert await page.locator("#job-title").inner_text() == "track-1.wav"
+        for job_id in ids:
+            await page.locator(f"#jobs li[data-id='{job_id}'] .s-completed").wait_for(timeout=300_000)
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {api_key}"}) as http:
+            jobs = [(await http.get(f"{system.gateway_url}/v1/jobs/{job_id}")).json() for job_id in ids]
+            (batch_id,) = {job["batch_id"] for job in jobs}
+            assert batch_id is not None
+            batch = (await http.get(f"{system.gateway_url}/v1/batches/{batch_id}")).json()
+        assert batch["status"] == "completed" and sorted(j["id"] for j in batch["jobs"]) == sorted(ids)
+    finally:
+        await context.close()

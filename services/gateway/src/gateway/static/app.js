@@ -136,15 +136,15 @@ function jobOptions() {
   return options;
 }
 
-function upload(file, options) {
-  // XMLHttpRequest, not fetch: only it reports upload progress.
+function upload(files, options) {
+  // XMLHttpRequest, not fetch: only it reports upload progress. One file is a job; several, a batch.
   return new Promise((resolve, reject) => {
     const form = new FormData();
     for (const [k, v] of Object.entries(options)) form.append(k, String(v));
-    form.append("file", file, file.name);
+    for (const file of files) form.append("file", file, file.name);
     const xhr = new XMLHttpRequest();
     const bar = $("upload");
-    xhr.open("POST", `${API}/jobs`);
+    xhr.open("POST", `${API}/${files.length > 1 ? "batches" : "jobs"}`);
     xhr.setRequestHeader("Authorization", `Bearer ${state.key}`);
     xhr.upload.onprogress = (e) => { if (e.lengthComputable) bar.value = (100 * e.loaded) / e.total; };
     xhr.onload = () => {
@@ -161,18 +161,21 @@ function upload(file, options) {
 
 async function submitJob(event) {
   event.preventDefault();
-  const file = $("file").files[0];
+  const files = [...$("file").files];
   const url = $("source-url").value.trim();
-  if (!file && !url) return alertUser("Choose or drop a song file, or paste its URL.");
+  if (!files.length && !url) return alertUser("Choose or drop a song file, or paste its URL.");
   const options = jobOptions();
   if (options.stems === 6 && options.model !== "htdemucs_6s") options.model = $("opt-model").value = "htdemucs_6s";
   $("submit").disabled = true;
   alertUser("");
   try {
-    const job = file
-      ? await upload(file, options)
+    const made = files.length
+      ? await upload(files, options)
       : await (await api("/jobs", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ source_url: url, ...options }) })).json();
-    remember(job);
+    // A batch answers with its jobs; remembered oldest first, so the list shows them in the files' order.
+    const jobs = made.jobs ? [...made.jobs].reverse() : [made];
+    for (const one of jobs) remember(one);
+    const job = jobs[jobs.length - 1];
     renderJobs();
     $("job-form").reset();
     $("file-name").textContent = "";
@@ -188,7 +191,10 @@ async function submitJob(event) {
 function setupDrop() {
   const zone = $("drop");
   const input = $("file");
-  const show = () => { $("file-name").textContent = input.files[0] ? `Selected: ${input.files[0].name}` : ""; };
+  const show = () => {
+    const names = [...input.files].map((f) => f.name);
+    $("file-name").textContent = names.length > 1 ? `Selected ${names.length} songs (one batch): ${names.join(", ")}` : names.length ? `Selected: ${names[0]}` : "";
+  };
   input.addEventListener("change", show);
   zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
   zone.addEventListener("dragleave", () => zone.classList.remove("over"));
