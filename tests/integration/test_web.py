@@ -7,6 +7,7 @@ Screenshots are kept under test-artifacts/web.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import shutil
@@ -58,6 +59,20 @@ async def browser() -> AsyncIterator[Any]:
             yield chromium
         finally:
             await chromium.close()
+
+
+@contextlib.asynccontextmanager
+async def signed_in_page(browser: Any, system: Any, api_key: str, height: int = 1200) -> AsyncIterator[Any]:
+    """The page, open at the gateway with the API key already kept in the browser."""
+    context = await browser.new_context(viewport={"width": 1100, "height": height}, accept_downloads=True)
+    page = await context.new_page()
+    try:
+        await page.goto(system.gateway_url + "/")
+        await page.evaluate("key => localStorage.setItem('stemflow.apiKey', key)", api_key)
+        await page.reload()
+        yield page
+    finally:
+        await context.close()
 
 
 def test_the_initial_load_is_under_100_kb_gzipped() -> None:
@@ -196,12 +211,7 @@ async def test_upload_progress_mixer_and_downloads_in_a_real_browser(
 async def test_a_pasted_url_that_fails_shows_why_and_the_job_can_be_deleted(
     system: Any, api_key: str, browser: Any
 ) -> None:
-    context = await browser.new_context(viewport={"width": 1100, "height": 1200})
-    page = await context.new_page()
-    try:
-        await page.goto(system.gateway_url + "/")
-        await page.evaluate("key => localStorage.setItem('stemflow.apiKey', key)", api_key)
-        await page.reload()
+    async with signed_in_page(browser, system, api_key) as page:
         await page.get_by_label("…or paste a URL").fill("http://127.0.0.1:9/song.mp3")
         await page.get_by_role("button", name="Split the song").click()
         await page.locator("#job-section[data-status=failed]").wait_for(timeout=120_000)
@@ -215,8 +225,6 @@ async def test_a_pasted_url_that_fails_shows_why_and_the_job_can_be_deleted(
         await page.locator(f"#jobs li[data-id='{job_id}']").wait_for(state="detached")
         async with httpx.AsyncClient(headers={"Authorization": f"Bearer {api_key}"}) as http:
             assert (await http.get(f"{system.gateway_url}/v1/jobs/{job_id}")).status_code == 404
-    finally:
-        await context.close()
 
 
 async def test_a_job_with_several_targets_plays_and_zips_the_chosen_one(
@@ -227,14 +235,9 @@ async def test_a_job_with_several_targets_plays_and_zips_the_chosen_one(
     # The running system serves htdemucs only: two stem sets of it are two targets.
     job = await client.submit(song, targets="htdemucs:2,htdemucs:4", quality="fast", output_format="wav")
     await client.follow(job["id"], timeout_s=300)
-    context = await browser.new_context(viewport={"width": 1100, "height": 1400}, accept_downloads=True)
-    page = await context.new_page()
     problems: list[str] = []
-    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-    try:
-        await page.goto(system.gateway_url + "/")
-        await page.evaluate("key => localStorage.setItem('stemflow.apiKey', key)", api_key)
-        await page.reload()
+    async with signed_in_page(browser, system, api_key, height=1400) as page:
+        page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
         await page.locator(f"#jobs li[data-id='{job['id']}'] button.open").click()
         await page.locator("#player[data-state=ready]").wait_for(timeout=120_000)
         rows = page.locator(".stem")
@@ -264,8 +267,6 @@ async def test_a_job_with_several_targets_plays_and_zips_the_chosen_one(
         names = zipfile.ZipFile(io.BytesIO(Path(await archive.path()).read_bytes())).namelist()
         assert sorted(names) == ["bass.wav", "drums.wav", "other.wav", "vocals.wav"]
         assert problems == []
-    finally:
-        await context.close()
 
 
 async def test_several_files_make_one_batch_listed_in_order(
@@ -276,12 +277,7 @@ async def test_several_files_make_one_batch_listed_in_order(
         path = tmp_path / f"track-{index + 1}.wav"
         sf.write(path, demo_song.render(3.0, bpm=bpm), 44100, subtype="PCM_16")
         songs.append(path)
-    context = await browser.new_context(viewport={"width": 1100, "height": 1200})
-    page = await context.new_page()
-    try:
-        await page.goto(system.gateway_url + "/")
-        await page.evaluate("key => localStorage.setItem('stemflow.apiKey', key)", api_key)
-        await page.reload()
+    async with signed_in_page(browser, system, api_key) as page:
         await page.set_input_files("#file", songs)
         await page.locator("#file-name").filter(has_text="Selected 2 songs (one batch)").wait_for()
         await page.get_by_label("Stems").select_option("2")
@@ -301,5 +297,3 @@ async def test_several_files_make_one_batch_listed_in_order(
             assert batch_id is not None
             batch = (await http.get(f"{system.gateway_url}/v1/batches/{batch_id}")).json()
         assert batch["status"] == "completed" and sorted(j["id"] for j in batch["jobs"]) == sorted(ids)
-    finally:
-        await context.close()
