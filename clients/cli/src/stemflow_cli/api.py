@@ -98,13 +98,8 @@ class Api:
         self, path: Path, options: dict[str, Any], on_bytes: Progress | None = None
     ) -> dict[str, Any]:
         fields = {k: _form_value(v) for k, v in options.items()}
-        try:
-            fh = open(path, "rb")  # noqa: SIM115 - closed below, after the upload
-        except OSError as exc:
-            raise CliError(f"cannot read {path}: {exc.strerror}", Exit.USAGE) from exc
-        with fh:
-            upload: Any = _CountingFile(fh, on_bytes) if on_bytes else fh
-            files = {"file": (path.name, upload, media_type(path))}
+        with contextlib.ExitStack() as files_open:
+            files = {"file": _file_part(files_open, path, on_bytes)}
             headers = {"Idempotency-Key": str(uuid.uuid4())}
             return await self._json("POST", "/v1/jobs", files=files, data=fields, headers=headers)
 
@@ -114,15 +109,10 @@ class Api:
         """One batch of uploads with shared options (POST /v1/batches): the batch, its jobs in the files' order."""
         fields = {k: _form_value(v) for k, v in options.items()}
         with contextlib.ExitStack() as files_open:
-            files = []
-            for index, path in enumerate(paths):
-                try:
-                    fh = files_open.enter_context(open(path, "rb"))
-                except OSError as exc:
-                    raise CliError(f"cannot read {path}: {exc.strerror}", Exit.USAGE) from exc
-                counted = on_bytes[index] if on_bytes else None
-                upload: Any = _CountingFile(fh, counted) if counted else fh
-                files.append(("file", (path.name, upload, media_type(path))))
+            files = [
+                ("file", _file_part(files_open, path, on_bytes[index] if on_bytes else None))
+                for index, path in enumerate(paths)
+            ]
             return await self._json("POST", "/v1/batches", files=files, data=fields)
 
     async def submit_batch_urls(self, urls: list[str], options: dict[str, Any]) -> dict[str, Any]:
@@ -206,6 +196,16 @@ def error_of(response: httpx.Response) -> CliError:
     error.message = f"HTTP {response.status_code} {response.reason_phrase} from {response.request.url}"
     error.hint = error.hint or "check --url / STEMFLOW_URL: it must point at the Stemflow gateway"
     return error
+
+
+def _file_part(files_open: contextlib.ExitStack, path: Path, on_bytes: Progress | None) -> tuple[str, Any, str]:
+    """A file of a multipart upload, open until `files_open` closes, counting what is sent when asked."""
+    try:
+        fh = files_open.enter_context(open(path, "rb"))  # noqa: SIM115 - closed with files_open
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}", Exit.USAGE) from exc
+    upload: Any = _CountingFile(fh, on_bytes) if on_bytes else fh
+    return path.name, upload, media_type(path)
 
 
 def _form_value(value: Any) -> str:

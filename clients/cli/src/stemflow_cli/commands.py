@@ -137,21 +137,17 @@ async def submit(
 async def _submit_batch(api: Api, board: Board, songs: list[str], options: dict[str, Any]) -> list[dict[str, Any]]:
     """All songs in one POST /v1/batches; their jobs, in the songs' order."""
     keys = [f"upload-{index}" for index in range(len(songs))]
+    for key, song in zip(keys, songs, strict=True):
+        board.add(key, _label(song))
     if is_url(songs[0]):
-        for key, song in zip(keys, songs, strict=True):
-            board.add(key, song.rsplit("/", 1)[-1] or song)
         batch = await api.submit_batch_urls(songs, options)
     else:
         paths = [Path(song) for song in songs]
-        counters = []
-        for key, path in zip(keys, paths, strict=True):
-            board.add(key, path.name)
-            counters.append(_upload_counter(board, key, path))
+        counters = [_upload_counter(board, key, path) for key, path in zip(keys, paths, strict=True)]
         batch = await api.submit_batch_files(paths, options, counters)
     docs: list[dict[str, Any]] = batch["jobs"]
     for key, doc in zip(keys, docs, strict=True):
-        board.rename(key, doc["id"])
-        board.update(doc["id"], doc["status"], doc.get("progress"))
+        _bind(board, key, doc)
     return docs
 
 
@@ -168,16 +164,24 @@ def _upload_counter(board: Board, key: str, path: Path) -> Callable[[int], None]
 
 
 async def _submit_one(api: Api, board: Board, key: str, song: str, options: dict[str, Any]) -> dict[str, Any]:
+    board.add(key, _label(song))
     if is_url(song):
-        board.add(key, song.rsplit("/", 1)[-1] or song)
         doc = await api.submit_url(song, options)
     else:
-        path = Path(song)
-        board.add(key, path.name)
-        doc = await api.submit_file(path, options, _upload_counter(board, key, path))
+        doc = await api.submit_file(Path(song), options, _upload_counter(board, key, Path(song)))
+    _bind(board, key, doc)
+    return doc
+
+
+def _label(song: str) -> str:
+    """What an upload's bar is called: the file's name, or the last part of the URL."""
+    return (song.rsplit("/", 1)[-1] or song) if is_url(song) else Path(song).name
+
+
+def _bind(board: Board, key: str, doc: dict[str, Any]) -> None:
+    """Rebind an upload's bar to the job it created, showing the job's state."""
     board.rename(key, doc["id"])
     board.update(doc["id"], doc["status"], doc.get("progress"))
-    return doc
 
 
 async def _follow(ctx: Context, api: Api, jobs: dict[str, dict[str, Any]], board: Board, timeout: float | None) -> None:
@@ -300,12 +304,7 @@ async def _download_stems(
             Exit.JOB_FAILED,
         )
     if names:
-        known = {s["name"] for t in made.values() for s in t["stems"]}
-        missing = [n for n in names if n not in known]
-        if missing:
-            raise CliError(
-                f"job {doc['id']} has no stem {', '.join(missing)} (it has {', '.join(sorted(known))})", Exit.NOT_FOUND
-            )
+        _check_stem_names(doc["id"], names, {s["name"] for t in made.values() for s in t["stems"]})
     files: dict[str, str] = {}
     for name, made_target in made.items():
         wanted = [s["name"] for s in made_target["stems"] if not names or s["name"] in names]
@@ -319,12 +318,7 @@ async def _download_set(
     ctx: Context, api: Api, job_id: str, stems: list[dict[str, Any]], folder: Path, names: list[str] | None
 ) -> dict[str, str]:
     if names:
-        known = {s["name"] for s in stems}
-        missing = [n for n in names if n not in known]
-        if missing:
-            raise CliError(
-                f"job {job_id} has no stem {', '.join(missing)} (it has {', '.join(sorted(known))})", Exit.NOT_FOUND
-            )
+        _check_stem_names(job_id, names, {s["name"] for s in stems})
         stems = [s for s in stems if s["name"] in names]
     folder.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
@@ -335,6 +329,14 @@ async def _download_set(
             await api.download(stem["url"], dest, lambda n, task=task: bars.advance(task, n))
             files[stem["name"]] = str(dest)
     return files
+
+
+def _check_stem_names(job_id: str, names: list[str], known: set[str]) -> None:
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise CliError(
+            f"job {job_id} has no stem {', '.join(missing)} (it has {', '.join(sorted(known))})", Exit.NOT_FOUND
+        )
 
 
 def _transfer_bars(ctx: Context) -> Progress:

@@ -387,27 +387,32 @@ async function showResults(job) {
   showFacts(job.result.analysis);
   showTargets(job);
   state.analysis = null;
-  const mixer = new Mixer(job);
-  state.mixer = mixer;
   if (job.options.analyze !== false) {
     getJson(`/jobs/${job.id}/analysis`)
       .then((analysis) => {
+        if (state.current !== job.id) return;
         state.analysis = analysis;
-        mixer.setEnergy(analysis);
+        // The mixer shown by then, whichever target it plays.
+        if (state.mixer && state.mixer.jobId === job.id) state.mixer.setEnergy(analysis);
         showDoubt(analysis);
       })
       .catch(() => {});
   }
+  await play(job, job.result.stems);
+}
+
+// A mixer of these stems of the job, in place of the one shown.
+async function play(job, stems) {
+  if (state.mixer) state.mixer.close();
+  const mixer = new Mixer(job, stems);
+  state.mixer = mixer;
+  if (state.analysis) mixer.setEnergy(state.analysis);
   await mixer.load();
 }
 
 // One upload, several separations: a picker of the targets that made stems; the mixer plays the chosen one.
-function madeTargets(job) {
-  return Object.entries(job.result.targets || {}).filter(([, t]) => t.stems.length);
-}
-
 function showTargets(job) {
-  const made = madeTargets(job);
+  const made = Object.entries(job.result.targets || {}).filter(([, t]) => t.stems.length);
   $("target-pick").hidden = made.length < 2;
   $("target").replaceChildren(...made.map(([name]) => new Option(name, name)));
   const primary = made.find(([, t]) => t.stems[0]?.url === job.result.stems[0]?.url);
@@ -417,12 +422,7 @@ function showTargets(job) {
 async function switchTarget() {
   const job = state.jobs.get(state.current);
   const target = job && (job.result.targets || {})[$("target").value];
-  if (!target) return;
-  if (state.mixer) state.mixer.close();
-  const mixer = new Mixer(job, target.stems);
-  state.mixer = mixer;
-  if (state.analysis) mixer.setEnergy(state.analysis);
-  await mixer.load();
+  if (target) await play(job, target.stems);
 }
 
 function zipLink(job) {
