@@ -255,10 +255,10 @@ def create_script(folder: Path) -> Path:
 
 def seed(base_url: str, key: str, jobs: int) -> str:
     """Submit `jobs` small uploads (they stay queued: no worker runs); return the last job's id."""
-    job_id = ""
+    job_id, song = "", small_wav()
     with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
         for _ in range(jobs):
-            response = client.post("/v1/jobs", files={"file": ("s.wav", small_wav(), "audio/wav")})
+            response = client.post("/v1/jobs", files={"file": ("s.wav", song, "audio/wav")})
             response.raise_for_status()
             job_id = response.json()["id"]
         assert client.get(f"/v1/jobs/{job_id}").status_code == 200
