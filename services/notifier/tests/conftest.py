@@ -74,10 +74,18 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def running_notifier(env: dict[str, str], **overrides: Any) -> AsyncIterator[Running]:
-    """A notifier serving on a free port, returned once its lifespan has started (consumers bound)."""
+async def running_notifier(
+    env: dict[str, str], send_buffer: int | None = None, **overrides: Any
+) -> AsyncIterator[Running]:
+    """A notifier serving on a free port, returned once its lifespan has started (consumers bound).
+
+    `send_buffer` caps the kernel's send buffer of every connection it accepts (Linux autotunes it up to
+    `net.ipv4.tcp_wmem`'s maximum, several MB, which is more than some tests send to a stalled client).
+    """
     settings = Settings(**{**{k.lower(): v for k, v in env.items()}, **overrides})
     sock = socket.socket()
+    if send_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)  # accepted sockets inherit it
     sock.bind(("127.0.0.1", 0))
     sock.listen(1024)
     server = uvicorn.Server(server_config(create_app(settings), settings))

@@ -71,7 +71,10 @@ async def test_a_client_that_reads_nothing_is_dropped_after_the_send_timeout_and
     kit: Any, notifier_env: dict[str, str], feed: Any
 ) -> None:
     settings = {"client_queue_max": 1000, "send_timeout_s": 0.5, "ping_interval_s": 300.0}
-    async with kit.running_notifier(notifier_env, replica_id=kit.replica("stuck"), **settings) as notifier:
+    # Less than the events sent: the client's socket stays full, whatever the kernel would allow.
+    async with kit.running_notifier(
+        notifier_env, send_buffer=256 * 1024, replica_id=kit.replica("stuck"), **settings
+    ) as notifier:
         closed, received, terminal = await flood_a_slow_client(kit, notifier, feed, "stuck")
     assert closed.rcvd is None  # no close frame could reach it: the connection was cut (1006)
     assert_every_terminal_event_once(received, terminal)
