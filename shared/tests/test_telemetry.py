@@ -6,7 +6,9 @@ import json
 import logging
 from typing import Any
 
+import httpx
 import pytest
+from fastapi import FastAPI
 from opentelemetry import propagate, trace
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.sdk.trace import TracerProvider, sampling
@@ -57,7 +59,8 @@ class Seen:
                 "current": current,
                 "traceparent": carrier.get("traceparent"),
                 "instrumented": is_instrumentation_enabled(),
-                "excluded_from_fastapi": telemetry.fastapi_telemetry()["exclude"](scope),
+                "excluded_from_fastapi": "fastapi.telemetry" in scope
+                or telemetry.fastapi_telemetry()["exclude"](scope),
             }
         )
         # The server span FastAPI would open, from the same provider (root: no parent in the context
@@ -132,6 +135,36 @@ async def test_requests_with_a_parent_and_probes_are_left_to_the_sdk() -> None:
     await call(app, path="/healthz")
     assert [r["instrumented"] for r in seen.requests] == [True, True]
     assert telemetry.fastapi_telemetry()["exclude"]({"path": "/healthz"}) is True
+
+
+async def test_fastapi_opens_a_server_span_for_sampled_requests_only() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(
+        sampler=sampling.ParentBased(sampling.TraceIdRatioBased(0.5)), id_generator=telemetry._PresetTraceIds()
+    )
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    api = FastAPI(telemetry={**telemetry.fastapi_telemetry(), "tracer_provider": provider})
+    carried: list[str | None] = []
+
+    @api.get("/v1/jobs/{job_id}")
+    async def read(job_id: str) -> dict[str, str]:
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        carried.append(carrier.get("traceparent"))
+        return {"id": job_id}
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(telemetry.HeadSampling(api, provider))) as client:
+        for _ in range(200):
+            assert (await client.get("http://t/v1/jobs/abc")).status_code == 200
+    spans = exporter.get_finished_spans()
+    sampled = [t for t in carried if t and int(t[-2:], 16) & 1]  # the flags' sampled bit
+    assert 60 <= len(spans) <= 140, len(spans)  # binomial(200, 0.5): beyond 5.6 sigma otherwise
+    assert len(sampled) == len(spans) and len(carried) == 200
+    assert {s.name for s in spans} == {"GET /v1/jobs/{job_id}"}
+    assert {s.attributes["http.route"] for s in spans} == {"/v1/jobs/{job_id}"}
+    # Each request's job would carry its own trace id, sampled or not: a span of the request's trace.
+    assert {format(s.context.trace_id, "032x") for s in spans} == {t.split("-")[1] for t in sampled}
+    assert all(t and not int(t[-2:], 16) & 1 for t in carried if t not in sampled)
 
 
 def test_without_tracing_the_app_is_served_as_it_is() -> None:

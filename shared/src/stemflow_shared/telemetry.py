@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.instrumentation.utils import suppress_instrumentation
@@ -81,12 +82,13 @@ def _instrument_clients() -> None:
 UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
-# Set by HeadSampling on requests its sampler declined.
-_UNSAMPLED = "stemflow.unsampled"
+# Set in the scope by HeadSampling on requests its sampler declined: FastAPI then opens no span.
+_FASTAPI_TELEMETRY = "fastapi.telemetry"
+_NOT_SAMPLED = trace.TraceFlags(trace.TraceFlags.DEFAULT)
 
 
 def _untraced(scope: MutableMapping[str, Any]) -> bool:
-    return scope.get("path") in UNTRACED_PATHS or _UNSAMPLED in scope
+    return scope.get("path") in UNTRACED_PATHS
 
 
 def fastapi_telemetry() -> dict[str, Any]:
@@ -138,7 +140,7 @@ class HeadSampling:
     - not sampled: the request runs under a non-recording span of that trace (so a
       job it starts carries "not sampled" in its traceparent and every service
       follows the decision) with instrumentation suppressed, and FastAPI opens no
-      span for it (`fastapi_telemetry`'s exclude).
+      span for it.
     A request that brings a traceparent is left to the parent-based sampler.
     """
 
@@ -146,6 +148,8 @@ class HeadSampling:
         self.app = app
         self._sampler = provider.sampler
         self._ids = provider.id_generator
+        with suppress_instrumentation():
+            self._suppressed = otel_context.get_current()  # one context switch per request, not two
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] in UNTRACED_PATHS or _has_traceparent(scope["headers"]):
@@ -167,11 +171,15 @@ class HeadSampling:
                 _preset_trace_id.reset(token)
             return
         unsampled = trace.NonRecordingSpan(
-            trace.SpanContext(trace_id, self._ids.generate_span_id(), is_remote=False, trace_flags=trace.TraceFlags(0))
+            trace.SpanContext(trace_id, self._ids.generate_span_id(), is_remote=False, trace_flags=_NOT_SAMPLED)
         )
-        scope[_UNSAMPLED] = True
-        with trace.use_span(unsampled), suppress_instrumentation():
+        # FastAPI leaves a request alone whose scope already holds this key (as it does for excluded ones).
+        scope[_FASTAPI_TELEMETRY] = None
+        token = otel_context.attach(trace.set_span_in_context(unsampled, self._suppressed))
+        try:
             await self.app(scope, receive, send)
+        finally:
+            otel_context.detach(token)
 
 
 def head_sampling(app: Any) -> Any:
