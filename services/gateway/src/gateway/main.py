@@ -19,6 +19,7 @@ from stemflow_shared.auth import ApiKeys
 from stemflow_shared.messaging import Broker, BrokerOptions
 from stemflow_shared.ops import ops_routes
 from stemflow_shared.reuse import ResultIndex
+from stemflow_shared.runtime import tune_gc
 from stemflow_shared.storage import make_blob_store
 from stemflow_shared.topology import GATEWAY_QUEUE, Names
 
@@ -154,7 +155,9 @@ def app_from_environment() -> Any:
     settings = Settings()
     telemetry.setup_logging("gateway", settings.log_level, settings.log_format)
     telemetry.setup_tracing("gateway")
-    return telemetry.head_sampling(create_app(settings))
+    app = telemetry.head_sampling(create_app(settings))
+    tune_gc()
+    return app
 
 
 def main() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,7 +17,7 @@ from stemflow_shared import telemetry
 from stemflow_shared.auth import ApiKeys
 from stemflow_shared.httpserver import LimitedHttpToolsProtocol
 from stemflow_shared.ops import ops_routes
-from stemflow_shared.runtime import connect_broker
+from stemflow_shared.runtime import connect_broker, tune_gc
 from stemflow_shared.topology import NOTIFIER_QUEUE, WEBHOOKS_QUEUE
 
 from .handlers import job_event_handlers, webhook_handlers
@@ -98,22 +97,6 @@ def server_config(app: Any, settings: Settings) -> uvicorn.Config:
         backlog=4096,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
     )
-
-
-# A full collection is considered after this many collections of the middle generation (CPython: 10,
-# so after ~70,000 new objects). Every WebSocket holds ~150 objects for as long as it is open: with the
-# default, a reconnect storm of 10,000 clients set off a dozen full collections of the whole heap (6.5 s
-# of pauses in 20 s of connecting: bench/notifier.py). Young collections stay small and frequent, so
-# pauses in the steady state stay short; a full collection still runs every ~7 M new objects.
-GC_FULL_AFTER = 1000
-
-
-def tune_gc() -> None:
-    """Keep the long-lived start-up objects out of later collections, and collect the whole heap less often."""
-    gc.collect()
-    gc.freeze()
-    young, middle, _ = gc.get_threshold()
-    gc.set_threshold(young, middle, GC_FULL_AFTER)
 
 
 def _secret(settings: Settings) -> bytes | None:

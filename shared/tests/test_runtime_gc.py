@@ -1,4 +1,4 @@
-"""The notifier's garbage-collector settings: full collections kept rare under thousands of WebSockets."""
+"""Garbage-collector settings of the long-running services: full collections kept rare."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from notifier.main import GC_FULL_AFTER, tune_gc
+from stemflow_shared.runtime import GC_FULL_AFTER, tune_gc
 
 
 @pytest.fixture
