@@ -18,6 +18,8 @@ KUBERNETES_VERSIONS = ("1.29", "1.33")
 # API groups of Kubernetes itself; the rest (operators', KEDA's) are checked in test_custom_resources.py.
 BUILT_IN_GROUPS = {"", "apps", "batch", "policy", "autoscaling"}
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
+# The services' own workloads: Deployments, and the notifier's StatefulSet (stable replica names).
+SERVICE_WORKLOADS = {"Deployment", "StatefulSet"}
 CONNECTION_SECRET = "stemflow-connections"
 CONNECTION_KEYS = ("AMQP_URL", "MONGODB_URL", "REDIS_URL")
 # With the filesystem blob store only these talk to MongoDB (components/gridfs-blobs adds the workers).
@@ -44,14 +46,14 @@ def workloads(docs: tuple[Doc, ...]) -> list[Doc]:
 
 
 def deployments_of(docs: tuple[Doc, ...], service: str) -> list[Doc]:
-    """A service's Deployments: one, or for the separator one per pool."""
+    """A service's workloads: one, or for the separator one Deployment per pool."""
     found = [
         doc
         for doc in docs
-        if doc["kind"] == "Deployment"
+        if doc["kind"] in SERVICE_WORKLOADS
         and doc["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/name") == service
     ]
-    assert found, f"no Deployment of {service}"
+    assert found, f"no workload of {service}"
     return found
 
 
@@ -284,6 +286,22 @@ def test_the_blob_volume_is_shared_except_on_a_single_dev_node(render, target):
     assert claim["spec"]["accessModes"] == expected
 
 
+def test_notifier_replicas_keep_their_names_and_with_them_their_queues(render, target):
+    """Each replica's queue is named after its pod: a StatefulSet's pod comes back under the same name, finds
+    its durable queue with the events published while it was down, and logs them for resume."""
+    docs = render(target)
+    assert not [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "notifier"]
+    notifier = find(docs, "StatefulSet", "notifier")
+    (container,) = containers(notifier)
+    (replica_id,) = [var for var in container["env"] if var["name"] == "REPLICA_ID"]
+    assert replica_id["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert notifier["spec"]["podManagementPolicy"] == "Parallel"  # started and scaled all at once
+    governing = find(docs, "Service", notifier["spec"]["serviceName"])
+    assert governing["spec"]["selector"].items() <= notifier["spec"]["template"]["metadata"]["labels"].items()
+    if target == "overlays/dev":  # Tilt's live update writes into it, as into the Deployments
+        assert container["securityContext"]["readOnlyRootFilesystem"] is False
+
+
 def test_prod_runs_every_separator_pool_on_a_gpu(render):
     docs = render("overlays/prod")
     for pool in deployments_of(docs, "separator"):
@@ -356,7 +374,7 @@ def test_prod_routes_only_the_public_api_through_the_ingress(render, ports):
 def test_dev_runs_one_of_everything_without_a_gpu(render):
     docs = render("overlays/dev")
     assert len(deployments_of(docs, "separator")) == 1, "one separator pool, serving every model, on the CPU"
-    for deployment in (doc for doc in docs if doc["kind"] == "Deployment"):
+    for deployment in (doc for doc in docs if doc["kind"] in SERVICE_WORKLOADS):
         assert deployment["spec"]["replicas"] == 1, deployment["metadata"]["name"]
     assert "nvidia.com/gpu" not in yaml.safe_dump_all(docs)
     assert not find(docs, "Deployment", "separator")["spec"]["template"]["spec"]["containers"][0]["image"].endswith(

@@ -153,10 +153,10 @@ def connects(docs: tuple[Doc, ...], client: Peer, server: Peer, port: int, proto
 
 
 def service_pods(docs: tuple[Doc, ...]) -> list[Peer]:
-    """One peer per Deployment of the namespace (each separator pool, Redis), as rendered."""
+    """One peer per Deployment or StatefulSet of the namespace (each separator pool, Redis), as rendered."""
     peers = []
     for doc in docs:
-        if doc["kind"] != "Deployment":
+        if doc["kind"] not in ("Deployment", "StatefulSet"):
             continue
         template = doc["spec"]["template"]
         ports = {

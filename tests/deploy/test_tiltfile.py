@@ -20,6 +20,8 @@ LABELS = {
     "edge": {"gateway", "notifier"},
 }
 PORT_FORWARDS = {"gateway": "8000:8000", "notifier": "8001:8001", "rabbitmq": "15672:15672"}
+# The kinds of workload Tilt makes a resource of its own (the notifier is a StatefulSet).
+WORKLOADS = {"Deployment", "StatefulSet"}
 DEMO = ["python", "-m", "stemflow_dev", "submit"]
 
 # Just enough of the uibutton extension to record what the Tiltfile asks of it.
@@ -175,10 +177,10 @@ def test_every_object_of_the_dev_overlay_belongs_to_a_resource(tilt, render):
     """Tilt files an object that no resource names under "uncategorized"; here each has a home."""
     docs = render("overlays/dev")
     claimed = {tuple(s.lower().split(":")[:2]) for r in tilt.resources.values() for s in r.get("objects", [])}
-    templates = [d["spec"]["template"]["metadata"]["labels"] for d in docs if d["kind"] == "Deployment"]
+    templates = [d["spec"]["template"]["metadata"]["labels"] for d in docs if d["kind"] in WORKLOADS]
     for doc in docs:
         name, kind = doc["metadata"]["name"], doc["kind"]
-        if kind == "Deployment":
+        if kind in WORKLOADS:
             continue  # a workload is a resource of its own
         if kind == "Service" and any(doc["spec"]["selector"].items() <= labels.items() for labels in templates):
             continue  # Tilt groups a Service with the workload it selects
@@ -193,7 +195,7 @@ def test_images_dockerfiles_and_tilt_builds_agree(tilt, render, repo: Path):
         container["image"].split(":")[0].removeprefix("stemflow/")
         for target in ("base", "overlays/dev", "overlays/prod")
         for doc in render(target)
-        if doc["kind"] == "Deployment"
+        if doc["kind"] in WORKLOADS
         for container in doc["spec"]["template"]["spec"]["containers"]
         if container["image"].startswith("stemflow/")
     }

@@ -55,7 +55,7 @@ def test_the_pod_monitor_scrapes_every_service_on_its_metrics_port(docs):
     (expression,) = monitor["selector"]["matchExpressions"]
     assert expression["operator"] == "In"
     for service in SERVICES:
-        pod = one(docs, "Deployment", service)["spec"]["template"]
+        pod = one(docs, "StatefulSet" if service == "notifier" else "Deployment", service)["spec"]["template"]
         labels = pod["metadata"]["labels"]
         assert labels.get(expression["key"]) in expression["values"], service
         # The job label comes from the pod label, so job="<service>" as the rules expect.
