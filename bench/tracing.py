@@ -26,7 +26,9 @@ from the cache (the cheapest and most frequent call: clients poll), the first
 page of the job list, and a job's creation (a 0.25 s WAV uploaded; the request
 whose trace follows the job through every service). The gateway is pinned to one
 CPU, wrk and the sink to another, where the machine has two. Prints req/s, the
-gateway's CPU time per request and the loss against `off`; writes
+gateway's CPU time per request and the loss against `off`, and the floor: what
+the two spans of a traced cached read cost the SDK with no request around them
+(`span_floor`), against the cached read's own CPU time; writes
 bench/results/tracing.json. Goals: at most 10% loss at 100% sampling, 3% with
 the default sampler.
 
@@ -109,6 +111,76 @@ def serve_sink(port: int) -> None:
 
 
 # --- measuring --------------------------------------------------------------------------------
+
+
+# --- the floor: what two spans cost the SDK, with nothing of a request around them ---------------
+
+FLOOR_PAIRS = 20_000
+
+
+def span_floor(sink_url: str, pairs: int = FLOOR_PAIRS) -> dict[str, Any]:
+    """CPU time of a server span and a Redis client span under it, as a traced cached read records them.
+
+    The SDK's spans with the attributes the instrumentations set, the BatchSpanProcessor and the OTLP/HTTP
+    exporter to the sink, the garbage collector tuned as in the gateway; no request, no instrumentation
+    wrapper. Runs in a process of its own (`--floor SINK_URL`), pinned to the gateway's CPU, and counts every
+    thread of it (the exporter's too). What a traced request costs can only be more.
+    """
+    from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    from stemflow_shared.runtime import tune_gc
+
+    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: "gateway"}))
+    # A queue that holds every span: the loop makes them faster than requests do, and none may be dropped.
+    exporter = OTLPSpanExporter(endpoint=f"{sink_url}/v1/traces")
+    provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=2 * (pairs + 2_000)))
+    tracer = provider.get_tracer("floor")
+    server_attributes = {
+        "url.scheme": "http",
+        "http.request.method": "GET",
+        "network.protocol.version": "1.1",
+        "server.address": "127.0.0.1",
+        "server.port": 8000,
+        "url.path": "/v1/jobs/0123456789abcdef0123456789abcdef",
+    }
+    end_attributes = {"http.route": "/v1/jobs/{job_id}", "http.response.status_code": 200}
+    client_attributes = {
+        "db.system": "redis",
+        "db.statement": "EVALSHA ? ? ? ? ? ?",
+        "db.redis.args_length": 6,
+        "db.redis.database_index": 0,
+        "net.peer.name": "127.0.0.1",
+        "net.peer.port": 6379,
+        "net.transport": "ip_tcp",
+    }
+
+    def record(n: int) -> None:
+        for _ in range(n):
+            server = tracer.start_span("GET", kind=trace.SpanKind.SERVER, attributes=server_attributes)
+            client = tracer.start_span(
+                "EVALSHA",
+                context=trace.set_span_in_context(server),
+                kind=trace.SpanKind.CLIENT,
+                attributes=client_attributes,
+            )
+            client.end()
+            server.set_attributes(end_attributes)
+            server.update_name("GET /v1/jobs/{job_id}")
+            server.end()
+
+    tune_gc()
+    record(2_000)
+    provider.force_flush()
+    started = time.process_time()
+    record(pairs)
+    provider.force_flush()
+    spent = time.process_time() - started
+    provider.shutdown()
+    return {"pairs": pairs, "cpu_ms_per_pair": round(1000 * spent / pairs, 4)}
 
 
 def pinned(cpu: int | None, argv: list[str]) -> list[str]:
@@ -339,9 +411,13 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=10)
     parser.add_argument("--jobs", type=int, default=40, help="jobs seeded for the list")
     parser.add_argument("--sink", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--floor", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sink:
         serve_sink(args.sink)
+        return
+    if args.floor:
+        print(json.dumps(span_floor(args.floor)))
         return
     if shutil.which("wrk") is None:
         sys.exit("bench/tracing.py needs wrk: apt-get install -y wrk")
@@ -365,6 +441,14 @@ def main() -> None:
                 time.sleep(0.1)
         with gateways(args, sink_url, cpus[0]) as ctx:
             samples = measure(args, ctx, cpus)
+        floor = json.loads(
+            subprocess.run(
+                pinned(cpus[0], [sys.executable, __file__, "--floor", sink_url]),
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+        )
         exported = httpx.get(f"{sink_url}/stats", timeout=5).json()
     finally:
         sink.terminate()
@@ -380,7 +464,10 @@ def main() -> None:
         "pinned_cpus": {"gateway": cpus[0], "wrk_and_sink": cpus[1]},
         "exported_to_sink": exported,
         "scenarios": summarise(samples),
+        "floor_two_spans": floor,
     }
+    cached_read_ms = report["scenarios"]["get_cached"]["off"]["cpu_ms_per_request"]
+    floor["share_of_cached_read_off"] = round(floor["cpu_ms_per_pair"] / cached_read_ms, 4)
     print()
     for scenario, row in report["scenarios"].items():
         print(
@@ -398,6 +485,11 @@ def main() -> None:
                 f"(loss {100 * r['throughput_loss']:.1f}%, {goal}), "
                 f"CPU/req x{r['cpu_ratio_vs_off']:.2f} (loss from CPU time {100 * r['throughput_loss_from_cpu']:.1f}%)"
             )
+    print(
+        f"floor: a server span and a Redis span, batched and exported, with no request around them: "
+        f"{floor['cpu_ms_per_pair']:.3f} ms CPU, {100 * floor['share_of_cached_read_off']:.0f}% of a cached read's "
+        f"CPU time with tracing off (the 100% goal allows 10%)"
+    )
     print(f"exported to the sink: {exported['exports']} requests, {exported['bytes']} bytes")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "tracing.json").write_text(json.dumps(report, indent=2) + "\n")
