@@ -61,10 +61,36 @@ def setup_tracing(service: str, *, exporter: Any | None = None) -> Any | None:
     else:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        meters = sdk_meter_provider()
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(meter_provider=meters), meter_provider=meters))
     trace.set_tracer_provider(provider)
     _instrument_clients()
     return provider
+
+
+@functools.cache
+def sdk_meter_provider() -> Any | None:
+    """The OpenTelemetry SDK's own metrics on this process's Prometheus registry, when asked for.
+
+    With `OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED=true` (a standard SDK variable) the
+    span processor and the OTLP exporter count what they do: spans queued, dropped
+    from a full queue (`otel_sdk_processor_span_processed_total{error_type="queue_full"}`),
+    exported or failed (`otel_sdk_exporter_span_exported_total{error_type=...}`), the
+    queue's size and capacity, the duration of each export. A dropped or unexported
+    span leaves a job's trace incomplete: SREs see it here (StemflowTraceSpansLost).
+    These count per batch, not per span, and only the processor and the exporter get
+    this provider; it is never the global one, so no other instrumentation starts
+    recording OpenTelemetry metrics.
+    """
+    if os.environ.get("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "").strip().lower() != "true":
+        return None
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.sdk.metrics import MeterProvider
+
+    from .metrics import REGISTRY
+
+    reader = PrometheusMetricReader(disable_target_info=True, scope_info_enabled=False, registry=REGISTRY)
+    return MeterProvider(metric_readers=[reader])
 
 
 def _instrument_clients() -> None:
