@@ -339,6 +339,7 @@ def test_prod_traces_one_job_in_ten_through_a_collector(render, services):
             # Parent-based everywhere: the gateway decides per job, the others follow its decision.
             assert data["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
             assert float(data["OTEL_TRACES_SAMPLER_ARG"]) == 0.1
+            assert data["OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED"] == "true"  # lost spans are counted
             assert data["OTEL_SERVICE_NAME"] == service
 
 
