@@ -19,7 +19,9 @@ RULE_FILES = sorted(PROMETHEUS.glob("*.rules.yml"))
 DASHBOARDS = sorted((OBSERVABILITY / "grafana").glob("*.json"))
 
 # Series from exporters other than the services: Prometheus' own `up`, RabbitMQ's
-# rabbitmq_prometheus plugin (/metrics/per-object, as of RabbitMQ 3.10), NVIDIA's dcgm-exporter.
+# rabbitmq_prometheus plugin (/metrics/per-object, as of RabbitMQ 3.10), NVIDIA's dcgm-exporter,
+# and the OpenTelemetry SDK's own metrics, on the services' registry when tracing asks for them
+# (shared/tests/test_sdk_metrics.py shows them there).
 EXTERNAL_SERIES = frozenset(
     {
         "up",
@@ -28,6 +30,8 @@ EXTERNAL_SERIES = frozenset(
         "rabbitmq_queue_messages",
         "rabbitmq_queue_consumers",
         "DCGM_FI_DEV_GPU_UTIL",
+        "otel_sdk_processor_span_processed_total",
+        "otel_sdk_exporter_span_exported_total",
     }
 )
 # Grafana's variables, replaced by values Prometheus accepts before a query is parsed.
