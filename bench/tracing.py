@@ -16,7 +16,7 @@ Redis (their own namespace, database and blob directory, removed at the end):
 
 The traced gateways run as in production: FastAPI's own server spans, the
 official PyMongo/Redis/httpx instrumentations, the BatchSpanProcessor with the
-OTLP/HTTP exporter, and HeadSampling (stemflow_shared.telemetry) deciding each
+OTLP/HTTP exporter (both counting lost spans on /metrics), and HeadSampling (stemflow_shared.telemetry) deciding each
 request before any instrumentation runs.
 
 Spans go over OTLP/HTTP to a sink in another process that reads and discards
@@ -116,6 +116,8 @@ def serve_sink(port: int) -> None:
 # --- the floor: what two spans cost the SDK, with nothing of a request around them ---------------
 
 FLOOR_PAIRS = 20_000
+# The SDK counts lost spans on /metrics in the deployment; the traced gateways and the floor do too.
+SDK_METRICS = {"OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED": "true"}
 
 
 def span_floor(sink_url: str, pairs: int = FLOOR_PAIRS) -> dict[str, Any]:
@@ -133,11 +135,14 @@ def span_floor(sink_url: str, pairs: int = FLOOR_PAIRS) -> dict[str, Any]:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     from stemflow_shared.runtime import tune_gc
+    from stemflow_shared.telemetry import sdk_meter_provider
 
+    os.environ.update(SDK_METRICS)
+    meters = sdk_meter_provider()
     provider = TracerProvider(resource=Resource.create({SERVICE_NAME: "gateway"}))
     # A queue that holds every span: the loop makes them faster than requests do, and none may be dropped.
-    exporter = OTLPSpanExporter(endpoint=f"{sink_url}/v1/traces")
-    provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=2 * (pairs + 2_000)))
+    exporter = OTLPSpanExporter(endpoint=f"{sink_url}/v1/traces", meter_provider=meters)
+    provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=2 * (pairs + 2_000), meter_provider=meters))
     tracer = provider.get_tracer("floor")
     server_attributes = {
         "url.scheme": "http",
@@ -241,7 +246,11 @@ def gateways(args: argparse.Namespace, sink_url: str, cpu: int | None) -> Iterat
     for name in [v for v in os.environ if v.startswith("OTEL_")]:
         del os.environ[name]  # the baseline must run without any SDK configuration
     with tempfile.TemporaryDirectory() as tmp:
-        tracing = {"OTEL_EXPORTER_OTLP_ENDPOINT": sink_url, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
+        tracing = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": sink_url,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            **SDK_METRICS,  # as deployed (deploy/k8s/components/tracing)
+        }
         specs = []
         for config, extra in CONFIGS.items():
             env = service_env(
