@@ -437,6 +437,7 @@ class TracedSystem:
     namespace: str
     processes: ProcessGroup
     client: StemflowClient
+    ports: Ports
 
 
 @contextlib.asynccontextmanager
@@ -465,6 +466,8 @@ async def traced_system(
             "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
             # Export every 50 ms, so the test waits for spans only as long as the job takes.
             "OTEL_BSP_SCHEDULE_DELAY": "50",
+            # As deployed: the SDK counts the spans it exported or lost on each service's /metrics.
+            "OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED": "true",
             **extra,
         },
     )
@@ -476,7 +479,7 @@ async def traced_system(
         await asyncio.to_thread(group.wait_ready, 240)
         key = await ApiKeys(mongo[database]).create("traces")
         client = StemflowClient(f"http://127.0.0.1:{ports.gateway}", f"ws://127.0.0.1:{ports.notifier}/v1/ws", key)
-        yield TracedSystem(receiver, namespace, group, client)
+        yield TracedSystem(receiver, namespace, group, client, ports)
     finally:
         if client is not None:
             await client.aclose()
@@ -526,6 +529,26 @@ async def job_trace(traced: TracedSystem, song: Path) -> tuple[str, list[Span]]:
     trace = whole_trace(spans, job["id"])
     assert trace is not None
     return job["id"], trace
+
+
+async def test_every_service_counts_the_spans_it_exported_and_lost_none(
+    job_trace: tuple[str, list[Span]], traced: TracedSystem
+) -> None:
+    def family_total(text: str, name: str, selector: str) -> float:
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name + "{") and selector in line
+        )
+
+    async with httpx.AsyncClient(timeout=10) as http:
+        for service in ("gateway", "ingest", "separator", "analyzer", "notifier"):
+            text = (await http.get(f"http://127.0.0.1:{getattr(traced.ports, service)}/metrics")).text
+            exported = family_total(text, "otel_sdk_exporter_span_exported_total", 'otel_component_type="otlp_http')
+            lost = family_total(text, "otel_sdk_exporter_span_exported_total", "error_type=")
+            dropped = family_total(text, "otel_sdk_processor_span_processed_total", 'error_type="queue_full"')
+            assert exported > 0, f"{service} exported no span it counted"
+            assert (lost, dropped) == (0, 0), service
 
 
 def ancestors(span: Span, by_id: dict[str, Span]) -> Iterator[Span]:
