@@ -96,7 +96,7 @@ async def redis_client(stack: StackUrls, isolation: Isolation) -> AsyncIterator[
 
 # Suffixes of the namespaces tests derive from the run's own on the shared broker
 # (`f"{isolation.namespace}-outages"`, ...): the session's clean-up removes them too.
-DERIVED_NAMESPACES = ("outages", "ni", "nt")
+DERIVED_NAMESPACES = ("outages", "ni", "nt", "gw")
 
 
 @pytest_asyncio.fixture(scope="session", autouse=False)
