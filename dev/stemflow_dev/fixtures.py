@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -88,10 +89,15 @@ async def redis_client(stack: StackUrls, isolation: Isolation) -> AsyncIterator[
     try:
         yield client
     finally:
-        keys = [k async for k in client.scan_iter(match=f"{isolation.redis_prefix}*", count=1000)]
-        if keys:
-            await client.delete(*keys)
+        await delete_namespace_keys(client, isolation.namespace)
         await client.aclose()
+
+
+async def delete_namespace_keys(client: Any, namespace: str) -> None:
+    """Remove every Redis key a namespace's services wrote (`<namespace>:...`)."""
+    keys = [k async for k in client.scan_iter(match=f"{namespace}:*", count=1000)]
+    if keys:
+        await client.delete(*keys)
 
 
 # Suffixes of the namespaces tests derive from the run's own on the shared broker

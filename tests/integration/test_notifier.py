@@ -24,7 +24,7 @@ import uvicorn
 import websockets
 from websockets.exceptions import ConnectionClosed
 
-from stemflow_dev.fixtures import delete_namespace
+from stemflow_dev.fixtures import delete_namespace, delete_namespace_keys
 from stemflow_dev.procs import ProcessGroup, ServiceSpec
 from stemflow_shared.auth import ApiKeys
 from stemflow_shared.events import (
@@ -98,9 +98,7 @@ async def broker(notifiers: Any, redis_client: Any) -> AsyncIterator[Broker]:
                 channel = await connection.channel()
                 await channel.queue_delete(names.queue(NOTIFIER_QUEUE, f"it-{replica}"))
         await delete_namespace(env["AMQP_URL"], env["STEMFLOW_NAMESPACE"])
-        keys = [k async for k in redis_client.scan_iter(match=f"{env['STEMFLOW_NAMESPACE']}:*", count=1000)]
-        if keys:
-            await redis_client.delete(*keys)
+        await delete_namespace_keys(redis_client, env["STEMFLOW_NAMESPACE"])
 
 
 async def new_job(mongo_db: Any, owner: str, callback_url: str | None = None) -> str:

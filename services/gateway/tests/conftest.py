@@ -16,6 +16,7 @@ import soundfile as sf
 
 from gateway.main import create_app
 from gateway.settings import Settings
+from stemflow_dev.fixtures import delete_namespace_keys
 from stemflow_dev.stack import StackUrls
 from stemflow_shared.auth import ApiKeys
 from stemflow_shared.events import (
@@ -42,7 +43,9 @@ def wav_bytes(seconds: float = 1.0, sr: int = 22050) -> bytes:
 
 
 @pytest_asyncio.fixture(scope="session")
-async def base_env(base_env: dict[str, str], stack: StackUrls, broker_cleanup: None) -> AsyncIterator[dict[str, str]]:
+async def base_env(
+    base_env: dict[str, str], stack: StackUrls, redis_client: Any, broker_cleanup: None
+) -> AsyncIterator[dict[str, str]]:
     """The run's environment with a namespace and a database of the gateway tests' own.
 
     Other tests of the run start real services in the run's namespace (tests/integration's `system`); they
@@ -50,18 +53,13 @@ async def base_env(base_env: dict[str, str], stack: StackUrls, broker_cleanup: N
     exchanges and queues with the run's derived namespaces (stemflow_dev.fixtures.DERIVED_NAMESPACES).
     """
     from pymongo import AsyncMongoClient
-    from redis.asyncio import Redis
 
     namespace, database = f"{base_env['STEMFLOW_NAMESPACE']}-gw", f"{base_env['MONGODB_DB']}_gw"
     yield {**base_env, "STEMFLOW_NAMESPACE": namespace, "MONGODB_DB": database}
     mongo: AsyncMongoClient[Any] = AsyncMongoClient(stack.mongodb_url)
     await mongo.drop_database(database)
     await mongo.close()
-    redis = Redis.from_url(stack.redis_url)
-    keys = [key async for key in redis.scan_iter(match=f"{namespace}:*", count=1000)]
-    if keys:
-        await redis.delete(*keys)
-    await redis.aclose()
+    await delete_namespace_keys(redis_client, namespace)
 
 
 @pytest_asyncio.fixture(scope="session")

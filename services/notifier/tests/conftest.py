@@ -26,7 +26,7 @@ from websockets.asyncio.client import ClientConnection
 
 from notifier.main import create_app, server_config
 from notifier.settings import Settings
-from stemflow_dev.fixtures import delete_namespace
+from stemflow_dev.fixtures import delete_namespace, delete_namespace_keys
 from stemflow_shared.auth import ApiKeys
 from stemflow_shared.events import (
     JOB_CANCELLED,
@@ -117,9 +117,7 @@ async def notifier_env(base_env: dict[str, str], isolation: Any, redis_client: A
         "WEBHOOK_MAX_ATTEMPTS": "4",
         "LOG_FORMAT": "text",
     }
-    keys = [k async for k in redis_client.scan_iter(match=f"{namespace}:*", count=1000)]
-    if keys:
-        await redis_client.delete(*keys)
+    await delete_namespace_keys(redis_client, namespace)
 
 
 @pytest_asyncio.fixture(scope="session")
