@@ -28,7 +28,9 @@ whose trace follows the job through every service). The gateway is pinned to one
 CPU, wrk and the sink to another, where the machine has two. Prints req/s, the
 gateway's CPU time per request and the loss against `off`, and the floor: what
 the two spans of a traced cached read cost the SDK with no request around them
-(`span_floor`), against the cached read's own CPU time; writes
+(`span_floor`), against the cached read's own CPU time, and what each part of
+the pipeline adds to it (the SDK's span objects, the batch processor, the OTLP
+encoding, the HTTP send); writes
 bench/results/tracing.json. Goals: at most 10% loss at 100% sampling, 3% with
 the default sampler.
 
@@ -120,30 +122,49 @@ FLOOR_PAIRS = 20_000
 SDK_METRICS = {"OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED": "true"}
 
 
+FLOOR_STAGES = ("made", "batched", "encoded", "exported")
+
+
 def span_floor(sink_url: str, pairs: int = FLOOR_PAIRS) -> dict[str, Any]:
     """CPU time of a server span and a Redis client span under it, as a traced cached read records them.
 
-    The SDK's spans with the attributes the instrumentations set, the BatchSpanProcessor and the OTLP/HTTP
-    exporter to the sink, the garbage collector tuned as in the gateway; no request, no instrumentation
-    wrapper. Runs in a process of its own (`--floor SINK_URL`), pinned to the gateway's CPU, and counts every
+    The SDK's spans with the attributes the instrumentations set, the garbage collector tuned as in the
+    gateway; no request, no instrumentation wrapper. Four stages, each a provider of its own, so the floor
+    splits into what each part of the pipeline adds:
+
+    - made: the SDK's spans started and ended, no span processor;
+    - batched: and the BatchSpanProcessor, handing its batches to an exporter that drops them;
+    - encoded: and the OTLP encoding of each batch (the exporter's own encoder), nothing sent;
+    - exported: the OTLP/HTTP exporter to the sink, as deployed (the floor).
+
+    Runs in a process of its own (`--floor SINK_URL`), pinned to the gateway's CPU, and counts every
     thread of it (the exporter's too). What a traced request costs can only be more.
     """
+    from collections.abc import Sequence
+
     from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
     from stemflow_shared.runtime import tune_gc
     from stemflow_shared.telemetry import sdk_meter_provider
 
+    class Encoding(SpanExporter):
+        """Encodes each batch as the OTLP exporter does, and sends nothing (or, with `encode` off, drops it)."""
+
+        def __init__(self, encode: bool) -> None:
+            self.encode = encode
+
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            if self.encode:
+                encode_spans(spans).SerializePartialToString()
+            return SpanExportResult.SUCCESS
+
     os.environ.update(SDK_METRICS)
     meters = sdk_meter_provider()
-    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: "gateway"}))
-    # A queue that holds every span: the loop makes them faster than requests do, and none may be dropped.
-    exporter = OTLPSpanExporter(endpoint=f"{sink_url}/v1/traces", meter_provider=meters)
-    provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=2 * (pairs + 2_000), meter_provider=meters))
-    tracer = provider.get_tracer("floor")
     server_attributes = {
         "url.scheme": "http",
         "http.request.method": "GET",
@@ -163,29 +184,51 @@ def span_floor(sink_url: str, pairs: int = FLOOR_PAIRS) -> dict[str, Any]:
         "net.transport": "ip_tcp",
     }
 
-    def record(n: int) -> None:
-        for _ in range(n):
-            server = tracer.start_span("GET", kind=trace.SpanKind.SERVER, attributes=server_attributes)
-            client = tracer.start_span(
-                "EVALSHA",
-                context=trace.set_span_in_context(server),
-                kind=trace.SpanKind.CLIENT,
-                attributes=client_attributes,
-            )
-            client.end()
-            server.set_attributes(end_attributes)
-            server.update_name("GET /v1/jobs/{job_id}")
-            server.end()
+    def provider_for(stage: str) -> TracerProvider:
+        provider = TracerProvider(resource=Resource.create({SERVICE_NAME: "gateway"}))
+        if stage == "made":
+            return provider
+        exporter = (
+            OTLPSpanExporter(endpoint=f"{sink_url}/v1/traces", meter_provider=meters)
+            if stage == "exported"
+            else Encoding(encode=stage == "encoded")
+        )
+        # A queue that holds every span: the loop makes them faster than requests do, and none may be dropped.
+        provider.add_span_processor(
+            BatchSpanProcessor(exporter, max_queue_size=2 * (pairs + 2_000), meter_provider=meters)
+        )
+        return provider
+
+    def cpu_ms_per_pair(stage: str) -> float:
+        provider = provider_for(stage)
+        tracer = provider.get_tracer("floor")
+
+        def record(n: int) -> None:
+            for _ in range(n):
+                server = tracer.start_span("GET", kind=trace.SpanKind.SERVER, attributes=server_attributes)
+                client = tracer.start_span(
+                    "EVALSHA",
+                    context=trace.set_span_in_context(server),
+                    kind=trace.SpanKind.CLIENT,
+                    attributes=client_attributes,
+                )
+                client.end()
+                server.set_attributes(end_attributes)
+                server.update_name("GET /v1/jobs/{job_id}")
+                server.end()
+
+        record(2_000)
+        provider.force_flush()
+        started = time.process_time()
+        record(pairs)
+        provider.force_flush()
+        spent = time.process_time() - started
+        provider.shutdown()
+        return round(1000 * spent / pairs, 4)
 
     tune_gc()
-    record(2_000)
-    provider.force_flush()
-    started = time.process_time()
-    record(pairs)
-    provider.force_flush()
-    spent = time.process_time() - started
-    provider.shutdown()
-    return {"pairs": pairs, "cpu_ms_per_pair": round(1000 * spent / pairs, 4)}
+    stages = {stage: cpu_ms_per_pair(stage) for stage in FLOOR_STAGES}
+    return {"pairs": pairs, "cpu_ms_per_pair": stages["exported"], "stages_cpu_ms_per_pair": stages}
 
 
 def pinned(cpu: int | None, argv: list[str]) -> list[str]:
@@ -477,6 +520,9 @@ def main() -> None:
     }
     cached_read_ms = report["scenarios"]["get_cached"]["off"]["cpu_ms_per_request"]
     floor["share_of_cached_read_off"] = round(floor["cpu_ms_per_pair"] / cached_read_ms, 4)
+    floor["stages_share_of_cached_read_off"] = {
+        stage: round(ms / cached_read_ms, 4) for stage, ms in floor["stages_cpu_ms_per_pair"].items()
+    }
     print()
     for scenario, row in report["scenarios"].items():
         print(
@@ -499,6 +545,9 @@ def main() -> None:
         f"{floor['cpu_ms_per_pair']:.3f} ms CPU, {100 * floor['share_of_cached_read_off']:.0f}% of a cached read's "
         f"CPU time with tracing off (the 100% goal allows 10%)"
     )
+    for stage, ms in floor["stages_cpu_ms_per_pair"].items():
+        share = floor["stages_share_of_cached_read_off"][stage]
+        print(f"  {stage:>10}: {ms:.3f} ms CPU, {100 * share:.0f}% of a cached read")
     print(f"exported to the sink: {exported['exports']} requests, {exported['bytes']} bytes")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "tracing.json").write_text(json.dumps(report, indent=2) + "\n")
