@@ -21,10 +21,11 @@ request before any instrumentation runs.
 
 Spans go over OTLP/HTTP to a sink in another process that reads and discards
 them, so the export cost is real but no collector is needed. wrk drives each
-gateway in turn (interleaved rounds, medians) for three calls: a job's GET served
+gateway in turn (interleaved rounds, medians) for four calls: a job's GET served
 from the cache (the cheapest and most frequent call: clients poll), the first
 page of the job list, and a job's creation (a 0.25 s WAV uploaded; the request
-whose trace follows the job through every service). The gateway is pinned to one
+whose trace follows the job through every service), and the same with a
+song-sized upload (30 s of WAV, 5.3 MB). The gateway is pinned to one
 CPU, wrk and the sink to another, where the machine has two. Prints req/s, the
 gateway's CPU time per request and the loss against `off`, and the floor: what
 the two spans of a traced cached read cost the SDK with no request around them
@@ -72,6 +73,7 @@ CONFIGS: dict[str, dict[str, str]] = {
     "always_off": {"OTEL_TRACES_SAMPLER": "always_off"},
 }
 GOALS = {"always_on": 0.10, "ratio_10": 0.03}
+SONG_SECONDS = 30.0  # the song-sized upload: 5.3 MB of WAV
 
 
 # --- the OTLP sink (runs as `bench/tracing.py --sink PORT`) ----------------------------------
@@ -328,7 +330,10 @@ def gateways(args: argparse.Namespace, sink_url: str, cpu: int | None) -> Iterat
             keys = asyncio.run(create_keys())
             job_ids = {c: seed(f"http://127.0.0.1:{ports[c]}", keys[c], args.jobs) for c in CONFIGS}
             yield {
-                "create_script": create_script(Path(tmp)),
+                "scripts": {
+                    "create_job": create_script(Path(tmp), "create", 0.25),
+                    "create_song": create_script(Path(tmp), "song", SONG_SECONDS),
+                },
                 "ports": ports,
                 "keys": keys,
                 "job_ids": job_ids,
@@ -347,32 +352,33 @@ def gateways(args: argparse.Namespace, sink_url: str, cpu: int | None) -> Iterat
             asyncio.run(clean())
 
 
-def small_wav() -> bytes:
+def wav(seconds: float = 0.25) -> bytes:
+    """A stereo 44.1 kHz 16-bit WAV of silence (30 s make 5.3 MB: a song-sized upload)."""
     import io
 
     import numpy as np
     import soundfile as sf
 
     buffer = io.BytesIO()
-    sf.write(buffer, np.zeros((11025, 2), dtype=np.float32), 44100, format="WAV", subtype="PCM_16")
+    sf.write(buffer, np.zeros((int(44100 * seconds), 2), np.float32), 44100, "PCM_16", format="WAV")
     return buffer.getvalue()
 
 
-def create_script(folder: Path) -> Path:
-    """A wrk script that POSTs /v1/jobs with a 0.25 s WAV as multipart form data."""
+def create_script(folder: Path, name: str, seconds: float) -> Path:
+    """A wrk script that POSTs /v1/jobs with a WAV of `seconds` as multipart form data."""
     boundary = uuid.uuid4().hex
     body = (
         (
             f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="s.wav"\r\n'
             "Content-Type: audio/wav\r\n\r\n"
         ).encode()
-        + small_wav()
+        + wav(seconds)
         + f"\r\n--{boundary}--\r\n".encode()
     )
-    (folder / "create.body").write_bytes(body)
-    script = folder / "create.lua"
+    (folder / f"{name}.body").write_bytes(body)
+    script = folder / f"{name}.lua"
     script.write_text(
-        f'local f = io.open("{folder / "create.body"}", "rb")\n'
+        f'local f = io.open("{folder / f"{name}.body"}", "rb")\n'
         'wrk.method = "POST"\n'
         'wrk.body = f:read("*a")\n'
         "f:close()\n"
@@ -383,7 +389,7 @@ def create_script(folder: Path) -> Path:
 
 def seed(base_url: str, key: str, jobs: int) -> str:
     """Submit `jobs` small uploads (they stay queued: no worker runs); return the last job's id."""
-    job_id, song = "", small_wav()
+    job_id, song = "", wav()
     with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
         for _ in range(jobs):
             response = client.post("/v1/jobs", files={"file": ("s.wav", song, "audio/wav")})
@@ -395,8 +401,13 @@ def seed(base_url: str, key: str, jobs: int) -> str:
 
 
 def measure(args: argparse.Namespace, ctx: dict[str, Any], cpus: tuple[int | None, int | None]) -> dict[str, Any]:
-    scenarios = {"get_cached": "/v1/jobs/{job_id}", "list_first_page": "/v1/jobs", "create_job": "/v1/jobs"}
-    scripts = {"create_job": ctx["create_script"]}
+    scenarios = {
+        "get_cached": "/v1/jobs/{job_id}",
+        "list_first_page": "/v1/jobs",
+        "create_job": "/v1/jobs",
+        "create_song": "/v1/jobs",
+    }
+    scripts = ctx["scripts"]
     _, load_cpu = cpus
     samples: dict[str, dict[str, list[dict[str, float]]]] = {s: {c: [] for c in CONFIGS} for s in scenarios}
 
