@@ -147,12 +147,11 @@ def span_floor(sink_url: str, pairs: int = FLOOR_PAIRS) -> dict[str, Any]:
     from opentelemetry import trace
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
     from stemflow_shared.runtime import tune_gc
-    from stemflow_shared.telemetry import sdk_meter_provider
+    from stemflow_shared.telemetry import sdk_meter_provider, service_resource
 
     class Encoding(SpanExporter):
         """Encodes each batch as the OTLP exporter does, and sends nothing (or, with `encode` off, drops it)."""
@@ -187,7 +186,7 @@ def span_floor(sink_url: str, pairs: int = FLOOR_PAIRS) -> dict[str, Any]:
     }
 
     def provider_for(stage: str) -> TracerProvider:
-        provider = TracerProvider(resource=Resource.create({SERVICE_NAME: "gateway"}))
+        provider = TracerProvider(resource=service_resource("gateway"))
         if stage == "made":
             return provider
         exporter = (

@@ -173,3 +173,42 @@ def test_without_tracing_the_app_is_served_as_it_is() -> None:
 
     if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
         assert telemetry.head_sampling(app) is app
+
+
+def test_the_service_resource_is_the_sdks_hashed_once_and_groups_a_batch_under_one_resource(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk import resources
+
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment.name=prod,service.namespace=stemflow")
+    resource = telemetry.service_resource("gateway")
+    plain = resources.Resource.create({resources.SERVICE_NAME: "gateway"})
+    assert resource == plain and hash(resource) == hash(plain)
+    assert resource.attributes["service.name"] == "gateway"
+    assert resource.attributes["deployment.environment.name"] == "prod"
+    assert resource.attributes["telemetry.sdk.language"] == "python"
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    with tracer.start_as_current_span("GET /v1/jobs/{job_id}"), tracer.start_as_current_span("EVALSHA"):
+        pass
+
+    # The SDK's Resource serialises its attributes to hash itself; this one did so once, when made.
+    def no_serialising(*args: Any, **kwargs: Any) -> str:
+        raise AssertionError("the resource was serialised to be hashed again")
+
+    monkeypatch.setattr(resources, "dumps", no_serialising)
+    with pytest.raises(AssertionError):
+        hash(plain)
+    request = encode_spans(exporter.get_finished_spans())
+    assert len(request.resource_spans) == 1
+    (resource_spans,) = request.resource_spans
+    attributes = {kv.key: kv.value.string_value for kv in resource_spans.resource.attributes}
+    assert attributes["service.name"] == "gateway" and attributes["service.namespace"] == "stemflow"
+    assert [span.name for scope in resource_spans.scope_spans for span in scope.spans] == [
+        "EVALSHA",
+        "GET /v1/jobs/{job_id}",
+    ]
