@@ -73,7 +73,8 @@ class _HashedOnce(Resource):
 
     The OTLP encoders group each batch's spans by resource, a dict lookup per span, and the SDK's
     Resource hashes itself by serialising all its attributes to JSON on every call: ~4 µs a span,
-    5% of a traced cached read's CPU time (bench/tracing.py, the floor's `encoded` stage). Equal to,
+    about 5% of an untraced cached read's CPU time for its two spans (bench/tracing.py, the floor).
+    Equal to,
     and hashed like, the plain Resource with the same attributes and schema URL.
     """
 
