@@ -8,6 +8,8 @@ MongoDB database and Redis key prefix, removed at the end.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -18,7 +20,9 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from .stack import StackUrls, docker_available, ensure_stack, start_containers
+from .stack import StackUrls, containers_unusable, ensure_stack, start_containers
+
+log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STATE_DIR = Path(os.environ.get("STEMFLOW_STATE_DIR", REPO_ROOT / ".stemflow"))
@@ -35,16 +39,44 @@ class Isolation:
 
 
 @pytest.fixture(scope="session")
-def stack() -> Iterator[StackUrls]:
-    """URLs of live RabbitMQ, MongoDB and Redis servers."""
-    if os.environ.get("STEMFLOW_TEST_DOCKER", "auto") != "0" and docker_available():
-        urls, stop = start_containers()
+def stack(request: pytest.FixtureRequest) -> Iterator[StackUrls]:
+    """URLs of live RabbitMQ, MongoDB and Redis servers, and a line saying where they come from.
+
+    STEMFLOW_TEST_DOCKER: "auto" (default) takes testcontainers when an engine
+    answers and their images are present or pullable, else the local servers;
+    "1" insists on containers; "0" never tries them.
+    """
+    choice = os.environ.get("STEMFLOW_TEST_DOCKER", "auto")
+    reason = "STEMFLOW_TEST_DOCKER=0" if choice == "0" else containers_unusable()
+    if reason is None:
         try:
-            yield urls
-        finally:
-            stop()
-    else:
-        yield ensure_stack(STATE_DIR)
+            urls, stop = start_containers()
+        except Exception as exc:
+            if choice == "1":
+                raise
+            reason = f"testcontainers failed to start: {str(exc).strip()[:300]}"
+        else:
+            _say(request, "test servers: testcontainers (RabbitMQ, MongoDB, Redis in Docker)")
+            try:
+                yield urls
+            finally:
+                stop()
+            return
+    if choice == "1":
+        pytest.fail(f"STEMFLOW_TEST_DOCKER=1 but containers cannot be used: {reason}")
+    _say(request, f"test servers: local (stemflow_dev.stack), not testcontainers: {reason}")
+    yield ensure_stack(STATE_DIR)
+
+
+def _say(request: pytest.FixtureRequest, line: str) -> None:
+    """Write a line to the terminal even while pytest captures output, and to the log."""
+    log.warning("%s", line)
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None:
+        return
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        reporter.write_line(line)
 
 
 @pytest.fixture(scope="session")

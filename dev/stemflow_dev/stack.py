@@ -581,6 +581,52 @@ def docker_available() -> bool:
         return False
 
 
+# The servers' images for testcontainers; Ryuk's (its reaper) comes from testcontainers' own settings.
+CONTAINER_IMAGES = {"rabbitmq": "rabbitmq:3.13-alpine", "mongodb": "mongo:6.0", "redis": "redis:7.4-alpine"}
+
+
+def containers_unusable(pull_timeout: float = 120.0) -> str | None:
+    """Why testcontainers cannot give the servers here, or None when they can.
+
+    An engine must answer and every image must be present or pullable: the three
+    servers' and, unless TESTCONTAINERS_RYUK_DISABLED, Ryuk's. Missing ones are
+    pulled now, so that a registry that cannot be reached is found before any
+    container starts.
+    """
+    if not docker_available():
+        return "no Docker engine answers"
+    try:
+        import docker
+        from testcontainers.core.config import testcontainers_config
+    except ImportError as exc:
+        return f"testcontainers is not installed ({exc})"
+    images = list(CONTAINER_IMAGES.values())
+    if not testcontainers_config.ryuk_disabled:
+        images.append(testcontainers_config.ryuk_image)
+    client = docker.from_env(timeout=pull_timeout)
+    try:
+        for image in images:
+            if not _image_present(client, image):
+                log.info("pulling %s", image)
+                try:
+                    client.images.pull(image)
+                except Exception as exc:
+                    return f"the image {image} is absent and cannot be pulled ({str(exc).strip()[:200]})"
+    finally:
+        client.close()
+    return None
+
+
+def _image_present(client: Any, image: str) -> bool:
+    import docker.errors
+
+    try:
+        client.images.get(image)
+    except docker.errors.ImageNotFound:
+        return False
+    return True
+
+
 def start_containers() -> tuple[StackUrls, Callable[[], None]]:
     """Start RabbitMQ, MongoDB (a single-node replica set) and Redis with testcontainers; return URLs and a stopper."""
     MongoDbContainer, RabbitMqContainer, RedisContainer = _container_classes()
@@ -592,9 +638,9 @@ def start_containers() -> tuple[StackUrls, Callable[[], None]]:
 
     containers = contextlib.ExitStack()
     with containers:  # stops what did start when a later one fails
-        rabbitmq = containers.enter_context(RabbitMqContainer("rabbitmq:3.13-alpine"))
-        mongodb = containers.enter_context(ReplicaSetMongo("mongo:6.0"))
-        redis = containers.enter_context(RedisContainer("redis:7.4-alpine"))
+        rabbitmq = containers.enter_context(RabbitMqContainer(CONTAINER_IMAGES["rabbitmq"]))
+        mongodb = containers.enter_context(ReplicaSetMongo(CONTAINER_IMAGES["mongodb"]))
+        redis = containers.enter_context(RedisContainer(CONTAINER_IMAGES["redis"]))
 
         amqp_host, amqp_port = rabbitmq.get_container_host_ip(), rabbitmq.get_exposed_port(rabbitmq.port)
         mongo_host, mongo_port = mongodb.get_container_host_ip(), int(mongodb.get_exposed_port(mongodb.port))
