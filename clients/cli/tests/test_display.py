@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from stemflow_cli.display import analysis_table, jobs_table, stages_text
+from stemflow_cli.display import Board, analysis_table, jobs_table, models_table, queue_text, stages_text
 
 JOB = {
     "id": "01abc",
@@ -55,3 +55,44 @@ def test_the_job_list_keeps_whole_ids_on_a_narrow_terminal() -> None:
     console = Console(width=80, record=True, color_system=None)
     console.print(jobs_table([job]))
     assert "01a203221f8bf096be6f6772f1cd0a39" in console.export_text()
+
+
+def test_a_waiting_job_shows_its_place_and_a_start_that_counts_down() -> None:
+    queue = {"ahead": 2, "estimated_start_s": 40.0}
+    assert queue_text(queue) == "2 ahead · starts in ~40 s"
+    assert queue_text(queue, elapsed=15.2) == "2 ahead · starts in ~25 s"
+    assert queue_text(queue, elapsed=60) == "2 ahead · starts in ~0 s"
+    assert queue_text({"ahead": 0, "estimated_start_s": 400.0}) == "0 ahead · starts in ~7 min"
+    assert queue_text(None) == ""
+    queued = {**JOB, "status": "queued", "queue": queue, "progress": {"overall": 0.0}, "result": None}
+    assert "queued 0% (2 ahead)" in render(jobs_table([queued]))
+
+
+def test_the_board_keeps_a_queue_until_the_separation_starts() -> None:
+    board = Board(Console(width=120, record=True, color_system=None), enabled=False)
+    board.add("j", "song.wav")
+    queue = {"ahead": 1, "estimated_start_s": 9.0}
+    board.update("j", "queued", None, queue)
+    assert board.queued() == ["j"]
+    for waiting in ("pending", "running"):  # a queued separation is "running" at 0%
+        assert board.queue_of("j", {"separation": {"status": waiting, "percent": 0}}) is queue
+    assert board.queue_of("j", {"separation": {"status": "running", "percent": 3}}) is None
+    board.update("j", "completed", None, queue)
+    assert board.queued() == []
+
+
+def test_the_models_table_says_what_is_served() -> None:
+    catalogue = {
+        "default_model": "htdemucs",
+        "models": [
+            {"name": "htdemucs", "stems": [2, 4], "served": True, "workers": 2, "queue_depth": 3,
+             "estimated_wait_s": 12.5, "description": "fast"},
+            {"name": "htdemucs_6s", "stems": [2, 4, 6], "served": False, "workers": 0, "queue_depth": 0,
+             "estimated_wait_s": None, "description": "guitar and piano"},
+        ],
+    }  # fmt: skip
+    lines = render(models_table(catalogue)).splitlines()
+    served = next(line.strip() for line in lines if line.strip().startswith("htdemucs (default)"))
+    assert served.split()[2:8] == ["2,", "4", "yes", "2", "3", "~13"]
+    unserved = next(line.strip() for line in lines if line.strip().startswith("htdemucs_6s"))
+    assert unserved.split()[1:7] == ["2,", "4,", "6", "no", "0", "0"] and "guitar and piano" in unserved

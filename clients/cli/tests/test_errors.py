@@ -25,6 +25,7 @@ CASES = [
     (415, "unsupported_media_type", "does not accept this file", Exit.REJECTED),
     (416, "range_not_satisfiable", "byte range", Exit.REJECTED),
     (422, "validation_failed", "refused the options", Exit.REJECTED),
+    (422, "model_unavailable", "stemflow models", Exit.MODEL_UNAVAILABLE),
     (429, "rate_limited", "retry in 17 s", Exit.RATE_LIMITED),
     (500, "internal_error", "failed to answer", Exit.UNAVAILABLE),
     (503, "unavailable", "failed to answer", Exit.UNAVAILABLE),

@@ -66,8 +66,13 @@ def test_targets_are_sent_as_one_form_field_and_checked_first(capsys: pytest.Cap
     options = _options(parse("submit", "a.wav", "--target", "htdemucs:4", "--target", "htdemucs_6s:6"))
     assert options == {"targets": ["htdemucs:4", "htdemucs_6s:6"]}
     assert _form_value(options["targets"]) == "htdemucs:4,htdemucs_6s:6"
-    for bad in ("htdemucs:5", "demucs:4", "htdemucs"):
+    for bad in ("htdemucs:5", ":4", "htdemucs"):
         with pytest.raises(SystemExit) as raised:
             parse("submit", "a.wav", "--target", bad)
         assert raised.value.code == 2
         assert "MODEL:STEMS" in capsys.readouterr().err
+    # Model names are not fixed in the command: `/v1/models` says which exist, before any upload.
+    assert _options(parse("submit", "a.wav", "--target", "htdemucs_next:4", "--model", "htdemucs_next")) == {
+        "model": "htdemucs_next",
+        "targets": ["htdemucs_next:4"],
+    }

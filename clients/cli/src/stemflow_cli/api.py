@@ -139,6 +139,10 @@ class Api:
     async def delete(self, job_id: str) -> None:
         await self._request("DELETE", f"/v1/jobs/{job_id}")
 
+    async def models(self) -> dict[str, Any]:
+        """Every model, its stem counts and whether a worker serves it now (GET /v1/models)."""
+        return await self._json("GET", "/v1/models")
+
     async def analysis(self, job_id: str) -> dict[str, Any]:
         return await self._json("GET", f"/v1/jobs/{job_id}/analysis")
 

@@ -7,7 +7,7 @@ import contextlib
 import json
 import re
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,11 +17,15 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from . import config as config_module
+from . import models as models_module
 from .api import TERMINAL_STATUSES, Api, is_url
 from .config import Config, events_base
-from .display import Board, analysis_table, job_name, job_summary, jobs_table, stems_table
+from .display import Board, analysis_table, job_name, job_summary, jobs_table, models_table, stems_table
 from .errors import CliError, Exit
 from .events import JOB_PROGRESS, TERMINAL_EVENTS, EventStream
+
+# How often a job shown waiting in a queue is read again: no event says when the jobs ahead of it move.
+QUEUE_REFRESH_S = 5.0
 
 
 @dataclass
@@ -100,6 +104,7 @@ async def submit(
     outcome = Outcome(ctx)
     jobs: dict[str, dict[str, Any]] = {}
     async with ctx.api() as api:
+        await _check_models(ctx, api, options)
         with Board(ctx.err, enabled=ctx.live) as board:
             if batch:
                 try:
@@ -132,6 +137,20 @@ async def submit(
     if not wait and jobs:
         ctx.say("follow them with [bold]stemflow watch[/], or [bold]stemflow status JOB[/]")
     return int(outcome.code)
+
+
+async def _check_models(ctx: Context, api: Api, options: dict[str, Any]) -> None:
+    """Refuse, before any upload, a model or stem count that the service does not run now."""
+    if options.get("separate") is False:
+        return
+    try:
+        catalogue = await api.models()
+    except CliError as error:
+        if error.exit_code != Exit.NOT_FOUND:
+            raise
+        ctx.say("[dim]this gateway does not list its models (no /v1/models): the server checks the options[/]")
+        return
+    models_module.check(catalogue, options)
 
 
 async def _submit_batch(api: Api, board: Board, songs: list[str], options: dict[str, Any]) -> list[dict[str, Any]]:
@@ -181,7 +200,7 @@ def _label(song: str) -> str:
 def _bind(board: Board, key: str, doc: dict[str, Any]) -> None:
     """Rebind an upload's bar to the job it created, showing the job's state."""
     board.rename(key, doc["id"])
-    board.update(doc["id"], doc["status"], doc.get("progress"))
+    board.update(doc["id"], doc["status"], doc.get("progress"), doc.get("queue"))
 
 
 async def _follow(ctx: Context, api: Api, jobs: dict[str, dict[str, Any]], board: Board, timeout: float | None) -> None:
@@ -196,12 +215,16 @@ async def _follow(ctx: Context, api: Api, jobs: dict[str, dict[str, Any]], board
     async def settle(job_id: str) -> None:
         doc = await api.job(job_id)
         jobs[job_id] = doc
-        board.update(job_id, doc["status"], doc.get("progress"))
+        board.update(job_id, doc["status"], doc.get("progress"), doc.get("queue"))
         if doc["status"] in TERMINAL_STATUSES:
             pending.discard(job_id)
 
     try:
-        async with asyncio.timeout(timeout), contextlib.aclosing(stream.frames()) as frames:
+        async with (
+            asyncio.timeout(timeout),
+            _queue_refresher(ctx, api, board),
+            contextlib.aclosing(stream.frames()) as frames,
+        ):
             async for frame in frames:
                 kind = frame.get("type")
                 job_id = frame.get("job_id")
@@ -216,8 +239,7 @@ async def _follow(ctx: Context, api: Api, jobs: dict[str, dict[str, Any]], board
                         if event["type"] in TERMINAL_EVENTS:
                             await settle(subject)
                         elif event["type"] == JOB_PROGRESS:
-                            data = event.get("data") or {}
-                            board.update(subject, data.get("status", ""), data.get("progress"))
+                            _show_event(board, subject, event.get("data") or {})
                 elif kind == "error" and job_id in pending:
                     pending.discard(job_id)
                     raise CliError(f"the notifier does not know job {job_id}: {frame.get('message')}", Exit.NOT_FOUND)
@@ -229,6 +251,35 @@ async def _follow(ctx: Context, api: Api, jobs: dict[str, dict[str, Any]], board
             Exit.TIMEOUT,
             hint="they go on on the server: `stemflow watch` follows them, `stemflow download JOB` fetches results",
         ) from exc
+
+
+def _show_event(board: Board, job_id: str, data: dict[str, Any], status: str | None = None) -> None:
+    """A job event on its bar; the queue last read stays until the job's separation starts."""
+    progress = data.get("progress")
+    queue = data.get("queue") or board.queue_of(job_id, progress)
+    board.update(job_id, status or data.get("status", ""), progress, queue)
+
+
+@contextlib.asynccontextmanager
+async def _queue_refresher(ctx: Context, api: Api, board: Board) -> AsyncIterator[None]:
+    """While the bars are drawn, read again every few seconds the jobs shown waiting in a queue."""
+
+    async def refresh() -> None:
+        while True:
+            await asyncio.sleep(QUEUE_REFRESH_S)
+            for job_id in board.queued():
+                with contextlib.suppress(CliError):
+                    doc = await api.job(job_id)
+                    board.update(job_id, doc["status"], doc.get("progress"), doc.get("queue"))
+
+    task = asyncio.create_task(refresh()) if ctx.live else None
+    try:
+        yield
+    finally:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def _finish(
@@ -457,10 +508,14 @@ async def watch(ctx: Context, *, count: int | None, timeout: float | None) -> in
             for doc in reversed(recent):
                 if doc["status"] not in TERMINAL_STATUSES:
                     board.add(doc["id"], job_name(doc))
-                    board.update(doc["id"], doc["status"], doc.get("progress"))
+                    board.update(doc["id"], doc["status"], doc.get("progress"), doc.get("queue"))
             ended = 0
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout), contextlib.aclosing(EventStream(url, key).frames()) as frames:
+                async with (
+                    asyncio.timeout(timeout),
+                    _queue_refresher(ctx, api, board),
+                    contextlib.aclosing(EventStream(url, key).frames()) as frames,
+                ):
                     async for frame in frames:
                         if ctx.json and frame.get("type") == "subscribed":
                             ctx.emit(frame)
@@ -481,9 +536,8 @@ async def _watched(ctx: Context, api: Api, board: Board, event: dict[str, Any]) 
             board.add(job_id, job_name(await api.job(job_id)))
         except CliError:
             board.add(job_id, job_id)
-    data = event.get("data") or {}
     final = TERMINAL_EVENTS.get(event.get("type", ""))
-    board.update(job_id, final or data.get("status", ""), data.get("progress"))
+    _show_event(board, job_id, event.get("data") or {}, final)
     return 1 if final else 0
 
 
@@ -501,6 +555,22 @@ async def _events_url(ctx: Context, api: Api, recent: list[dict[str, Any]]) -> s
         Exit.USAGE,
         hint="set STEMFLOW_EVENTS_URL or --events-url (e.g. ws://127.0.0.1:8001/v1/ws)",
     )
+
+
+# ---- models
+
+
+async def models(ctx: Context) -> int:
+    """Every model, the stem counts it gives, whether a worker serves it now, its queue and wait."""
+    async with ctx.api() as api:
+        catalogue = await api.models()
+    if ctx.json:
+        ctx.emit(catalogue)
+        return 0
+    ctx.out.print(models_table(catalogue))
+    if not any(model.get("served") for model in catalogue.get("models", [])):
+        ctx.say("[yellow]no worker serves any model now: jobs that separate are refused until one does[/]")
+    return 0
 
 
 # ---- configure

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Any
 
 from rich import box
 from rich.console import Console, Group
-from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskID,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 STAGES = ("ingest", "separation", "analysis")
 STATUS_STYLE = {
@@ -37,6 +49,41 @@ def status_text(status: str) -> str:
     return f"[{style}]{status}[/]" if style else status
 
 
+def wait_text(seconds: Any) -> str:
+    """An estimate of seconds, as rough as it is: '~40 s', '~3 min'."""
+    if not isinstance(seconds, int | float):
+        return "?"
+    if seconds < 90:
+        return f"~{math.ceil(max(seconds, 0.0))} s"
+    return f"~{round(seconds / 60)} min"
+
+
+def queue_text(queue: dict[str, Any] | None, elapsed: float = 0.0) -> str:
+    """'2 ahead · starts in ~40 s' for a job whose separation waits its turn ('' for one that does not),
+    `elapsed` seconds after the estimate was read."""
+    if not queue:
+        return ""
+    text = f"{int(queue.get('ahead') or 0)} ahead"
+    start = queue.get("estimated_start_s")
+    if isinstance(start, int | float):
+        text += f" · starts in {wait_text(start - elapsed)}"
+    return text
+
+
+def separation_waiting(progress: dict[str, Any] | None) -> bool:
+    """Whether a job's separation may still wait its turn: its stage is 'running' at 0% from the moment it is queued."""
+    stage = (progress or {}).get("separation") or {}
+    return stage.get("status", "pending") == "pending" or (stage["status"] == "running" and not stage.get("percent"))
+
+
+class QueueColumn(ProgressColumn):
+    """A waiting job's place in its model's queue, its estimated start counting down between reads."""
+
+    def render(self, task: Task) -> Text:
+        queue = task.fields.get("queue")
+        return Text(queue_text(queue, time.monotonic() - task.fields.get("queue_at", 0.0)), style="yellow")
+
+
 class Board:
     """One live progress bar per job, updated from job documents, snapshots and job.* events."""
 
@@ -48,12 +95,14 @@ class Board:
             TaskProgressColumn(),
             TextColumn("{task.fields[status]}"),
             TextColumn("[dim]{task.fields[stages]}"),
+            QueueColumn(),
             TimeElapsedColumn(),
             console=console,
             transient=False,
             refresh_per_second=8,
         )
         self._tasks: dict[str, TaskID] = {}
+        self._queues: dict[str, dict[str, Any]] = {}
 
     def __enter__(self) -> Board:
         if self.enabled:
@@ -82,11 +131,28 @@ class Board:
         if task is not None:
             self._progress.update(task, completed=100.0 * fraction, status="uploading")
 
-    def update(self, job_id: str, status: str, progress: dict[str, Any] | None) -> None:
+    def queue_of(self, job_id: str, progress: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The queue last read for a job, while its separation has not started (progress events carry none)."""
+        return self._queues.get(job_id) if separation_waiting(progress) else None
+
+    def queued(self) -> list[str]:
+        """The jobs shown waiting in a queue: their estimates are worth reading again."""
+        return list(self._queues)
+
+    def update(
+        self, job_id: str, status: str, progress: dict[str, Any] | None, queue: dict[str, Any] | None = None
+    ) -> None:
         task = self._tasks.get(job_id)
         if task is None:
             return
         fields: dict[str, Any] = {"status": status_text(status)}
+        queue = None if status in ("completed", "failed", "cancelled") else queue
+        if queue is not self._queues.get(job_id):
+            fields.update(queue=queue, queue_at=time.monotonic())
+        if queue:
+            self._queues[job_id] = queue
+        else:
+            self._queues.pop(job_id, None)
         if progress:
             fields["stages"] = stages_text(progress)
             fields["completed"] = float(progress.get("overall") or 0.0)
@@ -163,6 +229,8 @@ def job_summary(job: dict[str, Any]) -> Group:
     progress = job.get("progress") or {}
     table.add_row("Status", status_text(job["status"]))
     table.add_row("Progress", f"{float(progress.get('overall') or 0):.0f}%  {stages_text(progress)}")
+    if job.get("queue"):
+        table.add_row("Queue", queue_text(job["queue"]))
     table.add_row("Input", job_name(job))
     source = job.get("input") or {}
     if source.get("duration_s"):
@@ -205,6 +273,8 @@ def jobs_table(items: list[dict[str, Any]]) -> Table:
         status = status_text(job["status"])
         if job["status"] not in ("completed", "failed", "cancelled"):
             status += f" {float((job.get('progress') or {}).get('overall') or 0):.0f}%"
+            if job.get("queue"):
+                status += f" ({int(job['queue'].get('ahead') or 0)} ahead)"
         table.add_row(
             job["id"],
             str(job.get("created_at", ""))[5:16].replace("T", " "),
@@ -212,5 +282,30 @@ def jobs_table(items: list[dict[str, Any]]) -> Table:
             tempo,
             analysis.get("key") or "",
             job_name(job),
+        )
+    return table
+
+
+def models_table(catalogue: dict[str, Any]) -> Table:
+    """`stemflow models`: each model, its stem counts, whether a worker serves it now, its queue and wait."""
+    table = Table(title="Models", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("model", no_wrap=True)
+    table.add_column("stems", no_wrap=True)
+    table.add_column("served", no_wrap=True)
+    table.add_column("workers", justify="right")
+    table.add_column("queue", justify="right")
+    table.add_column("est. wait", justify="right", no_wrap=True)
+    table.add_column("about", overflow="fold")
+    default = catalogue.get("default_model")
+    for model in catalogue.get("models", []):
+        served = bool(model.get("served"))
+        table.add_row(
+            model["name"] + (" (default)" if model["name"] == default else ""),
+            ", ".join(str(n) for n in model.get("stems", [])),
+            "[green]yes[/]" if served else "[red]no[/]",
+            str(model.get("workers", 0)),
+            str(model.get("queue_depth", 0)),
+            wait_text(model.get("estimated_wait_s")) if served else "-",
+            model.get("description", ""),
         )
     return table

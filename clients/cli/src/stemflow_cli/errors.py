@@ -19,6 +19,7 @@ class Exit(IntEnum):
     RATE_LIMITED = 7  # too many requests (429)
     UNAVAILABLE = 8  # cannot connect, the service failed (5xx) or answered something unexpected
     TIMEOUT = 9  # --timeout passed before the jobs ended
+    MODEL_UNAVAILABLE = 10  # no worker serves the model now (422 model_unavailable, or seen in /v1/models first)
     INTERRUPTED = 130  # Ctrl-C
 
 
@@ -56,6 +57,7 @@ def exit_for_status(status: int) -> Exit:
 
 
 _KEY_HINT = "set STEMFLOW_API_KEY, pass --api-key, or run `stemflow configure`"
+_MODELS_HINT = "`stemflow models` lists the models served now; choose one of them, or retry later"
 
 
 def _field_errors(problem: dict[str, Any]) -> str:
@@ -87,6 +89,8 @@ def describe_problem(status: int, problem: dict[str, Any], *, retry_after: str |
     if code == "validation_failed":
         fields = _field_errors(problem)
         return f"the server refused the options: {fields or detail}", "`stemflow submit --help` lists the options"
+    if code == "model_unavailable":
+        return f"no worker serves this model now: {detail}", _MODELS_HINT
     if code == "payload_too_large":
         return f"the file is too large: {detail}", "trim or compress the song first"
     if code == "unsupported_media_type":
@@ -112,4 +116,6 @@ def describe_problem(status: int, problem: dict[str, Any], *, retry_after: str |
 
 def problem_error(status: int, problem: dict[str, Any], *, retry_after: str | None = None) -> CliError:
     message, hint = describe_problem(status, problem, retry_after=retry_after)
-    return CliError(message, exit_for_status(status), hint=hint, problem=problem)
+    # Not served now is not a wrong option: scripts may retry it later, so it has its own exit code.
+    exit_code = Exit.MODEL_UNAVAILABLE if problem.get("code") == "model_unavailable" else exit_for_status(status)
+    return CliError(message, exit_code, hint=hint, problem=problem)

@@ -33,7 +33,8 @@ STEMFLOW_CONFIG), then the config file (~/.config/stemflow/config.toml, written 
 
 exit codes: 0 ok, 1 a job failed or was cancelled, 2 usage or configuration, 3 API key refused,
 4 not found, 5 conflict (job not in a state that allows it), 6 request or file refused,
-7 rate limited, 8 service unreachable or failing, 9 --timeout passed, 130 interrupted.
+7 rate limited, 8 service unreachable or failing, 9 --timeout passed, 10 no worker serves the model now,
+130 interrupted.
 """
 
 
@@ -56,17 +57,17 @@ def _trim(text: str) -> tuple[float | None, float | None]:
     return start, end
 
 
-MODELS = ("htdemucs", "htdemucs_ft", "htdemucs_6s")
-
-
 def _target(text: str) -> str:
-    """'htdemucs_6s:6' -> the same, checked: a model and a stem count (2, 4 or 6)."""
+    """'htdemucs_6s:6' -> the same, its form checked: a model name and a stem count (2, 4 or 6).
+
+    Whether the model exists, gives that many stems and is served now is asked of `/v1/models` before upload.
+    """
     model, sep, stems = text.partition(":")
-    if not sep or model not in MODELS or stems not in ("2", "4", "6"):
+    if not sep or not model.strip() or stems not in ("2", "4", "6"):
         raise argparse.ArgumentTypeError(
-            f"expected MODEL:STEMS with MODEL one of {', '.join(MODELS)} and STEMS 2, 4 or 6, not {text!r}"
+            f"expected MODEL:STEMS with STEMS 2, 4 or 6 (`stemflow models` lists the models), not {text!r}"
         )
-    return f"{model}:{stems}"
+    return f"{model.strip()}:{stems}"
 
 
 def _positive(text: str) -> float:
@@ -112,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit = command("submit", "upload songs (files or http(s) URLs), follow them, fetch the results")
     submit.add_argument("songs", nargs="+", metavar="SONG")
     submit.add_argument("--stems", type=int, choices=(2, 4, 6), help="2: vocals + accompaniment, 4 or 6 sources")
-    submit.add_argument("--model", choices=MODELS)
+    submit.add_argument(
+        "--model", help="checked before upload against the models served now (`stemflow models` lists them)"
+    )
     submit.add_argument(
         "--target",
         dest="targets",
@@ -168,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--count", type=int, metavar="N", help="stop after N jobs have ended")
     watch.add_argument("--timeout", type=_positive, metavar="SECONDS", help="stop after SECONDS (exit 0)")
 
+    command("models", "the models: stem counts, whether a worker serves each now, queue and estimated wait")
+
     command("configure", "save the URL, events URL and API key given as flags (asks for the key on a terminal)")
     return parser
 
@@ -214,6 +219,8 @@ def _dispatch(ctx: commands.Context, args: argparse.Namespace) -> Coroutine[Any,
             )
         case "watch":
             return commands.watch(ctx, count=args.count, timeout=args.timeout)
+        case "models":
+            return commands.models(ctx)
         case "configure":
             settings = {k: getattr(args, k, None) for k in config_module.KEYS}
             return commands.configure(ctx, settings, ask_key=sys.stdin.isatty())
