@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -85,3 +87,37 @@ class StemflowClient:
         response = await self.http.get(f"/v1/jobs/{job_id}/analysis")
         response.raise_for_status()
         return response.json()
+
+
+class EventWatch:
+    """A WebSocket subscribed to all of a key's jobs, keeping every event it is pushed (tests count them)."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.subscribed = asyncio.Event()
+        self._changed = asyncio.Condition()
+
+    async def run(self, url: str, key: str) -> None:
+        async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {key}"}) as ws:
+            await ws.send(json.dumps({"type": "subscribe"}))
+            async for raw in ws:
+                frame = json.loads(raw)
+                if frame.get("type") == "subscribed":
+                    self.subscribed.set()
+                async with self._changed:
+                    self.events.extend(frame.get("events", []))
+                    self._changed.notify_all()
+
+    def count(self, job_id: str, kind: str) -> int:
+        """How many `stemflow.job.<kind>.v1` events job `job_id` was pushed."""
+        return Counter((e["subject"], e["type"]) for e in self.events)[(job_id, f"stemflow.job.{kind}.v1")]
+
+    def terminal(self, job_id: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["subject"] == job_id and e["type"] in TERMINAL]
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout_s: float) -> None:
+        async def wait() -> None:
+            async with self._changed:
+                await self._changed.wait_for(predicate)
+
+        await asyncio.wait_for(wait(), timeout_s)

@@ -7,6 +7,7 @@ free ports in this run's own namespace, with tiny untrained demucs models.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from stemflow_dev.client import StemflowClient
+from stemflow_dev.client import EventWatch, StemflowClient
 from stemflow_dev.fixtures import Isolation
 from stemflow_dev.models import make_tiny_repo
 from stemflow_dev.procs import ProcessGroup
@@ -79,3 +80,13 @@ async def client(system: RunningSystem, api_key: str) -> AsyncIterator[StemflowC
         yield client
     finally:
         await client.aclose()
+
+
+@pytest_asyncio.fixture
+async def all_events(system: RunningSystem, api_key: str) -> AsyncIterator[EventWatch]:
+    """Every event the notifier pushes for the integration key's jobs, from before the test acts."""
+    watcher = EventWatch()
+    task = asyncio.create_task(watcher.run(system.events_url, api_key))
+    await asyncio.wait_for(watcher.subscribed.wait(), 30)  # subscribed before the test acts
+    yield watcher
+    task.cancel()

@@ -3,60 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import re
-from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-import pytest_asyncio
 import soundfile as sf
-import websockets
 
 from stemflow_dev import demo_song
-from stemflow_dev.client import StemflowClient
+from stemflow_dev.client import EventWatch, StemflowClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-class AllEvents:
-    """A WebSocket subscribed to all of the key's jobs, counting every event by job and type."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-        self._changed = asyncio.Condition()
-
-    async def run(self, url: str, key: str) -> None:
-        async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {key}"}) as ws:
-            await ws.send(json.dumps({"type": "subscribe"}))
-            async for raw in ws:
-                frame = json.loads(raw)
-                async with self._changed:
-                    self.events.extend(frame.get("events", []))
-                    self._changed.notify_all()
-
-    def count(self, job_id: str, kind: str) -> int:
-        return Counter((e["subject"], e["type"]) for e in self.events)[(job_id, f"stemflow.job.{kind}.v1")]
-
-    async def wait_for(self, predicate: Any, timeout_s: float) -> None:
-        async def wait() -> None:
-            async with self._changed:
-                await self._changed.wait_for(predicate)
-
-        await asyncio.wait_for(wait(), timeout_s)
-
-
-@pytest_asyncio.fixture
-async def all_events(system: Any, api_key: str) -> AsyncIterator[AllEvents]:
-    watcher = AllEvents()
-    task = asyncio.create_task(watcher.run(system.events_url, api_key))
-    await asyncio.sleep(0)
-    yield watcher
-    task.cancel()
 
 
 async def _in_progress(port: int) -> bool:
@@ -105,7 +64,7 @@ def _long_song(path: Path, seconds: float) -> Path:
 async def test_a_worker_stopped_mid_job_loses_nothing_and_the_job_completes_once(
     system: Any,
     client: StemflowClient,
-    all_events: AllEvents,
+    all_events: EventWatch,
     tmp_path: Path,
     worker: str,
     how: str,

@@ -213,6 +213,8 @@ def corpus() -> list[BadFile]:
         BadFile("trim_negative_end", "bad_trim", wav, trim=(None, -1.0)),
         BadFile("trim_nan", "bad_trim", wav, trim=(float("nan"), None)),
         BadFile("trim_inf", "bad_trim", wav, trim=(None, float("inf"))),
-        BadFile("trim_start_past_end", "bad_trim", wav, trim=(5.0, 6.0)),
+        BadFile("trim_start_past_end", "trim_out_of_range", wav, trim=(5.0, 6.0)),
+        BadFile("trim_huge_finite_end", "bad_trim", wav, trim=(None, 1e308)),
+        BadFile("float_samples_1e30", "samples_out_of_range", write(sine(2.0) * 1e30, subtype="FLOAT")),
         BadFile("trim_too_short", "too_short", wav, trim=(0.5, 1.0)),
     ]

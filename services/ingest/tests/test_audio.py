@@ -282,7 +282,7 @@ def test_corpus_is_large_and_covers_every_code() -> None:
     assert len({bad.name for bad in bad_files}) == len(bad_files)
     codes = {bad.code for bad in bad_files}
     expected = {"empty", "not_audio", "corrupt", "silent", "too_short", "too_long", "too_many_channels"}
-    assert codes >= expected | {"bad_sample_rate", "bad_trim"}
+    assert codes >= expected | {"bad_sample_rate", "bad_trim", "trim_out_of_range", "samples_out_of_range"}
 
 
 @pytest.mark.parametrize(

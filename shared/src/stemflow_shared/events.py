@@ -6,7 +6,9 @@ routing key or an event type string.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -42,6 +44,48 @@ SIX_STEM_MODELS: frozenset[str] = frozenset({"htdemucs_6s"})
 
 
 MAX_TARGETS = 4
+# Trims beyond a day are no song's; bounded so that no worker meets an overflow (1e308 * 44100 = inf).
+MAX_TRIM_S = 24 * 3600.0
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def check_http_url(url: str, field: str) -> str:
+    """An http(s) URL parsed strictly: a host name or IP literal, a valid port, no credentials, no controls.
+
+    Raises ValueError with a message that says what to fix (pydantic turns it into a 422 field error).
+    """
+    if any(ord(ch) < 0x21 or ord(ch) == 0x7F for ch in url):
+        raise ValueError(f"{field} must not contain spaces or control characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises for a port out of 0-65535 or not a number
+        host = parts.hostname
+    except ValueError as exc:
+        raise ValueError(f"{field} is not a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{field} must start with http:// or https://")
+    if not host:
+        raise ValueError(f"{field} needs a host name")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"{field} must not carry a user name or password")
+    if port == 0:
+        raise ValueError(f"{field} has port 0, which no server listens on")
+    netloc_host = parts.netloc.rsplit("@", 1)[-1]
+    if netloc_host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            raise ValueError(f"{field} has an invalid IPv6 address [{host}]") from None
+    else:
+        try:
+            ascii_host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError(f"{field} has an invalid host name") from None
+        if len(ascii_host) > 253 or not all(
+            _HOST_LABEL.fullmatch(label) for label in ascii_host.rstrip(".").split(".")
+        ):
+            raise ValueError(f"{field} has an invalid host name")
+    return url
 
 
 def _int_from_text(value: Any) -> Any:
@@ -78,8 +122,8 @@ class JobOptions(_Data):
     model: Model = "htdemucs"
     quality: Quality = "balanced"
     output_format: OutputFormat = "wav"
-    trim_start: float | None = Field(default=None, ge=0)
-    trim_end: float | None = Field(default=None, gt=0)
+    trim_start: float | None = Field(default=None, ge=0, le=MAX_TRIM_S, allow_inf_nan=False)
+    trim_end: float | None = Field(default=None, gt=0, le=MAX_TRIM_S, allow_inf_nan=False)
     analyze: bool = True
     separate: bool = True
     callback_url: str | None = Field(default=None, max_length=2048)
@@ -110,11 +154,7 @@ class JobOptions(_Data):
     @classmethod
     def _http_callback(cls, value: str | None) -> str | None:
         # Where it may point (public addresses only) is checked when it is called; the form, here.
-        if value is not None:
-            parts = urlsplit(value)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError("callback_url must be an http or https URL")
-        return value
+        return None if value is None else check_http_url(value, "callback_url")
 
     @model_validator(mode="after")
     def _consistent(self) -> JobOptions:
@@ -162,6 +202,11 @@ class InputRef(_Data):
     content_type: str | None = None
     size: int | None = Field(default=None, ge=0)
     sha256: str | None = None
+
+    @field_validator("source_url")
+    @classmethod
+    def _http_source(cls, value: str | None) -> str | None:
+        return None if value is None else check_http_url(value, "source_url")
 
     @model_validator(mode="after")
     def _one_source(self) -> InputRef:
@@ -245,6 +290,9 @@ class Progress(_Data):
 
 
 # --- event payloads ------------------------------------------------------------
+
+
+JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class JobEvent(_Data):

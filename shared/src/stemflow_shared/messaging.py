@@ -9,6 +9,8 @@ up to the delivery limit and then dead-lettered with the error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -29,7 +31,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from . import metrics
-from .events import AUDIO_INGESTED, CONTENT_TYPE, Event, EventError, EventSpec, parse_event
+from .events import AUDIO_INGESTED, CONTENT_TYPE, JOB_ID, Event, EventError, EventSpec, parse_event
 from .idempotency import DoneMarks
 from .telemetry import extract_context, inject_headers, job_context, tracer
 from .topology import (
@@ -55,6 +57,58 @@ _RETRYABLE = (
     ConnectionError,
     asyncio.TimeoutError,
 )
+
+
+DEAD_LETTER_WATCH_ATTEMPTS = 20
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """What a dead-lettered message says about itself: where it failed, why, and whose job it was."""
+
+    queue: str  # the queue it left, without the namespace (e.g. `separator.htdemucs`)
+    reason: str  # our reason (`handler_failed`, `invalid_data`, ...) or the broker's (`delivery_limit`, ...)
+    detail: str
+    event_type: str | None
+    job_id: str | None
+    target: str | None
+
+
+def read_dead_letter(message: AbstractIncomingMessage, names: Names) -> DeadLetter:
+    """Read a dead letter leniently: its body may be the very thing that could not be parsed."""
+    headers = message.headers or {}
+    queue, reason, detail = headers.get(QUEUE_HEADER), headers.get(REASON_HEADER), headers.get(DETAIL_HEADER, "")
+    if reason is None:  # dead-lettered by the broker (delivery limit, rejection, expiry)
+        deaths = headers.get("x-death") or [{}]
+        first = deaths[0] if isinstance(deaths, list | tuple) and deaths and isinstance(deaths[0], dict) else {}
+        reason = headers.get("x-first-death-reason") or first.get("reason") or "unknown"
+        queue = headers.get("x-first-death-queue") or first.get("queue")
+        detail = f"dead-lettered by the broker ({reason})"
+    event_type = job_id = target = None
+    try:
+        raw = json.loads(message.body)
+    except (ValueError, UnicodeDecodeError):
+        raw = None
+    if isinstance(raw, dict):
+        event_type = raw.get("type") if isinstance(raw.get("type"), str) else None
+        data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+        for candidate in (data.get("job_id"), raw.get("subject")):
+            if isinstance(candidate, str) and JOB_ID.fullmatch(candidate):
+                job_id = candidate
+                break
+        target = data.get("target") if isinstance(data.get("target"), str) else None
+    return DeadLetter(
+        queue=names.short_queue(_text(queue)),
+        reason=_text(reason),
+        detail=_text(detail),
+        event_type=event_type,
+        job_id=job_id,
+        target=target,
+    )
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value or "")
 
 
 class PermanentError(Exception):
@@ -105,6 +159,7 @@ class Broker:
         self._exchange: AbstractExchange | None = None
         self._dlx: AbstractExchange | None = None
         self._consumers: list[Consumer] = []
+        self._inspect: AbstractChannel | None = None
 
     async def connect(self) -> Broker:
         self._connection = await aio_pika.connect_robust(self.url, client_properties={"connection_name": self.service})
@@ -125,6 +180,13 @@ class Broker:
             self.names.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
         )
         await dead.bind(self._dlx, "#")
+        # No dead-letter exchange of its own: a copy that cannot be settled is dropped, the kept one stays above.
+        watch = await channel.declare_queue(
+            self.names.dead_letter_watch_queue,
+            durable=True,
+            arguments={"x-queue-type": "quorum", "x-delivery-limit": DEAD_LETTER_WATCH_ATTEMPTS},
+        )
+        await watch.bind(self._dlx, "#")
 
     @property
     def connected(self) -> bool:
@@ -150,6 +212,16 @@ class Broker:
             for key in spec.routing_keys:
                 await queue.bind(self.names.exchange, key)
         return queue
+
+    async def queue_depth(self, spec: QueueSpec, replica: str | None = None) -> int:
+        """Messages ready in one of the topology's queues (a passive declare on a channel of its own)."""
+        if self._connection is None:
+            raise RuntimeError("Broker.connect() was not called")
+        if self._inspect is None or self._inspect.is_closed:
+            self._inspect = await self._connection.channel(publisher_confirms=False)
+        queue = await self._inspect.declare_queue(self.names.queue(spec, replica), passive=True)
+        result = queue.declaration_result
+        return int(result.message_count or 0) if result is not None else 0
 
     async def publish(self, event: Event[Any], *, priority: int | None = None) -> None:
         """Publish with a publisher confirm, retrying across reconnects."""
@@ -240,6 +312,33 @@ class Broker:
         await message.ack()
         metrics.MESSAGES_DEAD_LETTERED.labels(queue, reason).inc()
         log.warning("dead-lettered a message from %s: %s (%s)", queue, reason, detail[:200])
+
+    async def consume_dead_letters(self, handler: Callable[[DeadLetter], Awaitable[None]]) -> None:
+        """Hand every dead letter to `handler` (once it returns, the watch copy is acked; the kept copy stays).
+
+        A handler that raises is retried with a pause, up to DEAD_LETTER_WATCH_ATTEMPTS deliveries.
+        """
+        if self._connection is None:
+            raise RuntimeError("Broker.connect() was not called")
+        channel = await self._connection.channel(publisher_confirms=False)
+        await channel.set_qos(prefetch_count=self.options.prefetch)
+        queue = await channel.declare_queue(self.names.dead_letter_watch_queue, passive=True)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            try:
+                await handler(read_dead_letter(message, self.names))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("a dead letter could not be settled, retrying: %s", exc)
+                await asyncio.sleep(min(self.options.retry_backoff_s * 2 ** _delivery_count(message), 5.0))
+                with contextlib.suppress(*_RETRYABLE):
+                    await message.nack(requeue=True)
+                return
+            with contextlib.suppress(*_RETRYABLE):
+                await message.ack()
+
+        await queue.consume(on_message, no_ack=False)
 
     async def consume(
         self,

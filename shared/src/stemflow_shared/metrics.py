@@ -89,6 +89,13 @@ MESSAGES_DEAD_LETTERED = Counter(
     ["queue", "reason"],
     registry=REGISTRY,
 )
+DEAD_LETTERS_SETTLED = Counter(
+    "stemflow_dead_letters_settled_total",
+    "Dead-lettered messages read by the gateway, by the queue they left and what became of their job "
+    "(job_failed, job_ended, webhook_failed, no_job, unattributed, not_a_job_stage).",
+    ["queue", "outcome"],
+    registry=REGISTRY,
+)
 HANDLER_DURATION = Histogram(
     "stemflow_message_handler_duration_seconds",
     "Time spent handling one message.",

@@ -138,6 +138,15 @@ class Names:
     def dead_letter_queue(self) -> str:
         return f"{self.namespace}.dead-letter"
 
+    @property
+    def dead_letter_watch_queue(self) -> str:
+        """A second copy of every dead letter, which the gateway consumes to end the jobs they belong to."""
+        return f"{self.namespace}.dead-letter.watch"
+
+    def short_queue(self, queue: str) -> str:
+        """A queue's name without the namespace (`stemflow.separator.htdemucs` → `separator.htdemucs`)."""
+        return queue.removeprefix(f"{self.namespace}.")
+
     def queue(self, spec: QueueSpec, replica: str | None = None) -> str:
         if spec.per_replica:
             if not replica:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Header, Request, Response
 
+from stemflow_shared import metrics
 from stemflow_shared.events import TERMINAL_JOB_STATUSES, InputRef, JobOptions
 from stemflow_shared.storage import TooLarge, upload_key
 
@@ -23,7 +24,16 @@ from . import state, views
 from .deps import Owner, jobs_of
 from .jobs import Jobs
 from .problems import Problem
-from .routes import _check_source_url, _declared_length, _options_from, _safe_filename, read_json_object
+from .repository import IdempotencyConflict
+from .routes import (
+    _check_source_url,
+    _declared_length,
+    _options_from,
+    _safe_filename,
+    check_idempotency_key,
+    read_json_object,
+    same_request,
+)
 from .uploads import MultipartUpload, stream_file_parts
 
 router = APIRouter(prefix="/v1")
@@ -56,10 +66,15 @@ def _batch_body(limit: int) -> dict[str, Any]:
     responses={202: {"description": "Accepted"}},
     openapi_extra={"requestBody": _batch_body(50)},
 )
-async def create_batch(request: Request, who: Owner) -> Response:
+async def create_batch(
+    request: Request,
+    who: Owner,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> Response:
     """Submit several songs with shared options: multipart `file` parts, or JSON with `source_urls`."""
     jobs = jobs_of(request)
     settings = request.app.state.settings
+    check_idempotency_key(idempotency_key)
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     batch_id = state.new_job_id()
     if media == "application/json":
@@ -73,11 +88,31 @@ async def create_batch(request: Request, who: Owner) -> Response:
         job_ids, options, refs = await _multipart_batch(request, jobs, settings)
     else:
         raise Problem(415, "unsupported_media_type", "send multipart/form-data with files, or JSON with source_urls")
+    inputs = [ref.model_dump(mode="json", exclude_none=True) for ref in refs]
+    fingerprint = state.request_fingerprint(f"batch {media}", options, inputs) if idempotency_key else None
     try:
-        batch, docs = await jobs.submit_batch(batch_id, who.owner, options, list(zip(job_ids, refs, strict=True)))
+        earlier = await jobs.repo.find_batch_by_idempotency_key(who.owner, idempotency_key) if idempotency_key else None
+        if earlier is None:
+            try:
+                batch, docs = await jobs.submit_batch(
+                    batch_id,
+                    who.owner,
+                    options,
+                    list(zip(job_ids, refs, strict=True)),
+                    idempotency_key=idempotency_key,
+                    request_fingerprint=fingerprint,
+                )
+            except IdempotencyConflict as conflict:
+                earlier = conflict.job
     except BaseException:
         await _remove_uploads(jobs, refs)
         raise
+    if earlier is not None:
+        # The key was used before: the same request gets the same batch, another request is refused.
+        await _remove_uploads(jobs, refs)
+        same_request(earlier, fingerprint)
+        metrics.DEDUP_HITS.labels("idempotency_key").inc()
+        batch, docs = earlier, await jobs.repo.batch_jobs(earlier["_id"])
     body = orjson.dumps(batch_view(jobs, batch, docs))
     return Response(
         body, status_code=202, media_type="application/json", headers={"Location": batch_url(jobs, batch_id)}
@@ -111,6 +146,9 @@ def aggregate_status(statuses: list[str]) -> str:
 
 
 def batch_view(jobs: Jobs, batch: dict[str, Any], docs: list[dict[str, Any]]) -> dict[str, Any]:
+    # Submission order is the batch's own list (ids made in one millisecond do not sort by creation).
+    order = {job_id: i for i, job_id in enumerate(batch.get("job_ids") or ())}
+    docs = sorted(docs, key=lambda doc: order.get(doc["_id"], len(order)))
     statuses = [doc["status"] for doc in docs]
     counts: dict[str, int] = {}
     for status in statuses:

@@ -11,14 +11,18 @@ from redis.exceptions import RedisError
 
 from stemflow_shared import metrics
 from stemflow_shared.events import (
+    AUDIO_INGESTED,
     JOB_COMPLETED,
     JOB_SUBMITTED,
+    SEPARATION_FAILED,
     TERMINAL_JOB_STATUSES,
+    ErrorInfo,
     Event,
     InputRef,
     JobCompleted,
     JobOptions,
     JobSubmitted,
+    StageFailed,
     make_event,
 )
 from stemflow_shared.idempotency import cancel_flag_key
@@ -28,7 +32,9 @@ from stemflow_shared.storage import job_prefix
 
 from . import state, views
 from .cache import JobCache
+from .models import ModelCatalogue
 from .outbox import OutboxRelay
+from .problems import Problem
 from .repository import JobRepository
 
 log = logging.getLogger(__name__)
@@ -49,6 +55,7 @@ class Jobs:
         events_url: str,
         retention: timedelta,
         results: ResultIndex | None = None,
+        models: ModelCatalogue,
     ) -> None:
         self.repo = repo
         self.cache = cache
@@ -60,6 +67,7 @@ class Jobs:
         self._events_url = events_url
         self._retention = retention
         self._results = results
+        self.models = models
 
     @property
     def base_url(self) -> str:
@@ -96,9 +104,12 @@ class Jobs:
         input_ref: InputRef,
         *,
         idempotency_key: str | None = None,
+        request_fingerprint: str | None = None,
         batch_id: str | None = None,
     ) -> dict[str, Any]:
         """Insert the job with its `job.submitted` in the outbox, then publish in the background."""
+        if batch_id is None:  # a batch checked its options once, before its first job
+            await self.models.require_served(options)
         now = state.utcnow()
         input_doc = input_ref.model_dump(mode="json", exclude_none=True)
         doc = state.new_job(
@@ -109,6 +120,7 @@ class Jobs:
             now=now,
             retention=self._retention,
             idempotency_key=idempotency_key,
+            request_fingerprint=request_fingerprint,
             batch_id=batch_id,
         )
         event = make_event(
@@ -123,9 +135,20 @@ class Jobs:
         return doc
 
     async def submit_batch(
-        self, batch_id: str, owner: str, options: JobOptions, inputs: list[tuple[str, InputRef]]
+        self,
+        batch_id: str,
+        owner: str,
+        options: JobOptions,
+        inputs: list[tuple[str, InputRef]],
+        *,
+        idempotency_key: str | None = None,
+        request_fingerprint: str | None = None,
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """A batch document naming its jobs, then each job (the batch first, so no job is ever orphaned)."""
+        """A batch document naming its jobs, then each job (the batch first, so no job is ever orphaned).
+
+        Raises IdempotencyConflict with the earlier batch when its Idempotency-Key was used before.
+        """
+        await self.models.require_served(options)
         now = state.utcnow()
         batch = {
             "_id": batch_id,
@@ -135,6 +158,8 @@ class Jobs:
             "created_at": now,
             "expire_at": now + self._retention,
         }
+        if idempotency_key is not None:
+            batch.update(idempotency_key=idempotency_key, request_fingerprint=request_fingerprint)
         await self.repo.insert_batch(batch)
         docs = [await self.submit(job_id, owner, options, ref, batch_id=batch_id) for job_id, ref in inputs]
         return batch, docs
@@ -154,12 +179,19 @@ class Jobs:
         )
         if await self.repo.upsert_external(doc, []):
             metrics.JOBS_SUBMITTED.labels("event").inc()
+        try:
+            await self.models.require_served(data.options)
+        except Problem as refused:
+            # Nothing would ever take its separation: it ends now, as a refused HTTP submission would.
+            failed = StageFailed(job_id=data.job_id, error=ErrorInfo(code=refused.code, message=refused.detail))
+            await self.apply_event(make_event(SEPARATION_FAILED, failed, source=state.SOURCE))
 
-    async def apply_event(self, event: Event[Any]) -> None:
-        """Apply a stage event; publish what it causes before the message is acked."""
+    async def apply_event(self, event: Event[Any]) -> bool:
+        """Apply a stage event; publish what it causes before the message is acked. Whether it changed the job."""
         job_id = event.data.job_id
+        queue = await self._queue_place(event)
         doc, change = await self.repo.transition(
-            job_id, lambda d: state.apply(d, event, state.utcnow()), state.utcnow()
+            job_id, lambda d: state.apply(d, event, state.utcnow(), queue=queue), state.utcnow()
         )
         if doc is None:
             raise PermanentError("job_unknown", f"no job {job_id}")
@@ -170,6 +202,32 @@ class Jobs:
             await self.remember(doc)
         # Also flushes what an earlier delivery left pending if it crashed after its write.
         await self.relay.flush(job_id)
+        return change is not None
+
+    async def _queue_place(self, event: Event[Any]) -> dict[str, Any] | None:
+        """Where newly ingested work stands in its model's queue: jobs ahead and an estimated start."""
+        if event.spec is not AUDIO_INGESTED or event.data.reused or not event.data.options.separate:
+            return None
+        try:
+            estimate = await self.models.estimate(event.data.options.model)
+        except RedisError as exc:
+            log.warning("no queue estimate for job %s: %s", event.data.job_id, exc)
+            return None
+        ahead = max(estimate.queue_depth - 1, 0)  # its own work is in the queue too, unless already taken
+        place: dict[str, Any] = {"ahead": ahead}
+        if estimate.estimated_wait_s is not None:
+            per_job = estimate.estimated_wait_s / estimate.queue_depth if estimate.queue_depth else 0.0
+            place["estimated_start_at"] = state.utcnow() + timedelta(seconds=round(per_job * ahead, 1))
+        return place
+
+    async def webhook_failed(self, job_id: str, error: ErrorInfo) -> bool:
+        """Record on the job that its webhook could not be delivered (the job's own outcome stands)."""
+        doc, _ = await self.repo.transition(
+            job_id, lambda d: state.webhook_failed(d, error, state.utcnow()), state.utcnow()
+        )
+        if doc is not None:
+            await self.remember(doc)
+        return doc is not None
 
     async def _after_change(self, doc: dict[str, Any], change: state.Transition) -> None:
         await self.remember(doc)

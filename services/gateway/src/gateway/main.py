@@ -20,14 +20,17 @@ from stemflow_shared.messaging import Broker, BrokerOptions
 from stemflow_shared.ops import ops_routes
 from stemflow_shared.reuse import ResultIndex
 from stemflow_shared.runtime import tune_gc
+from stemflow_shared.separators import SeparatorRegistry
 from stemflow_shared.storage import make_blob_store
 from stemflow_shared.topology import GATEWAY_QUEUE, Names
 
 from . import batches, downloads, problems
 from .cache import GZIP_MIN_BYTES, JobCache
+from .deadletters import DeadLetterWatch
 from .handlers import handlers
 from .hotpath import CachedJobReads
 from .jobs import Jobs
+from .models import ModelCatalogue
 from .observe import Observe, SlowCommandLogger
 from .outbox import OutboxRelay
 from .periodic import every
@@ -87,6 +90,7 @@ def create_app(settings: Settings) -> FastAPI:
             events_url=settings.events_url,
             retention=timedelta(hours=settings.job_retention_hours),
             results=results,
+            models=ModelCatalogue(SeparatorRegistry(redis_client, settings.redis_prefix), broker),
         )
         app.state.settings = settings
         app.state.jobs = jobs
@@ -100,6 +104,7 @@ def create_app(settings: Settings) -> FastAPI:
             "broker": broker.ready,
         }
         await broker.consume(GATEWAY_QUEUE, handlers(jobs))
+        await broker.consume_dead_letters(DeadLetterWatch(jobs).settle)
         grace = timedelta(seconds=settings.outbox_grace_s)
         background = [
             asyncio.create_task(every(settings.outbox_sweep_interval_s, "outbox sweep", lambda: relay.sweep(grace))),

@@ -35,6 +35,8 @@ LIST_PROJECTION = {
         "batch_id",
         "targets",
         "partial",
+        "webhook",
+        "queue",
         "result.targets",
         "created_at",
         "updated_at",
@@ -110,7 +112,17 @@ class JobRepository:
             ]
         )
         # A batch is a small document naming its jobs; it expires with them.
-        await self.batches.create_indexes([IndexModel([("expire_at", ASCENDING)], name="expiry", expireAfterSeconds=0)])
+        await self.batches.create_indexes(
+            [
+                IndexModel([("expire_at", ASCENDING)], name="expiry", expireAfterSeconds=0),
+                IndexModel(
+                    [("owner", ASCENDING), ("idempotency_key", ASCENDING)],
+                    name="owner_idempotency_key",
+                    unique=True,
+                    partialFilterExpression={"idempotency_key": {"$type": "string"}},
+                ),
+            ]
+        )
 
     async def insert(self, doc: dict[str, Any], events: Sequence[Event[Any]]) -> dict[str, Any]:
         """Insert a new job with its first events in its outbox."""
@@ -218,7 +230,16 @@ class JobRepository:
         return [doc["_id"] async for doc in cursor]
 
     async def insert_batch(self, batch: dict[str, Any]) -> None:
-        await self.batches.insert_one(batch)
+        try:
+            await self.batches.insert_one(batch)
+        except DuplicateKeyError as exc:
+            existing = await self.find_batch_by_idempotency_key(batch["owner"], batch.get("idempotency_key") or "")
+            if existing is None:
+                raise
+            raise IdempotencyConflict(existing) from exc
+
+    async def find_batch_by_idempotency_key(self, owner: str, key: str) -> dict[str, Any] | None:
+        return await self.batches.find_one({"owner": owner, "idempotency_key": key})
 
     async def get_batch(self, batch_id: str, owner: str) -> dict[str, Any] | None:
         return await self.batches.find_one({"_id": batch_id, "owner": owner})

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import re
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
 import orjson
 from fastapi import APIRouter, Header, Query, Request, Response
 from pydantic import ValidationError
 
 from stemflow_shared import metrics
-from stemflow_shared.events import InputRef, JobOptions, JobStatus
+from stemflow_shared.events import InputRef, JobOptions, JobStatus, check_http_url
 from stemflow_shared.storage import TooLarge, upload_key
 
 from . import state, views
@@ -43,20 +42,20 @@ def _options_from(fields: dict[str, Any]) -> JobOptions:
         errors = [
             {"field": ".".join(str(p) for p in err["loc"]) or "options", "message": err["msg"]} for err in exc.errors()
         ]
-        raise Problem(
-            422, "validation_failed", "invalid: " + ", ".join(e["field"] for e in errors), errors=errors
-        ) from exc
+        detail = "; ".join(f"{e['field']}: {e['message'].removeprefix('Value error, ')}" for e in errors)
+        raise Problem(422, "validation_failed", detail, errors=errors) from exc
 
 
 def _check_source_url(url: Any) -> str:
     if not isinstance(url, str) or len(url) > 2048:
-        raise Problem(422, "validation_failed", "source_url must be a URL string", errors=[{"field": "source_url"}])
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+        message = "source_url must be a URL string of at most 2048 characters"
+        raise Problem(422, "validation_failed", message, errors=[{"field": "source_url", "message": message}])
+    try:
+        return check_http_url(url, "source_url")
+    except ValueError as exc:
         raise Problem(
-            422, "validation_failed", "source_url must be an http or https URL", errors=[{"field": "source_url"}]
-        )
-    return url
+            422, "validation_failed", str(exc), errors=[{"field": "source_url", "message": str(exc)}]
+        ) from None
 
 
 def _submission_body() -> dict[str, Any]:
@@ -89,13 +88,7 @@ async def create_job(
     settings = request.app.state.settings
     content_type = request.headers.get("content-type", "")
     content_length = _declared_length(request)
-    if idempotency_key is not None:
-        if not IDEMPOTENCY_KEY.match(idempotency_key):
-            raise Problem(400, "invalid_idempotency_key", "Idempotency-Key must be 1-200 visible ASCII characters")
-        existing = await jobs.repo.find_by_idempotency_key(who.owner, idempotency_key)
-        if existing is not None:
-            metrics.DEDUP_HITS.labels("idempotency_key").inc()
-            return await _accepted(jobs, existing)
+    check_idempotency_key(idempotency_key)
     job_id = state.new_job_id()
     media = content_type.split(";")[0].strip().lower()
     if media == "application/json":
@@ -106,18 +99,50 @@ async def create_job(
         options, input_ref = await _multipart_submission(request, job_id, content_type)
     else:
         raise Problem(415, "unsupported_media_type", "send multipart/form-data with a file, or JSON with source_url")
+    input_doc = input_ref.model_dump(mode="json", exclude_none=True)
+    fingerprint = state.request_fingerprint(media, options, [input_doc]) if idempotency_key else None
     try:
-        doc = await jobs.submit(job_id, who.owner, options, input_ref, idempotency_key=idempotency_key)
-    except IdempotencyConflict as conflict:
-        metrics.DEDUP_HITS.labels("idempotency_key").inc()
-        if input_ref.blob_key:
-            await jobs.blobs.delete_prefix(input_ref.blob_key)
-        return await _accepted(jobs, conflict.job)
+        existing = await jobs.repo.find_by_idempotency_key(who.owner, idempotency_key) if idempotency_key else None
+        if existing is None:
+            try:
+                doc = await jobs.submit(
+                    job_id,
+                    who.owner,
+                    options,
+                    input_ref,
+                    idempotency_key=idempotency_key,
+                    request_fingerprint=fingerprint,
+                )
+                return await _accepted(jobs, doc)
+            except IdempotencyConflict as conflict:
+                existing = conflict.job
     except BaseException:
         if input_ref.blob_key:
             await jobs.blobs.delete_prefix(input_ref.blob_key)
         raise
-    return await _accepted(jobs, doc)
+    # The key was used before: the same request gets the same job, another request is refused.
+    if input_ref.blob_key:
+        await jobs.blobs.delete_prefix(input_ref.blob_key)
+    same_request(existing, fingerprint)
+    metrics.DEDUP_HITS.labels("idempotency_key").inc()
+    return await _accepted(jobs, existing)
+
+
+def check_idempotency_key(key: str | None) -> None:
+    if key is not None and not IDEMPOTENCY_KEY.match(key):
+        raise Problem(400, "invalid_idempotency_key", "Idempotency-Key must be 1-200 visible ASCII characters")
+
+
+def same_request(earlier: dict[str, Any], fingerprint: str | None) -> None:
+    """Refuse (422 `idempotency_key_reused`) a key sent again with another request, as the IETF draft says."""
+    recorded = earlier.get("request_fingerprint")
+    if recorded is not None and recorded != fingerprint:
+        raise Problem(
+            422,
+            "idempotency_key_reused",
+            "this Idempotency-Key was used for a different request (other options, file, URLs or body type); "
+            "send a new key for a new request",
+        )
 
 
 def _declared_length(request: Request) -> int | None:
@@ -245,6 +270,12 @@ async def list_jobs(
         raise Problem(422, "validation_failed", "invalid cursor", errors=[{"field": "cursor"}]) from exc
     page = await jobs.list_page(who.owner, status=status, limit=limit, after=after)
     return Response(page, media_type="application/json")
+
+
+@router.get("/models")
+async def list_models(request: Request, who: Owner) -> dict[str, Any]:
+    """Every model with its stem sets, whether a separator serves it now, its queue depth and estimated wait."""
+    return await jobs_of(request).models.listing()
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=200)

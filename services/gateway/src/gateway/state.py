@@ -7,11 +7,14 @@ duplicated events are no-ops.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+import orjson
 
 from stemflow_shared.events import (
     ANALYSIS_COMPLETED,
@@ -64,6 +67,7 @@ def new_job(
     now: datetime,
     retention: timedelta,
     idempotency_key: str | None = None,
+    request_fingerprint: str | None = None,
     batch_id: str | None = None,
 ) -> dict[str, Any]:
     """A fresh job document in state `queued`."""
@@ -92,9 +96,19 @@ def new_job(
         doc["targets"] = {t.name: {"status": "pending", "percent": 0.0} for t in options.targets}
     if idempotency_key is not None:
         doc["idempotency_key"] = idempotency_key
+        doc["request_fingerprint"] = request_fingerprint
     if batch_id is not None:
         doc["batch_id"] = batch_id
     return doc
+
+
+def request_fingerprint(kind: str, options: JobOptions, inputs: list[dict[str, Any]]) -> str:
+    """What an Idempotency-Key stands for: the body's kind, every option and each input's content and name."""
+    identity = [
+        {k: item.get(k) for k in ("sha256", "size", "source_url", "filename", "content_type")} for item in inputs
+    ]
+    raw = orjson.dumps([kind, options.model_dump(mode="json"), identity], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(raw).hexdigest()
 
 
 def overall_percent(stages: dict[str, dict[str, Any]]) -> float:
@@ -172,8 +186,14 @@ class Transition:
     status_changed: bool = False
 
 
-def apply(doc: dict[str, Any], event: Event[Any], now: datetime) -> Transition | None:
-    """The transition an event causes on a job, or None when it changes nothing."""
+def apply(
+    doc: dict[str, Any], event: Event[Any], now: datetime, *, queue: dict[str, Any] | None = None
+) -> Transition | None:
+    """The transition an event causes on a job, or None when it changes nothing.
+
+    `queue`: where the job's separation work stands in its queue when `audio.ingested` is applied (shown
+    until the separation starts).
+    """
     if doc["status"] in TERMINAL_JOB_STATUSES:
         return None
     stages = {name: dict(stage) for name, stage in doc["stages"].items()}
@@ -198,6 +218,8 @@ def apply(doc: dict[str, Any], event: Event[Any], now: datetime) -> Transition |
         changes["input.channels"] = data.source.channels
         changes["input.format"] = data.source.format
         changes["audio"] = data.audio.model_dump(mode="json")
+        if queue is not None and stages["separation"]["status"] == "running":
+            changes["queue"] = queue
     elif name in (SEPARATION_PROGRESS.name, SEPARATION_COMPLETED.name, SEPARATION_FAILED.name) and (
         getattr(data, "target", None) and doc.get("targets")
     ):
@@ -257,6 +279,8 @@ def apply(doc: dict[str, Any], event: Event[Any], now: datetime) -> Transition |
     elif all(stages[s]["status"] in ("completed", "skipped") for s in STAGES):
         status = "completed"
 
+    if doc.get("queue") and (name.startswith("separation.") or status in TERMINAL_JOB_STATUSES):
+        changes["queue"] = None  # the separation started (or the job ended): no longer waiting
     changes.update({"stages": stages, "status": status, "progress": overall_percent(stages), "updated_at": now})
     if error is not None:
         changes["error"] = error.model_dump(mode="json")
@@ -300,6 +324,14 @@ def time_out(doc: dict[str, Any], now: datetime, timeout_s: float) -> Transition
     }
     after = _merged(doc, changes)
     return Transition(set=changes, emit=_events_for(after, True), status_changed=True)
+
+
+def webhook_failed(doc: dict[str, Any], error: ErrorInfo, now: datetime) -> Transition | None:
+    """Note that the job's webhook was not delivered; the job's own status is unchanged."""
+    record = {"status": "failed", "error": error.model_dump(mode="json")}
+    if doc.get("webhook") == record:
+        return None
+    return Transition(set={"webhook": record, "updated_at": now})
 
 
 def stalled_stage(doc: dict[str, Any]) -> str:

@@ -46,6 +46,8 @@ def public_job(doc: dict[str, Any], base_url: str, events_url: str) -> dict[str,
         "partial": bool(doc.get("partial")),
         "error": doc.get("error"),
         "batch_id": doc.get("batch_id"),
+        **({"webhook": doc["webhook"]} if doc.get("webhook") else {}),
+        **({"queue": _queue_view(doc["queue"])} if doc.get("queue") else {}),
         "created_at": _iso(doc["created_at"]),
         "updated_at": _iso(doc["updated_at"]),
         "links": {
@@ -94,6 +96,12 @@ def _target_results(doc: dict[str, Any], self_url: str) -> dict[str, Any]:
 
 def etag(doc_id: str, version: int) -> str:
     return f'"{doc_id}-{version}"'
+
+
+def _queue_view(queue: dict[str, Any]) -> dict[str, Any]:
+    """Jobs ahead of this one's separation and, when the pool's pace is known, when it should start."""
+    start = queue.get("estimated_start_at")
+    return {"ahead": queue.get("ahead", 0), **({"estimated_start_at": _iso(start)} if start else {})}
 
 
 def _iso(value: Any) -> str:

@@ -25,6 +25,7 @@ import soundfile as sf
 import soxr
 
 from ingest.sniff import Sniffed, sniff
+from stemflow_shared.events import MAX_TRIM_S
 
 SAMPLE_RATE = 44100
 CHANNELS = 2
@@ -89,6 +90,8 @@ class Limits:
     min_sample_rate: int = 8000
     max_sample_rate: int = 384000
     silence_dbfs: float = -90.0
+    # Float audio may go past full scale a little; samples a thousand times over it are not audio.
+    max_peak_dbfs: float = 60.0
     decode_timeout_s: float = 300.0
 
 
@@ -155,8 +158,8 @@ def normalise(
 
 def _check_trim_args(trim_start: float | None, trim_end: float | None) -> None:
     for name, value in (("trim_start", trim_start), ("trim_end", trim_end)):
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise AudioError("bad_trim", f"{name} must be a non-negative number of seconds, not {value}")
+        if value is not None and not (math.isfinite(value) and 0 <= value <= MAX_TRIM_S):
+            raise AudioError("bad_trim", f"{name} must be between 0 and {MAX_TRIM_S:.0f} seconds, not {value}")
     if trim_end is not None and trim_end <= (trim_start or 0.0):
         raise AudioError("bad_trim", f"trim_end ({trim_end} s) must come after trim_start ({trim_start or 0} s)")
 
@@ -211,7 +214,10 @@ def _span(source: _Source, trim_start: float | None, trim_end: float | None, lim
     if source.frames is None:
         return start, stop
     if start >= source.frames:
-        raise AudioError("bad_trim", f"trim_start ({trim_start} s) is past the end ({source.frames / rate:.3f} s)")
+        raise AudioError(
+            "trim_out_of_range",
+            f"trim_start ({trim_start} s) is past the end of the audio ({source.frames / rate:.3f} s)",
+        )
     stop = source.frames if stop is None else min(stop, source.frames)
     _check_duration((stop - start) / rate, limits)
     return start, stop
@@ -233,12 +239,17 @@ def _convert(source: _Source, start: int, stop: int | None, part: Path, limits: 
     finally:
         sink.close()
     if taken == 0:
-        raise AudioError("bad_trim" if start else "empty", "no audio in the requested span")
+        raise AudioError("trim_out_of_range" if start else "empty", "no audio in the requested span")
     if source.frames is None:
         _check_duration(taken / source.sample_rate, limits)
     peak_dbfs = 20 * math.log10(sink.peak) if sink.peak > 0 else -math.inf
     if peak_dbfs < limits.silence_dbfs:
         raise AudioError("silent", f"the audio is silent (peak {peak_dbfs:.1f} dBFS)")
+    if peak_dbfs > limits.max_peak_dbfs:
+        raise AudioError(
+            "samples_out_of_range",
+            f"the samples peak at {peak_dbfs:.0f} dBFS, over {limits.max_peak_dbfs:.0f}: not audio at a usable scale",
+        )
     return NormalisedAudio(
         duration_s=sink.frames / SAMPLE_RATE,
         sample_rate=SAMPLE_RATE,

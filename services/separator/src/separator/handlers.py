@@ -55,6 +55,8 @@ class Separator:
         self._redis = redis
         self._broker = broker
         self._settings = settings
+        # Seconds a job has taken lately (moving average), for the pool's announcement and wait estimates.
+        self.mean_job_s: float | None = None
 
     def handlers(self) -> dict[EventSpec[Any], Handler]:
         return {AUDIO_INGESTED: self.on_ingested}
@@ -95,6 +97,7 @@ class Separator:
             len(stems),
         )
         metrics.STAGE_DURATION.labels("separation", model_name, "completed").observe(elapsed)
+        self.mean_job_s = elapsed if self.mean_job_s is None else 0.8 * self.mean_job_s + 0.2 * elapsed
         metrics.AUDIO_SECONDS.labels("separation").inc(job.audio.duration_s)
         metrics.REALTIME_FACTOR.labels("separation").observe(job.audio.duration_s / max(elapsed, 1e-6))
         loaded = self._models.get(model_name)

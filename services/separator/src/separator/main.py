@@ -11,6 +11,7 @@ import torch
 from stemflow_shared import metrics, telemetry
 from stemflow_shared.idempotency import DoneMarks
 from stemflow_shared.runtime import connect_broker, open_blob_store, serve_worker
+from stemflow_shared.separators import Announcement, SeparatorRegistry, ServedModel
 from stemflow_shared.topology import PRIORITIES, separator_queue
 
 from .device import make_engine, pick_device
@@ -62,6 +63,29 @@ async def preload(
     return failed
 
 
+async def announce_served(
+    registry: SeparatorRegistry, settings: Settings, models: ModelCache, served: list[str], separator: Separator
+) -> None:
+    """Tell the gateway, every few seconds, which models this replica serves; the word expires if it stops."""
+    served_models = []
+    for name in served:
+        loaded = await asyncio.to_thread(models.get, name)
+        served_models.append(ServedModel(name=name, sources=loaded.sources, untrained=loaded.untrained))
+    while True:
+        announcement = Announcement(
+            replica=settings.replica_id,
+            models=served_models,
+            device=str(models.device),
+            slots=settings.prefetch,
+            mean_job_s=separator.mean_job_s,
+        )
+        try:
+            await registry.announce(announcement, ttl_s=3 * settings.announce_interval_s)
+        except Exception as exc:  # Redis away: the announcement lapses, and the gateway stops offering the models
+            log.warning("could not announce the served models: %s", exc)
+        await asyncio.sleep(settings.announce_interval_s)
+
+
 async def run(settings: Settings) -> None:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
@@ -71,7 +95,7 @@ async def run(settings: Settings) -> None:
         total = torch.cuda.get_device_properties(torch.device(device).index or 0).total_memory
         metrics.GPU_MEMORY_TOTAL.labels(device).set(total)
     models = ModelCache(settings.model_repo, device)
-    await preload(models, engine, settings.model_names, compile_models=settings.torch_compile)
+    failed = await preload(models, engine, settings.model_names, compile_models=settings.torch_compile)
     log.info("separating on %s in %s, up to %d segments per batch", device, engine.precision, engine.max_batch)
     blobs, close_blobs = open_blob_store(settings)
     redis_client = redis.from_url(settings.redis_url)
@@ -82,12 +106,25 @@ async def run(settings: Settings) -> None:
     for name in settings.model_names:
         for priority in PRIORITIES:
             await broker.consume(separator_queue(name, priority), separator.handlers(), done_marks=done)
+    registry = SeparatorRegistry(redis_client, settings.redis_prefix)
+    served = [name for name in settings.model_names if name not in failed]
+    announcing = asyncio.create_task(announce_served(registry, settings, models, served, separator))
+
+    async def withdraw() -> None:
+        announcing.cancel()
+        await registry.withdraw(settings.replica_id)
+
     await serve_worker(
         settings,
         "separator",
         broker,
         {"redis": redis_client.ping, "blobs": blobs.ping},
-        [("engine", lambda: asyncio.to_thread(engine.close)), ("redis", redis_client.aclose), ("blobs", close_blobs)],
+        [
+            ("announcement", withdraw),
+            ("engine", lambda: asyncio.to_thread(engine.close)),
+            ("redis", redis_client.aclose),
+            ("blobs", close_blobs),
+        ],
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -33,6 +35,11 @@ class Settings(ServiceSettings, BlobSettings, RedisSettings):
     progress_interval_s: float = Field(default=0.25, gt=0, description="At most one progress event per interval")
     cancel_poll_s: float = Field(default=0.5, gt=0)
     work_dir: str | None = None
+    replica_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        description="This replica's name in the pool announcements (default: host and process id)",
+    )
+    announce_interval_s: float = Field(default=5.0, gt=0, description="How often the served models are announced")
 
     @field_validator("models")
     @classmethod

@@ -1,0 +1,137 @@
+"""Dead letters end jobs: whatever is dead-lettered for a job becomes its stage's failure, within seconds.
+
+Every queue dead-letters to one exchange; the gateway reads a copy of each dead letter (the other copy
+stays in the dead-letter queue for people) and turns it into the failure of the stage whose work it was,
+through the same state machine as a worker's own `*.failed` event: the job fails (or, for one target of
+several, completes partially) and its terminal event goes out. A dead letter with no readable job id is
+counted and kept. The codes are `<stage>_<why>`:
+
+| why | when |
+|---|---|
+| `invalid_event` | the message was not a valid event of the contract (malformed JSON, envelope, data) |
+| `handler_error` | the stage's handler failed on every delivery up to the limit |
+| `delivery_limit` | the broker gave up after the delivery limit (e.g. a worker that crashes on it) |
+| `dead_lettered` | the broker dead-lettered it for another reason (rejected, expired) |
+| anything else | a permanent error the handler named itself, e.g. `separation_model_unknown` |
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from stemflow_shared import metrics
+from stemflow_shared.events import (
+    ANALYSIS_FAILED,
+    INGEST_FAILED,
+    SEPARATION_FAILED,
+    SPECS_BY_TYPE,
+    ErrorInfo,
+    EventSpec,
+    StageFailed,
+    make_event,
+)
+from stemflow_shared.messaging import DeadLetter, PermanentError
+from stemflow_shared.topology import ANALYZER_QUEUE, GATEWAY_QUEUE, INGEST_QUEUE, WEBHOOKS_QUEUE
+
+from . import state
+from .jobs import Jobs
+
+log = logging.getLogger(__name__)
+
+INVALID_EVENT = frozenset(
+    {"malformed_json", "invalid_envelope", "invalid_data", "unknown_type", "unsupported_version", "no_handler"}
+)
+FAILED_EVENTS: dict[str, EventSpec[StageFailed]] = {
+    "ingest": INGEST_FAILED,
+    "separation": SEPARATION_FAILED,
+    "analysis": ANALYSIS_FAILED,
+}
+# The stage whose result an event is, for events the gateway itself could not apply.
+_STAGE_OF_EVENT = {
+    "job.submitted": "ingest",
+    "audio.ingested": "ingest",
+    "ingest.failed": "ingest",
+    "separation.progress": "separation",
+    "separation.completed": "separation",
+    "separation.failed": "separation",
+    "analysis.completed": "analysis",
+    "analysis.failed": "analysis",
+}
+WHY = {
+    "invalid_event": "its message was not a valid event",
+    "handler_error": "it failed on every attempt",
+    "delivery_limit": "its message was delivered too many times",
+    "dead_lettered": "its message was dead-lettered",
+}
+
+
+def stage_of(letter: DeadLetter) -> str | None:
+    """The job stage whose work the dead letter was (None: not a stage's work, e.g. a notifier's copy)."""
+    if letter.queue == INGEST_QUEUE.name:
+        return "ingest"
+    if letter.queue.startswith("separator."):
+        return "separation"
+    if letter.queue == ANALYZER_QUEUE.name:
+        return "analysis"
+    if letter.queue == GATEWAY_QUEUE.name:
+        spec = SPECS_BY_TYPE.get(letter.event_type or "")
+        return _STAGE_OF_EVENT.get(spec.name) if spec is not None else "ingest"
+    return None
+
+
+def failure_code(stage: str, reason: str) -> str:
+    if reason in INVALID_EVENT:
+        why = "invalid_event"
+    elif reason == "handler_failed":
+        why = "handler_error"
+    elif reason == "delivery_limit":
+        why = "delivery_limit"
+    elif re.fullmatch(r"[a-z][a-z0-9_]{0,40}", reason) and reason not in ("rejected", "expired", "maxlen", "unknown"):
+        why = reason
+    else:
+        why = "dead_lettered"
+    return f"{stage}_{why}"[:64]
+
+
+class DeadLetterWatch:
+    def __init__(self, jobs: Jobs) -> None:
+        self._jobs = jobs
+
+    async def settle(self, letter: DeadLetter) -> None:
+        outcome = await self._settle(letter)
+        metrics.DEAD_LETTERS_SETTLED.labels(letter.queue.split(".")[0], outcome).inc()
+
+    async def _settle(self, letter: DeadLetter) -> str:
+        if letter.job_id is None:
+            log.warning(
+                "a dead letter from %s names no job (%s); it stays in the dead-letter queue",
+                letter.queue,
+                letter.reason,
+            )
+            return "unattributed"
+        if letter.queue == WEBHOOKS_QUEUE.name:
+            found = await self._jobs.webhook_failed(
+                letter.job_id, ErrorInfo(code=failure_code("webhook", letter.reason), message=letter.detail[:300])
+            )
+            return "webhook_failed" if found else "no_job"
+        stage = stage_of(letter)
+        if stage is None:
+            return "not_a_job_stage"
+        code = failure_code(stage, letter.reason)
+        log.warning(
+            "job %s: the %s stage's message was dead-lettered (%s: %s)",
+            letter.job_id,
+            stage,
+            letter.reason,
+            letter.detail[:300],
+        )
+        message = (
+            f"the {stage} stage stopped: {WHY.get(code.removeprefix(stage + '_'), letter.reason.replace('_', ' '))}"
+        )
+        failed = StageFailed(job_id=letter.job_id, target=letter.target, error=ErrorInfo(code=code, message=message))
+        try:
+            ended = await self._jobs.apply_event(make_event(FAILED_EVENTS[stage], failed, source=state.SOURCE))
+        except PermanentError:
+            return "no_job"
+        return "job_failed" if ended else "job_ended"

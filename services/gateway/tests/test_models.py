@@ -1,0 +1,83 @@
+"""`GET /v1/models` and the refusal of work no separator pool serves."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stemflow_shared.separators import CATALOGUE, SeparatorRegistry
+
+
+async def test_models_lists_the_catalogue_with_what_is_served(client: Any, app: Any, helpers: Any) -> None:
+    headers = await helpers.new_key(app, "models-owner")
+    response = await client.get("/v1/models", headers=headers)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["default_model"] == "htdemucs"
+    by_name = {m["name"]: m for m in body["models"]}
+    assert set(by_name) == set(CATALOGUE)
+    assert by_name["htdemucs"]["stems"] == [2, 4]
+    assert by_name["htdemucs_6s"]["stems"] == [2, 4, 6]
+    assert by_name["htdemucs_6s"]["sources"][-2:] == ["guitar", "piano"]
+    for model in by_name.values():
+        assert model["served"] is True and model["workers"] >= 1
+        assert model["queue_depth"] >= 0
+        assert model["title"] and model["description"]
+
+
+async def test_models_needs_a_key(client: Any, helpers: Any) -> None:
+    helpers.assert_problem(await client.get("/v1/models"), 401, "unauthorized")
+
+
+async def test_a_model_nobody_serves_is_refused_and_listed_as_unserved(
+    base_env: dict[str, str], redis_client: Any, helpers: Any
+) -> None:
+    namespace = base_env["STEMFLOW_NAMESPACE"]
+    registry = SeparatorRegistry(redis_client, f"{namespace}:")
+    await registry.withdraw("gateway-tests")
+    await helpers.announce_models(redis_client, namespace, ["htdemucs"])
+    try:
+        async with helpers.running_app(base_env) as app, helpers.http_client(app) as client:
+            headers = await helpers.new_key(app, "unserved-owner")
+            listing = {m["name"]: m for m in (await client.get("/v1/models", headers=headers)).json()["models"]}
+            assert listing["htdemucs"]["served"] is True
+            assert listing["htdemucs_6s"]["served"] is False and listing["htdemucs_6s"]["workers"] == 0
+            assert listing["htdemucs_6s"]["estimated_wait_s"] is None
+
+            for fields in (
+                {"model": "htdemucs_6s", "stems": "6"},
+                {"model": "htdemucs_ft"},
+                {"targets": "htdemucs:4,htdemucs_6s:6"},
+            ):
+                body = helpers.assert_problem(await helpers.submit(client, headers, **fields), 422, "model_unavailable")
+                assert body["errors"][0]["field"] in ("model", "targets")
+            by_url = await client.post(
+                "/v1/jobs", headers=headers, json={"source_url": "https://example.com/a.wav", "model": "htdemucs_ft"}
+            )
+            helpers.assert_problem(by_url, 422, "model_unavailable")
+            batch = await client.post(
+                "/v1/batches",
+                headers=headers,
+                json={"source_urls": ["https://example.com/a.wav"], "model": "htdemucs_6s"},
+            )
+            helpers.assert_problem(batch, 422, "model_unavailable")
+            # Analysis alone needs no separator; the served model is accepted.
+            assert (await helpers.submit(client, headers, model="htdemucs_6s", separate="false")).status_code == 202
+            assert (await helpers.submit(client, headers, model="htdemucs")).status_code == 202
+            # Nothing of the refused uploads is kept.
+            listed = (await client.get("/v1/jobs", headers=headers)).json()["items"]
+            assert len(listed) == 2
+    finally:
+        await helpers.announce_models(redis_client, namespace, list(CATALOGUE))
+
+
+async def test_an_expired_announcement_serves_nothing(
+    base_env: dict[str, str], redis_client: Any, helpers: Any
+) -> None:
+    namespace = base_env["STEMFLOW_NAMESPACE"]
+    registry = SeparatorRegistry(redis_client, f"{namespace}:")
+    await helpers.announce_models(redis_client, namespace, list(CATALOGUE), ttl_s=-1)
+    try:
+        assert await registry.live() == []
+        assert await redis_client.hlen(f"{namespace}:separators") == 0  # removed on the way
+    finally:
+        await helpers.announce_models(redis_client, namespace, list(CATALOGUE))
