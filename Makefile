@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install up down demo test test-unit test-integration lint format models bench clean
+.PHONY: install up down demo test test-unit test-integration test-images images lint format models bench clean
 
 $(STAMP): constraints.txt requirements-dev.txt shared/pyproject.toml dev/pyproject.toml $(wildcard services/*/pyproject.toml)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,6 +33,14 @@ test-unit: install
 
 test-integration: install
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+
+# The five service images (stand-in base images where none can be pulled; docs/deploy.md), then their sizes.
+images: install
+	nice -n 10 $(BIN)/python -m stemflow_dev.images build
+
+# The images as containers against real servers: skipped unless an engine answers and the images exist.
+test-images: install
+	$(BIN)/python -m pytest tests/images -m images $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

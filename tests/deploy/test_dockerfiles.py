@@ -153,9 +153,18 @@ def test_the_dependency_list_is_read_from_the_pyproject_files(repo, service):
             assert not [r for r in requirements if r.name.startswith("stemflow")], "built from source, not PyPI"
 
 
-def test_ingest_has_ffmpeg(repo):
+def test_ingest_has_an_ffmpeg_for_every_container_it_sends_ffmpeg(repo):
+    from ingest.audio import _FFMPEG_DEMUXERS
+
     (runtime,) = runtime_stages(repo, "ingest")
-    assert any("apt-get install" in run and "ffmpeg" in run for run in runtime.args("RUN"))
+    assert "--from=ffmpeg /build/ffmpeg/ffmpeg /usr/local/bin/ffmpeg" in runtime.args("COPY")
+    _, stages = parse(dockerfile(repo, "ingest"))
+    (build,) = [stage for stage in stages if stage.name == "ffmpeg"]
+    configure = next(run for run in build.args("RUN") if "./configure" in run)
+    assert "--disable-everything" in configure
+    demuxers = re.search(r"--enable-demuxer=(\S+)", configure)
+    assert demuxers and set(_FFMPEG_DEMUXERS.values()) <= set(demuxers.group(1).split(","))
+    assert "--enable-muxer=wav" in configure and "--enable-encoder=pcm_f32le" in configure
 
 
 def test_the_separator_cpu_image_takes_torch_from_the_constraints(repo):
