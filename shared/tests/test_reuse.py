@@ -2,16 +2,54 @@
 
 from typing import Any
 
+import pytest
+
 from stemflow_shared.events import JobCompleted, JobOptions, StemInfo
 from stemflow_shared.reuse import ResultIndex, SeparationSummary, result_key
 
+# A value other than the default for every option that shapes results (a new shaping option needs one here).
+SHAPING_CHANGES = {
+    "stems": 2,
+    "model": "htdemucs_ft",
+    "quality": "best",
+    "output_format": "flac",
+    "analyze": False,
+    "separate": False,
+    "residual": True,
+    "targets": "htdemucs:4,htdemucs_6s:6",
+}
+NOT_SHAPING_CHANGES = {
+    "priority": "high",
+    "callback_url": "https://example.com/hook",
+    "trim_start": 1.0,
+    "trim_end": 9.0,
+}
 
-def test_the_key_depends_on_the_options_that_shape_results_only() -> None:
+
+def test_every_option_is_classified_as_shaping_results_or_not() -> None:
+    assert set(JobOptions.shaping_fields()) == set(SHAPING_CHANGES)
+    assert set(JobOptions.model_fields) == set(SHAPING_CHANGES) | set(NOT_SHAPING_CHANGES)
+
+
+@pytest.mark.parametrize(("option", "value"), SHAPING_CHANGES.items())
+def test_each_shaping_option_changes_the_key(option: str, value: Any) -> None:
+    assert result_key("fp", JobOptions(**{option: value})) != result_key("fp", JobOptions())
+
+
+def test_the_key_ignores_what_does_not_shape_results() -> None:
     base = result_key("fp", JobOptions())
-    assert base == result_key("fp", JobOptions(priority="high", callback_url="https://x"))
-    assert base != result_key("fp", JobOptions(stems=2))
-    assert base != result_key("fp", JobOptions(quality="best"))
+    assert base == result_key("fp", JobOptions(**NOT_SHAPING_CHANGES))
     assert base != result_key("fp2", JobOptions())
+
+
+def test_an_option_without_a_marker_is_refused() -> None:
+    from pydantic import create_model
+
+    from stemflow_shared.events import _shaping_of
+
+    extended = create_model("Extended", __base__=JobOptions, loudness_target=(float, -14.0))
+    with pytest.raises(TypeError, match="Shaping marker"):
+        [_shaping_of(field.metadata) for field in extended.model_fields.values()]
 
 
 async def test_remember_and_lookup(redis_client: Any, isolation: Any) -> None:

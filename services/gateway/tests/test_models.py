@@ -81,3 +81,15 @@ async def test_an_expired_announcement_serves_nothing(
         assert await redis_client.hlen(f"{namespace}:separators") == 0  # removed on the way
     finally:
         await helpers.announce_models(redis_client, namespace, list(CATALOGUE))
+
+
+async def test_the_openapi_document_has_no_dangling_references(client: Any) -> None:
+    document = (await client.get("/openapi.json")).json()
+    text = str(document)
+    components = document.get("components", {}).get("schemas", {})
+    import re
+
+    for ref in re.findall(r"'\$ref': '([^']+)'", text):
+        assert ref.startswith("#/components/schemas/"), ref
+        assert ref.removeprefix("#/components/schemas/") in components, ref
+    assert "/v1/models" in document["paths"]

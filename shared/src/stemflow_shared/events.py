@@ -12,7 +12,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -115,24 +115,50 @@ class Target(_Data):
         return f"{self.model}-{self.stems}"
 
 
+@dataclass(frozen=True)
+class Shaping:
+    """Every job option says whether it changes what the stages produce (`shapes`), and if not, why.
+
+    Finished results are reused for the same audio only when every shaping option matches
+    (stemflow_shared.reuse); a test fails on an option declared without this marker.
+    """
+
+    shapes: bool
+    why: str = ""
+
+
+SHAPES = Shaping(True)
+
+
 class JobOptions(_Data):
     """What the client asked for; validated the same way at the gateway and in every consumer."""
 
-    stems: Literal[2, 4, 6] = 4
-    model: Model = "htdemucs"
-    quality: Quality = "balanced"
-    output_format: OutputFormat = "wav"
-    trim_start: float | None = Field(default=None, ge=0, le=MAX_TRIM_S, allow_inf_nan=False)
-    trim_end: float | None = Field(default=None, gt=0, le=MAX_TRIM_S, allow_inf_nan=False)
-    analyze: bool = True
-    separate: bool = True
-    callback_url: str | None = Field(default=None, max_length=2048)
-    priority: Priority = "normal"
+    stems: Annotated[Literal[2, 4, 6], SHAPES] = 4
+    model: Annotated[Model, SHAPES] = "htdemucs"
+    quality: Annotated[Quality, SHAPES] = "balanced"
+    output_format: Annotated[OutputFormat, SHAPES] = "wav"
+    trim_start: Annotated[float | None, Shaping(False, "the fingerprint is of the trimmed audio")] = Field(
+        default=None, ge=0, le=MAX_TRIM_S, allow_inf_nan=False
+    )
+    trim_end: Annotated[float | None, Shaping(False, "the fingerprint is of the trimmed audio")] = Field(
+        default=None, gt=0, le=MAX_TRIM_S, allow_inf_nan=False
+    )
+    analyze: Annotated[bool, SHAPES] = True
+    separate: Annotated[bool, SHAPES] = True
+    callback_url: Annotated[str | None, Shaping(False, "where the outcome is told, not what it is")] = Field(
+        default=None, max_length=2048
+    )
+    priority: Annotated[Priority, Shaping(False, "when the work runs, not what it makes")] = "normal"
     # Also deliver `residual` (mix minus the other stems), so the stems sum exactly to the input.
-    residual: bool = False
+    residual: Annotated[bool, SHAPES] = False
     # Several separations of the one upload (each with its own status and result); the first is the
     # primary one, mirrored in `model` and `stems`. Empty: the one separation `model` and `stems` name.
-    targets: list[Target] = Field(default_factory=list, max_length=MAX_TARGETS)
+    targets: Annotated[list[Target], SHAPES] = Field(default_factory=list, max_length=MAX_TARGETS)
+
+    @classmethod
+    def shaping_fields(cls) -> tuple[str, ...]:
+        """The options that change what the stages produce, from their declarations."""
+        return tuple(name for name, field in cls.model_fields.items() if _shaping_of(field.metadata).shapes)
 
     @field_validator("targets", mode="before")
     @classmethod
@@ -181,6 +207,13 @@ class JobOptions(_Data):
     def for_target(self, target: Target) -> JobOptions:
         """These options narrowed to one target (what that target's separation work carries)."""
         return self.model_copy(update={"model": target.model, "stems": target.stems, "targets": []})
+
+
+def _shaping_of(metadata: list[Any]) -> Shaping:
+    found = [m for m in metadata if isinstance(m, Shaping)]
+    if len(found) != 1:
+        raise TypeError("every job option is declared with one Shaping marker")
+    return found[0]
 
 
 def _target_from_text(text: str) -> dict[str, Any]:

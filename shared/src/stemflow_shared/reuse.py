@@ -16,12 +16,10 @@ from pydantic import BaseModel, ValidationError
 
 from .events import JobCompleted, JobOptions
 
-# Options that change what separation or analysis produce (trims are already in the fingerprint).
-RESULT_OPTIONS = ("stems", "model", "quality", "output_format", "analyze", "separate")
-
 
 def result_key(fingerprint: str, options: JobOptions) -> str:
-    shaping = {name: getattr(options, name) for name in RESULT_OPTIONS}
+    """The index key: the audio's fingerprint and every option declared as shaping the results."""
+    shaping = options.model_dump(mode="json", include=set(JobOptions.shaping_fields()))
     digest = hashlib.sha256(json.dumps([fingerprint, shaping], sort_keys=True).encode()).hexdigest()
     return digest[:40]
 

@@ -31,6 +31,7 @@ from .routes import (
     _options_from,
     _safe_filename,
     check_idempotency_key,
+    option_properties,
     read_json_object,
     same_request,
 )
@@ -40,7 +41,7 @@ router = APIRouter(prefix="/v1")
 
 
 def _batch_body(limit: int) -> dict[str, Any]:
-    options = JobOptions.model_json_schema()["properties"]
+    options = option_properties()
     files = {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1, "maxItems": limit}
     urls = {"type": "array", "items": {"type": "string", "format": "uri", "maxLength": 2048}, "minItems": 1}
     return {

@@ -58,9 +58,27 @@ def _check_source_url(url: Any) -> str:
         ) from None
 
 
+def option_properties() -> dict[str, Any]:
+    """The options' JSON Schema properties with their `$defs` inlined (an OpenAPI body has no `$defs` of its own)."""
+    schema = JobOptions.model_json_schema()
+    defs = schema.get("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        return node
+
+    return inline(schema["properties"])
+
+
 def _submission_body() -> dict[str, Any]:
     """The request body of `POST /v1/jobs` for the OpenAPI document (the route parses it itself, streaming)."""
-    options = JobOptions.model_json_schema()["properties"]
+    options = option_properties()
     upload = {"file": {"type": "string", "format": "binary"}, **options}
     by_url = {"source_url": {"type": "string", "format": "uri", "maxLength": 2048}, **options}
     return {
