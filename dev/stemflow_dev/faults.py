@@ -1,0 +1,115 @@
+"""Faults injected the way they happen in production, for the fault-matrix test and the chaos bench.
+
+Work is published straight onto the queue of the stage under test through the broker's default
+exchange, as a real producer of events would: a job another service submits by event (delivered to
+the gateway only), a stage's work whose audio is not audio, a stage result that is not a valid event.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+
+from stemflow_shared.events import (
+    AUDIO_INGESTED,
+    JOB_SUBMITTED,
+    AudioInfo,
+    AudioIngested,
+    InputRef,
+    JobOptions,
+    JobSubmitted,
+    make_event,
+)
+from stemflow_shared.storage import BlobStore, normalised_key
+from stemflow_shared.topology import ANALYZER_QUEUE, GATEWAY_QUEUE, Names, routing_headers, separator_queue
+
+
+@dataclass
+class Faults:
+    amqp_url: str
+    names: Names
+    blobs: BlobStore
+    owner: str
+
+    async def to_queue(self, queue: str, body: bytes, headers: dict[str, Any] | None = None) -> None:
+        connection = await aio_pika.connect(self.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            message = aio_pika.Message(body, message_id=str(uuid.uuid4()), headers=headers or {})
+            await channel.default_exchange.publish(message, routing_key=queue)
+
+    async def adopted_job(self, **options: Any) -> str:
+        """A job another service submitted by event, delivered to the gateway only (no ingest runs it)."""
+        job_id = f"fm{uuid.uuid4().hex}"
+        submitted = JobSubmitted(
+            job_id=job_id,
+            owner=self.owner,
+            options=JobOptions(**options),
+            input=InputRef(source_url="https://example.com/song.wav"),
+        )
+        event = make_event(JOB_SUBMITTED, submitted, source="/other-team")
+        await self.to_queue(self.names.queue(GATEWAY_QUEUE), event.envelope.to_json())
+        return job_id
+
+    async def garbage_work(self, job_id: str, stage: str, **options: Any) -> None:
+        """`audio.ingested` whose normalised audio is not audio, to `stage`'s queue: it fails on every delivery."""
+        key = normalised_key(job_id)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"RIFF\x00\x00\x00\x00WAVEgarbage" * 100
+
+        await self.blobs.put_stream(key, chunks())
+        ingested = AudioIngested(
+            job_id=job_id,
+            owner=self.owner,
+            options=JobOptions(**options),
+            audio=AudioInfo(blob_key=key, duration_s=3, sample_rate=44100, channels=2, frames=132300, fingerprint="x"),
+            source={"format": "WAV", "sample_rate": 44100, "channels": 2, "duration_s": 3},
+        )
+        event = make_event(AUDIO_INGESTED, ingested, source="/stemflow/ingest")
+        queue = ANALYZER_QUEUE if stage == "analysis" else separator_queue(ingested.options.model)
+        await self.to_queue(self.names.queue(queue), event.envelope.to_json(), routing_headers(event))
+
+    async def invalid_result(self, job_id: str) -> None:
+        """An `analysis.completed` for the job whose data does not validate, to the gateway's queue."""
+        body = {
+            "specversion": "1.0",
+            "id": str(uuid.uuid4()),
+            "source": "/stemflow/analyzer",
+            "type": "stemflow.analysis.completed.v1",
+            "subject": job_id,
+            "data": {"job_id": job_id, "analysis": {"tempo_bpm": None, "key": "C major"}},
+        }
+        await self.to_queue(self.names.queue(GATEWAY_QUEUE), json.dumps(body).encode())
+
+    # The poisons as the matrix names them: inject, and the code the job must end with.
+    async def analysis_fails_on_every_delivery(self) -> str:
+        job_id = await self.adopted_job(separate=False)
+        await self.garbage_work(job_id, "analysis", separate=False)
+        return job_id
+
+    async def separation_fails_on_every_delivery(self) -> str:
+        job_id = await self.adopted_job(analyze=False, stems=2)
+        await self.garbage_work(job_id, "separation", analyze=False, stems=2)
+        return job_id
+
+    async def invalid_stage_result(self) -> str:
+        job_id = await self.adopted_job(separate=False)
+        await self.invalid_result(job_id)
+        return job_id
+
+    async def model_nobody_serves_by_event(self) -> str:
+        return await self.adopted_job(model="htdemucs_6s", stems=6)
+
+
+POISONS: dict[str, str] = {
+    "analysis_fails_on_every_delivery": "analysis_handler_error",
+    "separation_fails_on_every_delivery": "separation_handler_error",
+    "invalid_stage_result": "analysis_invalid_event",
+    "model_nobody_serves_by_event": "model_unavailable",
+}
