@@ -134,7 +134,7 @@ async def delete_namespace_keys(client: Any, namespace: str) -> None:
 
 # Suffixes of the namespaces tests derive from the run's own on the shared broker
 # (`f"{isolation.namespace}-outages"`, ...): the session's clean-up removes them too.
-DERIVED_NAMESPACES = ("outages", "ni", "nt", "gw")
+DERIVED_NAMESPACES = ("outages", "ni", "nt", "gw", "img")
 
 
 @pytest_asyncio.fixture(scope="session", autouse=False)
