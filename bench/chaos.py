@@ -1,9 +1,14 @@
 """Chaos run: many short jobs through the public API while workers are killed and the broker restarts.
 
-Checks at the end: every job reached exactly one terminal state, every completed job has all its stems
-and its analysis, no job was lost, and a WebSocket client saw no terminal event twice for a job.
+Every `--poison-every`th job is a poison or a bad option instead (stemflow_dev.faults: a stage that
+fails on every delivery, an invalid stage result, a model nobody serves; a trim past the end, samples
+far past full scale; a model nobody serves through the API, which must be refused with 422).
 
-    .venv/bin/python bench/chaos.py [--jobs 1000] [--kill-every 4] [--concurrency 16]
+Checks at the end: every job reached exactly one terminal state, every completed job has all its stems
+and its analysis, every failed poison failed with its expected code, no job was lost, and a WebSocket
+client saw no terminal event twice for a job.
+
+    .venv/bin/python bench/chaos.py [--jobs 1000] [--kill-every 4] [--concurrency 16] [--poison-every 10]
 
 The services run against a private RabbitMQ node (so restarting it disturbs nothing else) and the shared
 MongoDB and Redis in a namespace of their own; tiny untrained models keep the jobs short.
@@ -77,16 +82,23 @@ async def chaos(group: Any, restart_broker: Any, every_s: float, stop: asyncio.E
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    import aio_pika
+    import httpx
+    import numpy as np
+    import soundfile as sf
     from pymongo import AsyncMongoClient
 
     from stemflow_dev import demo_song
     from stemflow_dev.client import StemflowClient
+    from stemflow_dev.faults import POISONS, Faults
     from stemflow_dev.fixtures import STATE_DIR
     from stemflow_dev.models import make_tiny_repo
     from stemflow_dev.procs import ProcessGroup
     from stemflow_dev.services import Ports, service_env, service_specs
     from stemflow_dev.stack import LocalPorts, ensure_stack, stop_stack
     from stemflow_shared.auth import ApiKeys
+    from stemflow_shared.storage import FilesystemBlobStore
+    from stemflow_shared.topology import Names
 
     shared = ensure_stack(STATE_DIR)
     namespace = f"chaos{uuid.uuid4().hex[:6]}"
@@ -127,21 +139,53 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         chaos_task = asyncio.create_task(chaos(group, restart_broker, args.kill_every, stop, chaos_log))
         gate = asyncio.Semaphore(args.concurrency)
         submitted: list[str] = []
+        expected: dict[str, str] = {}  # poison job -> the code it must fail with
         refused = 0
+        refused_as_expected = 0
+        faults = Faults(urls.amqp_url, Names(namespace), FilesystemBlobStore(tmp / "blobs"), "chaos")
+        loud = tmp / "loud.wav"
+        sf.write(loud, (demo_song.render(args.seconds) * 1e30).astype(np.float32), 44100, subtype="FLOAT")
+        kinds = [*POISONS, "trim_past_the_end", "samples_far_past_full_scale", "unserved_model_by_api"]
 
-        async def submit() -> None:
+        async def poison(kind: str) -> None:
+            nonlocal refused_as_expected
+            if kind in POISONS:
+                job_id = await getattr(faults, kind)()
+                code = POISONS[kind]
+            elif kind == "trim_past_the_end":
+                job_id = (await client.submit(song, trim_start=args.seconds + 5, separate=False))["id"]
+                code = "trim_out_of_range"
+            elif kind == "samples_far_past_full_scale":
+                job_id = (await client.submit(loud, separate=False))["id"]
+                code = "samples_out_of_range"
+            else:
+                try:
+                    await client.submit(song, model="htdemucs_6s", stems=6)
+                except httpx.HTTPStatusError as exc:
+                    if exc.response.status_code == 422 and exc.response.json()["code"] == "model_unavailable":
+                        refused_as_expected += 1
+                        return
+                    raise  # e.g. a 503 while the gateway reconnects: tried again
+                raise RuntimeError("a model nobody serves was not refused with 422 model_unavailable")
+            submitted.append(job_id)
+            expected[job_id] = code
+
+        async def submit(number: int) -> None:
             nonlocal refused
             async with gate:
                 for _ in range(20):
                     try:
-                        submitted.append((await client.submit(song, stems=2, quality="fast"))["id"])
+                        if args.poison_every and number % args.poison_every == args.poison_every - 1:
+                            await poison(kinds[(number // args.poison_every) % len(kinds)])
+                        else:
+                            submitted.append((await client.submit(song, stems=2, quality="fast"))["id"])
                         return
-                    except Exception:
-                        await asyncio.sleep(0.5)  # the gateway may be restarting its broker link
+                    except (OSError, httpx.HTTPError, aio_pika.exceptions.AMQPError):
+                        await asyncio.sleep(0.5)  # the gateway (or broker) may be restarting
                 refused += 1
 
         started = time.perf_counter()
-        await asyncio.gather(*(submit() for _ in range(args.jobs)))
+        await asyncio.gather(*(submit(n) for n in range(args.jobs)))
         submit_s = time.perf_counter() - started
 
         async def listed() -> dict[str, dict[str, Any]]:
@@ -177,6 +221,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for job_id, j in jobs.items()
             if j["status"] == "completed" and (len(j["result"]["stems"]) != 2 or not j["result"]["analysis"])
         ]
+        # A poison must fail with its code; an ordinary job must not fail at all.
+        wrong_outcome = [
+            job_id
+            for job_id, j in jobs.items()
+            if j["status"] in ("completed", "failed", "cancelled")
+            and (j["status"], (j.get("error") or {}).get("code"))
+            != (("failed", expected[job_id]) if job_id in expected else ("completed", None))
+        ]
         lost = [job_id for job_id, j in jobs.items() if j["status"] == "lost"]
         terminal_counts = Counter(job_id for (job_id, _), n in seen.items() for _ in range(n))
         duplicated = [job_id for job_id, n in terminal_counts.items() if n > 1]
@@ -193,6 +245,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             ),
             "lost": len(lost),
             "completed_without_all_results": len(incomplete),
+            "poisons": len(expected) + refused_as_expected,
+            "poisons_refused_at_submit_as_expected": refused_as_expected,
+            "terminal_with_wrong_outcome_or_code": len(wrong_outcome),
+            "wrong_outcomes": {job_id: jobs[job_id].get("error") for job_id in wrong_outcome[:20]},
             "duplicated_terminal_events": len(duplicated),
             "jobs_without_terminal_event_seen": len(missing_event),
             "chaos_actions": chaos_log,
@@ -215,9 +271,10 @@ def main() -> None:
     parser.add_argument("--kill-every", type=float, default=4.0)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--poison-every", type=int, default=10, help="every Nth job is a poison (0: none)")
     report = asyncio.run(run(parser.parse_args()))
     for key, value in report.items():
-        if key != "chaos_actions":
+        if key not in ("chaos_actions", "wrong_outcomes"):
             print(f"{key:>34}: {value}")
     print(f"{'chaos actions':>34}: {len(report['chaos_actions'])}")
     bad = sum(
@@ -226,6 +283,7 @@ def main() -> None:
             "lost",
             "not_terminal",
             "completed_without_all_results",
+            "terminal_with_wrong_outcome_or_code",
             "duplicated_terminal_events",
             "jobs_without_terminal_event_seen",
         )

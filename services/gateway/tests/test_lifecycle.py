@@ -207,10 +207,12 @@ def test_a_dead_letter_belongs_to_the_stage_whose_work_it_was(
         ("rejected", "analysis_dead_lettered"),
         ("job_unknown", "analysis_job_unknown"),
         ("Weird Reason!", "analysis_dead_lettered"),
+        ("analysis_timeout", "analysis_timeout"),
     ],
 )
 def test_dead_letter_codes_are_stable(reason: str, code: str) -> None:
     assert failure_code("analysis", reason) == code
+    assert failure_code("webhook", "webhook_rejected") == "webhook_rejected"
 
 
 async def test_a_dead_letter_fails_its_job_once_and_one_without_a_job_is_counted(

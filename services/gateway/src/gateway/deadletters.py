@@ -58,6 +58,8 @@ _STAGE_OF_EVENT = {
     "analysis.completed": "analysis",
     "analysis.failed": "analysis",
 }
+# What the broker says when it dead-letters for reasons of its own (besides the delivery limit).
+BROKER_REASONS = frozenset({"rejected", "expired", "maxlen", "unknown"})
 WHY = {
     "invalid_event": "its message was not a valid event",
     "handler_error": "it failed on every attempt",
@@ -87,10 +89,10 @@ def failure_code(stage: str, reason: str) -> str:
         why = "handler_error"
     elif reason == "delivery_limit":
         why = "delivery_limit"
-    elif re.fullmatch(r"[a-z][a-z0-9_]{0,40}", reason) and reason not in ("rejected", "expired", "maxlen", "unknown"):
-        why = reason
-    else:
+    elif reason in BROKER_REASONS or not re.fullmatch(r"[a-z][a-z0-9_]{0,40}", reason):
         why = "dead_lettered"
+    else:  # a permanent error the handler named itself, which may name its stage already
+        why = reason.removeprefix(f"{stage}_")
     return f"{stage}_{why}"[:64]
 
 
