@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest_asyncio
 
+from notifier.public import public_json
+
 
 @pytest_asyncio.fixture(scope="module")
 async def endless_window(kit: Any, notifier_env: dict[str, str]) -> AsyncIterator[Any]:
@@ -59,7 +61,8 @@ async def test_every_terminal_kind_flushes_and_keeps_its_payload(kit: Any, endle
             event = await publish("kinds", job)
             frame = await kit.receive(ws)
             (received,) = frame["events"]
-            assert received == json.loads(event.envelope.to_json())
+            assert received == json.loads(public_json(event.envelope))
+            assert "owner" not in received["data"] and received["data"]["job_id"] == job
 
 
 async def test_with_a_short_window_progress_alone_is_sent_when_the_window_ends(

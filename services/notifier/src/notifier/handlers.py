@@ -17,6 +17,7 @@ from stemflow_shared.events import (
 from stemflow_shared.messaging import Handler
 
 from .mailbox import Item
+from .public import public_json
 from .relay import Relay
 from .webhooks import Webhooks
 
@@ -30,7 +31,7 @@ def job_event_handlers(relay: Relay) -> dict[EventSpec[Any], Handler]:
             owner=event.data.owner,
             job_id=event.data.job_id,
             type=event.envelope.type,
-            json=event.envelope.to_json().decode(),
+            json=public_json(event.envelope).decode(),
         )
         await relay.submit(item)
         if event.spec in TERMINAL_JOB_EVENTS:

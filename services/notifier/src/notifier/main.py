@@ -15,8 +15,8 @@ from pymongo import AsyncMongoClient
 
 from stemflow_shared import telemetry
 from stemflow_shared.auth import ApiKeys
-from stemflow_shared.httpserver import LimitedHttpToolsProtocol
-from stemflow_shared.ops import ops_routes
+from stemflow_shared.httpserver import server_options
+from stemflow_shared.ops import PROBLEM_HANDLERS, ops_routes
 from stemflow_shared.runtime import connect_broker, tune_gc
 from stemflow_shared.topology import NOTIFIER_QUEUE, WEBHOOKS_QUEUE
 
@@ -72,7 +72,14 @@ def create_app(settings: Settings) -> FastAPI:
             await mongo.close()
 
     app = FastAPI(
-        title="Stemflow notifier", version="1.0.0", lifespan=lifespan, telemetry=telemetry.fastapi_telemetry()
+        title="Stemflow notifier",
+        version="1.0.0",
+        lifespan=lifespan,
+        telemetry=telemetry.fastapi_telemetry(),
+        exception_handlers=PROBLEM_HANDLERS,  # a 404 is problem+json, as the gateway's are
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     app.add_api_websocket_route("/v1/ws", websocket_route)
     for route in ops_routes(lambda request: request.app.state.checks):
@@ -81,14 +88,15 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def server_config(app: Any, settings: Settings) -> uvicorn.Config:
-    """The uvicorn configuration: the notifier's WebSocket protocol, keep-alive pings, message size limit."""
+    """The uvicorn configuration: HTTP limits and timeouts, the notifier's WebSocket protocol, keep-alive pings,
+    message size limit."""
     return uvicorn.Config(
         app,
         host=settings.http_host,
         port=settings.http_port,
         log_config=None,
         access_log=False,
-        http=LimitedHttpToolsProtocol,  # httptools, with limits on the request head
+        **server_options(settings),  # httptools, with limits on the request head, read timeouts and keep-alive
         ws=websocket_protocol(settings),
         ws_ping_interval=settings.ping_interval_s,
         ws_ping_timeout=settings.ping_timeout_s,

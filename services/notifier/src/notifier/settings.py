@@ -6,10 +6,11 @@ import socket
 
 from pydantic import Field, SecretStr
 
+from stemflow_shared.httpserver import HttpLimits
 from stemflow_shared.settings import RedisSettings, ServiceSettings
 
 
-class Settings(ServiceSettings, RedisSettings):
+class Settings(ServiceSettings, RedisSettings, HttpLimits):
     mongodb_url: str = Field(description="MongoDB URL (API keys, job snapshots, callback URLs)")
     mongodb_db: str = "stemflow"
     http_port: int = 8001

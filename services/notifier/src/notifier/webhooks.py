@@ -1,7 +1,7 @@
 """Signed webhooks: `job.completed` and `job.failed` POSTed to the job's `options.callback_url`.
 
 The request body is the CloudEvent itself (structured JSON,
-`Content-Type: application/cloudevents+json`), with these headers:
+`Content-Type: application/cloudevents+json`, without internal fields: see public.py), with these headers:
 
     Stemflow-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>
     Stemflow-Event-Id: <the CloudEvent id: the same on every retry, deduplicate on it>
@@ -42,6 +42,8 @@ from stemflow_shared import metrics
 from stemflow_shared.events import CONTENT_TYPE, Event
 from stemflow_shared.messaging import PermanentError
 from stemflow_shared.netguard import UrlRefused, guarded_request
+
+from .public import public_json
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +99,7 @@ class Webhooks:
         if self._secret is None:
             metrics.WEBHOOK_DELIVERIES.labels("disabled").inc()
             raise PermanentError("webhooks_disabled", "WEBHOOK_SECRET is not set; the webhook cannot be signed")
-        await self.deliver(url, event.envelope.to_json(), event.id, event.spec.name)
+        await self.deliver(url, public_json(event.envelope), event.id, event.spec.name)
 
     async def deliver(self, url: str, body: bytes, event_id: str, event_name: str) -> None:
         """POST until delivered; raise PermanentError when given up."""
