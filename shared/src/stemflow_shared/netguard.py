@@ -5,6 +5,12 @@ must be public, and the connection goes to that checked address (Host header
 and TLS SNI keep the name), so a DNS answer that changes between the check and
 the connection (rebinding) cannot redirect the request. Redirects are followed
 by hand, each target checked the same way.
+
+A host name that does not resolve, or that resolves to an address that is
+refused, gets one and the same answer (`url_forbidden`, "<host> does not
+resolve to a public address"): different answers would tell anyone who can
+submit a URL which internal names exist. Only a temporary DNS failure differs
+(`fetch_failed`, worth retrying), and the real reason is logged.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,6 +26,8 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
+
+log = logging.getLogger(__name__)
 
 # Cloud metadata services: refused even where private addresses are allowed (a dev or test setting).
 _METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
@@ -62,26 +71,43 @@ async def resolve(url: str, *, allow_private: bool = False) -> Target:
     host = parts.hostname
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
-        literal = ipaddress.ip_address(host)
-        addresses = [literal]
+        addresses = [ipaddress.ip_address(host)]
     except ValueError:
-        try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (socket.gaierror, UnicodeError) as exc:
-            raise UrlRefused("fetch_failed", f"cannot resolve {host}") from exc
-        addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
-    if not addresses:
-        raise UrlRefused("fetch_failed", f"cannot resolve {host}")
-    if any(_unmapped(a) in _METADATA for a in addresses):
-        raise UrlRefused("url_forbidden", f"{host} is a cloud metadata address")
-    if not allow_private and not all(_allowed(a) for a in addresses):
-        raise UrlRefused("url_forbidden", f"{host} resolves to a non-public address")
+        addresses = await _resolve_name(host, port, allow_private)
+    else:
+        if _unmapped(addresses[0]) in _METADATA:
+            raise UrlRefused("url_forbidden", f"{host} is a cloud metadata address")
+        if not allow_private and not _allowed(addresses[0]):
+            raise UrlRefused("url_forbidden", f"{host} is not a public address")
     chosen = addresses[0]
     ip_host = f"[{chosen}]" if chosen.version == 6 else str(chosen)
     netloc = f"{ip_host}:{parts.port}" if parts.port else ip_host
     host_header = f"{host}:{parts.port}" if parts.port else host
     pinned = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
     return Target(pinned, host_header, host if parts.scheme == "https" else None)
+
+
+async def _resolve_name(
+    host: str, port: int, allow_private: bool
+) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The addresses of a name, all of them allowed; one answer for every refusal (see the module's doc)."""
+    refused = UrlRefused("url_forbidden", f"{host} does not resolve to a public address")
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        if exc.errno == socket.EAI_AGAIN:
+            raise UrlRefused("fetch_failed", f"temporary failure resolving {host}; retry later") from exc
+        log.info("refused %s: %s", host, exc)
+        raise refused from None
+    except UnicodeError:
+        log.info("refused %s: not a valid name", host)
+        raise refused from None
+    addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    bad = [a for a in addresses if _unmapped(a) in _METADATA or not (allow_private or _allowed(a))]
+    if not addresses or bad:
+        log.info("refused %s: resolves to %s", host, ", ".join(map(str, bad)) or "nothing")
+        raise refused
+    return addresses
 
 
 @contextlib.asynccontextmanager
