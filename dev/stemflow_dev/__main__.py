@@ -55,7 +55,10 @@ def up() -> tuple[StackUrls, Ports]:
     print("Stemflow is up:")
     print(f"  gateway   http://127.0.0.1:{ports.gateway}  (API docs: /docs)")
     print(f"  notifier  ws://127.0.0.1:{ports.notifier}/v1/ws")
-    print(f"  metrics   http://127.0.0.1:{{{ports.gateway},{ports.ingest},{ports.separator},{ports.analyzer}}}/metrics")
+    metrics_ports = ",".join(
+        str(ports.metrics(name)) for name in ("gateway", "notifier", "ingest", "separator", "analyzer")
+    )
+    print(f"  metrics   http://127.0.0.1:{{{metrics_ports}}}/metrics")
     print(f"  logs      {STATE / 'logs'}")
     if untrained:
         print("  NOTE: no real model weights here (run `make models` where internet exists);")

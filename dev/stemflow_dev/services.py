@@ -19,11 +19,16 @@ class Ports:
     ingest: int = 9101
     separator: int = 9102
     analyzer: int = 9103
+    gateway_metrics: int = 9100  # the gateway serves /metrics here, not on its API port
 
     @classmethod
     def free(cls) -> Ports:
         """Unused ports, for tests that must not collide with a running dev stack."""
-        return cls(*(_free_port() for _ in range(5)))
+        return cls(*(_free_port() for _ in range(6)))
+
+    def metrics(self, service: str) -> int:
+        """The port that serves `service`'s /metrics."""
+        return self.gateway_metrics if service == "gateway" else int(getattr(self, service))
 
 
 def service_env(
@@ -46,6 +51,7 @@ def service_env(
         "MODEL_REPO": str(model_repo),
         "PUBLIC_URL": f"http://127.0.0.1:{ports.gateway}",
         "EVENTS_URL": f"ws://127.0.0.1:{ports.notifier}/v1/ws",
+        "METRICS_PORT": str(ports.gateway_metrics),
         "REPLICA_ID": "local",
         # Webhooks are signed with it (a fresh one per stack: nothing outside the machine checks them).
         "WEBHOOK_SECRET": secrets.token_urlsafe(32),

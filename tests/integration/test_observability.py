@@ -117,7 +117,7 @@ def _answers(url: str) -> bool:
 
 def prometheus_config(system: Any, rabbitmq_url: str | None) -> dict[str, Any]:
     jobs = [
-        {"job_name": name, "static_configs": [{"targets": [f"127.0.0.1:{getattr(system.ports, name)}"]}]}
+        {"job_name": name, "static_configs": [{"targets": [f"127.0.0.1:{system.ports.metrics(name)}"]}]}
         for name in SERVICES
     ]
     if rabbitmq_url is not None:
@@ -543,7 +543,7 @@ async def test_every_service_counts_the_spans_it_exported_and_lost_none(
 
     async with httpx.AsyncClient(timeout=10) as http:
         for service in ("gateway", "ingest", "separator", "analyzer", "notifier"):
-            text = (await http.get(f"http://127.0.0.1:{getattr(traced.ports, service)}/metrics")).text
+            text = (await http.get(f"http://127.0.0.1:{traced.ports.metrics(service)}/metrics")).text
             exported = family_total(text, "otel_sdk_exporter_span_exported_total", 'otel_component_type="otlp_http')
             lost = family_total(text, "otel_sdk_exporter_span_exported_total", "error_type=")
             dropped = family_total(text, "otel_sdk_processor_span_processed_total", 'error_type="queue_full"')

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from stemflow_shared.httpserver import HttpLimits
 from stemflow_shared.settings import BlobSettings, RedisSettings, ServiceSettings
 
 DEFAULT_MEDIA_TYPES = (
@@ -12,9 +13,12 @@ DEFAULT_MEDIA_TYPES = (
 )
 
 
-class Settings(ServiceSettings, BlobSettings, RedisSettings):
+class Settings(ServiceSettings, BlobSettings, RedisSettings, HttpLimits):
     mongodb_url: str = Field(description="MongoDB URL (a replica set)")
     http_port: int = 8000
+    metrics_port: int = Field(
+        default=9100, ge=0, le=65535, description="/metrics is served here, not on the API port (0: any free port)"
+    )
     http_workers: int = Field(
         default=1, ge=1, le=64, description="Server processes; each has its own /metrics (prefer more replicas)"
     )

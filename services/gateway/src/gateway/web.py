@@ -1,4 +1,5 @@
-"""The web page at `/`: three static files and `/config.json`, with headers that lock the page down.
+"""The web page at `/`: three static files and `/config.json`, with headers that lock the page down;
+and the API documentation (`/docs`, `/redoc`), whose assets come from a package, not a CDN.
 
 The files are read once at start and served from memory with an ETag (the GZip middleware
 compresses them); the Content-Security-Policy allows no inline script or style and lets the
@@ -12,12 +13,16 @@ from collections.abc import Callable
 from importlib import resources
 from urllib.parse import urlsplit
 
+import fastapi_offline
 import orjson
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import HTMLResponse, Response
+from fastapi.staticfiles import StaticFiles
 
 FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript", "app.css": "text/css"}
 PATHS = {"/": "index.html", "/index.html": "index.html", "/app.js": "app.js", "/app.css": "app.css"}
+DOCS_ASSETS = "/docs/assets"
 
 
 def page_headers(events_url: str) -> dict[str, str]:
@@ -57,3 +62,40 @@ def add_web_page(app: FastAPI, events_url: str) -> None:
 
     for path, name in [*PATHS.items(), ("/config.json", "config.json")]:
         app.add_api_route(path, endpoint_for(name), methods=["GET", "HEAD"], include_in_schema=False)
+
+
+def add_api_docs(app: FastAPI) -> None:
+    """Swagger UI at `/docs` and ReDoc at `/redoc`, their scripts served from the fastapi-offline package."""
+    assets = resources.files(fastapi_offline) / "static"
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(assets)), name="docs-assets")
+    openapi_url = app.openapi_url or "/openapi.json"
+    oauth2_redirect_url = app.swagger_ui_oauth2_redirect_url or "/docs/oauth2-redirect"
+
+    def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=root + openapi_url,
+            title=f"{app.title} - Swagger UI",
+            oauth2_redirect_url=root + oauth2_redirect_url,
+            swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+            swagger_ui_parameters=app.swagger_ui_parameters,
+        )
+
+    def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(
+            openapi_url=root + openapi_url,
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{DOCS_ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+            with_google_fonts=False,
+        )
+
+    def oauth2_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    app.add_api_route("/docs", swagger_ui, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/redoc", redoc, methods=["GET"], include_in_schema=False)
+    app.add_api_route(oauth2_redirect_url, oauth2_redirect, methods=["GET"], include_in_schema=False)
