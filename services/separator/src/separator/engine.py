@@ -5,17 +5,23 @@ same model, one per job in turn (so a long song cannot starve short ones), waits
 `batch_wait_s` for a batch to fill, runs one forward pass, and resolves the futures. When the
 device runs out of memory the batch is halved and retried, and later batches stay at the size
 that fitted. On CPU, `memory_budget_bytes` simulates a device that small, raising the same error.
+
+`backend` picks what runs the network: torch (eager, or compiled with `compile_models`), or on
+CPU an exported graph in ONNX Runtime (`onnx`) or OpenVINO (`openvino`), float32, with the STFT
+and iSTFT still in torch (separator.core); exports are cached in `export_dir` (separator.export).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from opentelemetry import context as otel_context
@@ -24,7 +30,14 @@ from torch import nn
 
 from stemflow_shared import telemetry
 
+from .core import Core, CoreUnsupported, check_supported, forward_split
+from .export import ExportCache, default_cache_dir
+from .runtimes import RUNTIMES
+
 PRECISIONS = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+BACKENDS = ("torch", *RUNTIMES)
+
+log = logging.getLogger("separator.engine")
 
 
 class EngineClosed(RuntimeError):
@@ -73,10 +86,24 @@ class SegmentEngine:
         memory_budget_bytes: int = 0,
         compile_models: bool = False,
         on_batch: Callable[[BatchReport], None] | None = None,
+        backend: str = "torch",
+        export_dir: Path | None = None,
+        threads: int = 0,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend != "torch" and (torch.device(device).type != "cpu" or precision != "float32" or compile_models):
+            raise ValueError(f"the {backend} backend runs on cpu in float32, without torch.compile")
+        if backend != "torch":
+            try:
+                RUNTIMES[backend][1]()
+            except ImportError as exc:
+                raise ValueError(f"the {backend} backend's package is not installed: {exc}") from exc
         self.device = torch.device(device)
+        self.backend = backend
+        self.threads = threads
         self.precision = precision
         self.max_batch = max(1, max_batch)
         self.batch_cap = self.max_batch
@@ -85,6 +112,9 @@ class SegmentEngine:
         self._on_batch = on_batch
         self._compile = compile_models
         self._compiled: dict[int, nn.Module] = {}
+        self._exports = ExportCache(export_dir or default_cache_dir(None)) if backend != "torch" else None
+        # Per model: its network in the backend's runtime, or None where it runs in torch instead.
+        self._cores: dict[int, Core | None] = {}
         self._queues: OrderedDict[Hashable, deque[_Item]] = OrderedDict()
         self._cond = threading.Condition()
         self._closed = False
@@ -234,6 +264,11 @@ class SegmentEngine:
             raise torch.cuda.OutOfMemoryError(
                 f"simulated: {len(items)} segments need {self.estimate_bytes(items)} bytes, budget {self.memory_budget_bytes}"
             )
+        core = self._core(items[0].model) if self._exports is not None else None
+        if core is not None:
+            # One window at a time: the exported graph has the shape of one segment.
+            with torch.inference_mode():
+                return tuple(forward_split(items[0].model, core, item.window[None])[0] for item in items)
         model = self._runnable(items[0].model)
         windows = items[0].window[None] if len(items) == 1 else torch.stack([item.window for item in items])
         windows = windows.to(self.device, non_blocking=True)
@@ -254,8 +289,31 @@ class SegmentEngine:
             compiled = self._compiled[id(model)] = torch.compile(model, dynamic=False)  # type: ignore[assignment]
         return compiled
 
+    def _core(self, model: nn.Module) -> Core | None:
+        """The model's network in the backend (exported and loaded on first use), or None to run it in torch."""
+        if id(model) in self._cores:
+            return self._cores[id(model)]
+        assert self._exports is not None
+        load = RUNTIMES[self.backend][0]
+        threads = self.threads or torch.get_num_threads()
+        try:
+            check_supported(model)
+        except CoreUnsupported as exc:
+            log.warning("%s runs in torch, not %s: %s", type(model).__name__, self.backend, exc)
+            self._cores[id(model)] = None
+            return None
+        path = self._exports.path(model)
+        try:
+            core = load(path, threads)
+        except Exception as exc:
+            # A file damaged on disk (its name is right, its content not): export it again, once.
+            log.warning("loading %s in %s failed (%r): exporting it again", path, self.backend, exc)
+            core = load(self._exports.path(model, refresh=True), threads)
+        self._cores[id(model)] = core
+        return core
+
     def warm_up(self, model: nn.Module) -> None:
-        """Run one silent segment through `model` (one of a bag), so compilation happens before the first job."""
+        """Run one silent segment through `model` (one of a bag), so compilation or export happens before the first job."""
         window = torch.zeros(model.audio_channels, int(model.samplerate * model.segment))
         self.submit("warm-up", model, window).result()
 
