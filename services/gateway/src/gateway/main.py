@@ -16,6 +16,7 @@ from pymongo import AsyncMongoClient
 
 from stemflow_shared import telemetry
 from stemflow_shared.auth import ApiKeys
+from stemflow_shared.httpserver import server_options
 from stemflow_shared.messaging import Broker, BrokerOptions
 from stemflow_shared.ops import ops_routes
 from stemflow_shared.reuse import ResultIndex
@@ -27,18 +28,19 @@ from stemflow_shared.topology import GATEWAY_QUEUE, Names
 from . import batches, downloads, problems
 from .cache import GZIP_MIN_BYTES, JobCache
 from .deadletters import DeadLetterWatch
+from .edge import Edge
 from .handlers import handlers
 from .hotpath import CachedJobReads
 from .jobs import Jobs
 from .models import ModelCatalogue
-from .observe import Observe, SlowCommandLogger
+from .observe import MetricsPort, Observe, SlowCommandLogger
 from .outbox import OutboxRelay
 from .periodic import every
 from .ratelimit import RateLimiter
 from .repository import JobRepository
 from .routes import router
 from .settings import Settings
-from .web import add_web_page
+from .web import add_api_docs, add_web_page
 
 log = logging.getLogger("gateway")
 
@@ -136,17 +138,28 @@ def create_app(settings: Settings) -> FastAPI:
         description="Split songs into stems and measure them.",
         lifespan=lifespan,
         telemetry=telemetry.fastapi_telemetry(),
+        docs_url=None,  # add_api_docs serves them without a CDN
+        redoc_url=None,
     )
     problems.install(app)
     app.include_router(router)
     app.include_router(downloads.router)
     app.include_router(batches.router)
     add_web_page(app, settings.events_url)
-    for route in ops_routes(lambda request: request.app.state.checks):
+    add_api_docs(app)
+    for route in ops_routes(lambda request: request.app.state.checks, with_metrics=False):
         app.router.routes.append(route)
     app.add_middleware(GZipMiddleware, minimum_size=GZIP_MIN_BYTES, compresslevel=settings.gzip_level)
     app.add_middleware(CachedJobReads)
+    app.add_middleware(Edge)
     app.add_middleware(Observe)
+    app.add_middleware(
+        MetricsPort,
+        host=settings.http_host,
+        port=settings.metrics_port,
+        reuse_port=settings.http_workers > 1,
+        limits=settings,
+    )
     return app
 
 
@@ -178,7 +191,7 @@ def main() -> None:
         log_config=None,
         access_log=False,
         loop="uvloop",
-        http="stemflow_shared.httpserver:LimitedHttpToolsProtocol",  # httptools, with limits on the head
+        **server_options(settings),  # httptools, with limits on the head, read timeouts and keep-alive
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
     )
 
