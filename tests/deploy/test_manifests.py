@@ -174,7 +174,12 @@ def check_deployment(docs: tuple[Doc, ...], deployment: Doc, service: str, port:
     assert config["OTEL_SERVICE_NAME"] == service
     assert {"name": "http", "containerPort": port} in container["ports"]
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["prometheus.io/port"] == str(port)
+    if service == "gateway":  # /metrics on a port of its own (METRICS_PORT, default 9100), not on the API's
+        metrics_port = int(config.get("METRICS_PORT", "9100"))
+        assert {"name": "metrics", "containerPort": metrics_port} in container["ports"]
+        assert annotations["prometheus.io/port"] == str(metrics_port) != str(port)
+    else:
+        assert annotations["prometheus.io/port"] == str(port)
     assert annotations["prometheus.io/path"] == "/metrics"
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}

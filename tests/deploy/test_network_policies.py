@@ -210,7 +210,8 @@ def expected(
     }
     needs |= {(service, "rabbitmq", 5672) for service in SERVICES}
     needs |= {(service, "redis", 6379) for service in SERVICES}
-    if what in SERVICES and port == server.ports.get("http"):
+    # Scrapes: the gateway's /metrics has a port of its own; the others serve it on their `http` port.
+    if what in SERVICES and port == server.ports.get("metrics", server.ports.get("http")):
         needs.add(("prometheus", what, port))
     if keda:
         needs.add(("keda", "rabbitmq", 15672))

@@ -49,19 +49,25 @@ def one(docs: list[Doc], kind: str, name: str) -> Doc:
 
 
 def test_the_pod_monitor_scrapes_every_service_on_its_metrics_port(docs):
-    monitor = one(docs, "PodMonitor", "stemflow")["spec"]
-    (endpoint,) = monitor["podMetricsEndpoints"]
-    assert endpoint["path"] == "/metrics"
-    (expression,) = monitor["selector"]["matchExpressions"]
-    assert expression["operator"] == "In"
+    monitors = [d["spec"] for d in docs if d["kind"] == "PodMonitor"]
     for service in SERVICES:
         pod = one(docs, "StatefulSet" if service == "notifier" else "Deployment", service)["spec"]["template"]
         labels = pod["metadata"]["labels"]
-        assert labels.get(expression["key"]) in expression["values"], service
+        (monitor,) = [
+            m
+            for m in monitors
+            if all(
+                e["operator"] == "In" and labels.get(e["key"]) in e["values"] for e in m["selector"]["matchExpressions"]
+            )
+        ]
+        (endpoint,) = monitor["podMetricsEndpoints"]
+        assert endpoint["path"] == "/metrics"
         # The job label comes from the pod label, so job="<service>" as the rules expect.
         assert labels[monitor["jobLabel"]] == service
         ports = {p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
         assert endpoint["port"] in ports, service
+        # The gateway's `http` port is the public API: its /metrics is on a port of its own.
+        assert endpoint["port"] == ("metrics" if service == "gateway" else "http"), service
 
 
 def test_rabbitmq_is_scraped_per_queue(docs):
