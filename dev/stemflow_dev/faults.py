@@ -57,7 +57,7 @@ class Faults:
         return job_id
 
     async def garbage_work(self, job_id: str, stage: str, **options: Any) -> None:
-        """`audio.ingested` whose normalised audio is not audio, to `stage`'s queue: it fails on every delivery."""
+        """`audio.ingested` whose normalised audio is not audio, to `stage`'s queue."""
         key = normalised_key(job_id)
 
         async def chunks() -> AsyncIterator[bytes]:
@@ -88,7 +88,7 @@ class Faults:
         await self.to_queue(self.names.queue(GATEWAY_QUEUE), json.dumps(body).encode())
 
     # The poisons as the matrix names them: inject, and the code the job must end with.
-    async def analysis_fails_on_every_delivery(self) -> str:
+    async def analysis_cannot_read_its_audio(self) -> str:
         job_id = await self.adopted_job(separate=False)
         await self.garbage_work(job_id, "analysis", separate=False)
         return job_id
@@ -108,7 +108,8 @@ class Faults:
 
 
 POISONS: dict[str, str] = {
-    "analysis_fails_on_every_delivery": "analysis_handler_error",
+    # The analyzer reports unreadable audio itself; the separator's handler raises and is dead-lettered.
+    "analysis_cannot_read_its_audio": "analysis_error",
     "separation_fails_on_every_delivery": "separation_handler_error",
     "invalid_stage_result": "analysis_invalid_event",
     "model_nobody_serves_by_event": "model_unavailable",

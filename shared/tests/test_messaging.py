@@ -262,3 +262,63 @@ async def test_a_redelivered_event_that_was_handled_is_not_worked_again(broker: 
     assert REGISTRY.get_sample_value("stemflow_dedup_hits_total", {"kind": "event"}) == dedup_hits + 1
     await marks.forget(broker.names.queue(INGEST_QUEUE), event.id)
     await client.aclose()
+
+
+async def test_every_dead_letter_reaches_the_watch_with_its_queue_reason_and_job(broker: Broker) -> None:
+    """Ours (invalid data, a failing handler) and the broker's own (its delivery limit) alike."""
+    seen: list[Any] = []
+    arrived = asyncio.Condition()
+
+    async def watch(letter: Any) -> None:
+        async with arrived:
+            seen.append(letter)
+            arrived.notify_all()
+
+    async def failing(event: Event[Any]) -> None:
+        raise RuntimeError("boom")
+
+    await broker.consume(INGEST_QUEUE, {JOB_SUBMITTED: failing})
+    await broker.consume_dead_letters(watch)
+    await broker.publish(submitted("dl-handler"))
+    invalid = {
+        "specversion": "1.0",
+        "id": "x",
+        "source": "/t",
+        "type": JOB_SUBMITTED.type,
+        "data": {"job_id": "dl-bad"},
+    }
+    channel = broker._require_channel()
+    await channel.default_exchange.publish(
+        aio_pika.Message(json.dumps(invalid).encode()), routing_key=broker.names.queue(INGEST_QUEUE)
+    )
+    await channel.default_exchange.publish(aio_pika.Message(b"{nope"), routing_key=broker.names.queue(INGEST_QUEUE))
+
+    # A queue of the topology that the broker itself dead-letters from: a consumer that always requeues.
+    queue_name = f"{broker.names.namespace}.separator.htdemucs"
+    connection = await aio_pika.connect(broker.url)
+    async with connection:
+        raw_channel = await connection.channel()
+        queue = await raw_channel.get_queue(queue_name)
+
+        async def requeue(message: Any) -> None:
+            await message.nack(requeue=True)
+
+        await queue.consume(requeue)
+        await raw_channel.default_exchange.publish(
+            aio_pika.Message(json.dumps({**invalid, "data": {"job_id": "dl-limit", "target": "htdemucs-4"}}).encode()),
+            routing_key=queue_name,
+        )
+
+        async def all_four() -> None:
+            async with arrived:
+                await arrived.wait_for(lambda: len(seen) >= 4)
+
+        await asyncio.wait_for(all_four(), 30)
+    by_job = {letter.job_id: letter for letter in seen}
+    assert by_job["dl-handler"].queue == "ingest" and by_job["dl-handler"].reason == "handler_failed"
+    assert "boom" in by_job["dl-handler"].detail
+    assert by_job["dl-handler"].event_type == JOB_SUBMITTED.type
+    assert by_job["dl-bad"].reason == "invalid_data" and by_job["dl-bad"].queue == "ingest"
+    assert by_job[None].reason == "malformed_json"
+    limit = by_job["dl-limit"]
+    assert (limit.queue, limit.reason, limit.target) == ("separator.htdemucs", "delivery_limit", "htdemucs-4")
