@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install up down demo test test-unit test-integration test-images images lint format models bench clean
+.PHONY: install up down demo test test-unit test-integration test-images images lint format contract models bench clean
 
 $(STAMP): constraints.txt requirements-dev.txt shared/pyproject.toml dev/pyproject.toml $(wildcard services/*/pyproject.toml)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -49,6 +49,10 @@ lint: install
 format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# The event contract for other teams (docs/events/): JSON Schemas and AsyncAPI, generated from the event models.
+contract: install
+	$(BIN)/python -m stemflow_dev.contract write
 
 models: install
 	$(BIN)/python -m stemflow_dev.models download --repo .models
