@@ -56,14 +56,15 @@ class Faults:
         await self.to_queue(self.names.queue(GATEWAY_QUEUE), event.envelope.to_json())
         return job_id
 
-    async def garbage_work(self, job_id: str, stage: str, **options: Any) -> None:
-        """`audio.ingested` whose normalised audio is not audio, to `stage`'s queue."""
-        key = normalised_key(job_id)
+    async def garbage_work(self, job_id: str, stage: str, key: str | None = None, **options: Any) -> None:
+        """`audio.ingested` to `stage`'s queue whose normalised audio is not audio (or is at `key`)."""
+        if key is None:
+            key = normalised_key(job_id)
 
-        async def chunks() -> AsyncIterator[bytes]:
-            yield b"RIFF\x00\x00\x00\x00WAVEgarbage" * 100
+            async def chunks() -> AsyncIterator[bytes]:
+                yield b"RIFF\x00\x00\x00\x00WAVEgarbage" * 100
 
-        await self.blobs.put_stream(key, chunks())
+            await self.blobs.put_stream(key, chunks())
         ingested = AudioIngested(
             job_id=job_id,
             owner=self.owner,
@@ -93,9 +94,15 @@ class Faults:
         await self.garbage_work(job_id, "analysis", separate=False)
         return job_id
 
-    async def separation_fails_on_every_delivery(self) -> str:
+    async def separation_cannot_read_its_audio(self) -> str:
         job_id = await self.adopted_job(analyze=False, stems=2)
         await self.garbage_work(job_id, "separation", analyze=False, stems=2)
+        return job_id
+
+    async def separation_fails_on_every_delivery(self) -> str:
+        """Work naming audio outside the blob store (a broken or hostile producer): the handler raises."""
+        job_id = await self.adopted_job(analyze=False, stems=2)
+        await self.garbage_work(job_id, "separation", key="../outside/audio.wav", analyze=False, stems=2)
         return job_id
 
     async def invalid_stage_result(self) -> str:
@@ -108,8 +115,9 @@ class Faults:
 
 
 POISONS: dict[str, str] = {
-    # The analyzer reports unreadable audio itself; the separator's handler raises and is dead-lettered.
+    # The workers report unreadable audio themselves; a handler that raises on every delivery is dead-lettered.
     "analysis_cannot_read_its_audio": "analysis_error",
+    "separation_cannot_read_its_audio": "invalid_audio",
     "separation_fails_on_every_delivery": "separation_handler_error",
     "invalid_stage_result": "analysis_invalid_event",
     "model_nobody_serves_by_event": "model_unavailable",

@@ -22,9 +22,6 @@ class DoneMarks:
     async def mark_done(self, scope: str, key: str) -> None:
         await self._redis.set(self._key(scope, key), b"1", ex=self._ttl)
 
-    async def forget(self, scope: str, key: str) -> None:
-        await self._redis.delete(self._key(scope, key))
-
 
 def cancel_flag_key(prefix: str, job_id: str) -> str:
     """Redis key the gateway sets when a job is cancelled; workers check it between steps."""

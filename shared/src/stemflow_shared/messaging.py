@@ -27,7 +27,6 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
-from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from . import metrics
@@ -153,7 +152,6 @@ class Broker:
         self.names = names
         self.service = service
         self.options = options or BrokerOptions()
-        self.source = f"/stemflow/{service}"
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
@@ -529,8 +527,3 @@ def _messaging_attributes(destination: str, routing_key: str, event: Event[Any],
         "cloudevents.event_type": event.envelope.type,
         "cloudevents.event_subject": event.envelope.subject or "",
     }
-
-
-def current_trace_id() -> str | None:
-    ctx = trace.get_current_span().get_span_context()
-    return format(ctx.trace_id, "032x") if ctx.is_valid else None

@@ -17,36 +17,37 @@ log = logging.getLogger(__name__)
 class OutboxRelay:
     """Publishes a job's pending events in order; a sweeper picks up what a crash left behind."""
 
-    def __init__(self, repo: JobRepository, broker: Any, on_published: Any = None, *, delay_s: float = 0.0) -> None:
+    def __init__(self, repo: JobRepository, broker: Any, *, delay_s: float = 0.0) -> None:
         self._repo = repo
         self._broker = broker
         # A test/ops knob: widens the window between the database write and the publish.
         self._delay_s = delay_s
-        self._locks: dict[str, asyncio.Lock] = {}
+        # One lock per job while anyone flushes it, with the number of flushes holding or awaiting it.
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._background: set[asyncio.Task[None]] = set()
-        self._on_published = on_published
 
     async def flush(self, job_id: str) -> int:
         """Publish every pending event of a job (with confirms), oldest first."""
-        lock = self._locks.setdefault(job_id, asyncio.Lock())
+        lock, users = self._locks.get(job_id) or (asyncio.Lock(), 0)
+        self._locks[job_id] = (lock, users + 1)
         try:
             async with lock:
                 entries = await self._repo.pending_events(job_id)
                 published: list[str] = []
                 try:
                     for entry in entries:
-                        event = event_from_entry(entry)
-                        await self._broker.publish(event)
+                        await self._broker.publish(event_from_entry(entry))
                         published.append(entry["id"])
-                        if self._on_published is not None:
-                            self._on_published(event)
                 finally:
                     if published:
                         await self._repo.mark_published(job_id, published)
                 return len(published)
         finally:
-            if not lock.locked() and not lock._waiters:  # type: ignore[attr-defined]
-                self._locks.pop(job_id, None)
+            lock, users = self._locks[job_id]
+            if users == 1:
+                del self._locks[job_id]
+            else:
+                self._locks[job_id] = (lock, users - 1)
 
     def flush_soon(self, job_id: str) -> None:
         """Flush in the background (the HTTP answer does not wait for the broker)."""
