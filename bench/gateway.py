@@ -2,7 +2,7 @@
 
 Starts one gateway process per size on the real local RabbitMQ, MongoDB and
 Redis (each in its own namespace, database and blob directory, all removed at
-the end), seeds it with jobs shaped like `state.new_job` makes them over four
+the end), seeds it with jobs shaped like `lifecycle.new_job` makes them over four
 owners, and drives it with wrk (10 and 100 connections) for: get (cache hit,
 cache miss), list the first page and a deep cursor page (90% down the owner's
 jobs), and create with a 5 MB upload.
@@ -262,14 +262,14 @@ class Wrk:
 
 def job_documents(count: int, base: float) -> Iterator[dict[str, Any]]:
     """`count` jobs, newest first by index, a mix of finished and failed ones, like new_job makes them."""
-    from gateway import state
+    from gateway import lifecycle
     from stemflow_shared.events import JobOptions
 
     options = JobOptions(stems=4, quality="balanced")
     retention = timedelta(days=7)
     for index in range(count):
         created = base - index * 10.0
-        job_id = state.new_job_id(created)
+        job_id = lifecycle.new_job_id(created)
         now = datetime.fromtimestamp(created, UTC).replace(microsecond=0)
         input_doc = {
             "blob_key": f"jobs/{job_id}/upload",
@@ -278,7 +278,7 @@ def job_documents(count: int, base: float) -> Iterator[dict[str, Any]]:
             "size": 31_000_000,
             "sha256": uuid.uuid4().hex * 2,
         }
-        doc = state.new_job(job_id, OWNERS[index % len(OWNERS)], options, input_doc, now=now, retention=retention)
+        doc = lifecycle.new_job(job_id, OWNERS[index % len(OWNERS)], options, input_doc, now=now, retention=retention)
         doc["expire_at"] = datetime.now(UTC) + retention
         if index % 10 < 7:
             finish(doc, job_id)

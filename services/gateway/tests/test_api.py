@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway import state
+from gateway import lifecycle
 from stemflow_shared.events import ANALYSIS_COMPLETED, AnalysisCompleted, AnalysisResult, make_event
 from stemflow_shared.metrics import REGISTRY
 
@@ -313,7 +313,7 @@ async def test_ops_endpoints(client: httpx.AsyncClient) -> None:
 
 
 def test_ids_are_time_ordered() -> None:
-    assert state.new_job_id(1) < state.new_job_id(2)
+    assert lifecycle.new_job_id(1) < lifecycle.new_job_id(2)
 
 
 async def test_a_callback_url_must_be_http(app: Any, client: httpx.AsyncClient, helpers: Any) -> None:

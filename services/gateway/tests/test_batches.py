@@ -66,9 +66,9 @@ async def test_job_events_name_their_batch(app: Any, client: httpx.AsyncClient, 
     doc = await app.state.jobs.repo.jobs.find_one({"_id": job_id})
     assert doc["batch_id"] == batch["id"]
     # The cancel's events went out through the outbox; rebuild them to check their payload.
-    from gateway import state
+    from gateway import lifecycle
 
-    events = state._events_for(doc, True)
+    events = lifecycle._events_for(doc, True)
     assert {e.data.batch_id for e in events} == {batch["id"]}
 
 

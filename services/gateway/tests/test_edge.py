@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from gateway.observe import MetricsPort
+from gateway.http_metrics import MetricsPort
 from stemflow_shared.httpserver import HttpLimits
 from stemflow_shared.metrics import REGISTRY
 

@@ -9,7 +9,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from gateway import state
+from gateway import lifecycle
 from gateway.repository import decode_cursor
 from stemflow_shared.events import JobOptions
 
@@ -33,9 +33,9 @@ def plan_stages(plan: Any) -> list[tuple[str, str | None]]:
 
 def heavy_job(index: int, owner: str) -> dict[str, Any]:
     """A finished job whose analysis carries long beat and energy arrays (what lists must leave out)."""
-    now = state.utcnow() - timedelta(minutes=index)
-    job_id = state.new_job_id(now.timestamp())
-    doc = state.new_job(job_id, owner, JobOptions(), {"filename": "a.wav"}, now=now, retention=timedelta(days=1))
+    now = lifecycle.utcnow() - timedelta(minutes=index)
+    job_id = lifecycle.new_job_id(now.timestamp())
+    doc = lifecycle.new_job(job_id, owner, JobOptions(), {"filename": "a.wav"}, now=now, retention=timedelta(days=1))
     doc["status"] = "completed" if index % 2 else "failed"
     doc["audio"] = {"fingerprint": "x" * 64, "blob_key": f"jobs/{job_id}/audio.wav"}
     doc["result"]["analysis"] = {

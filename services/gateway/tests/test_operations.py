@@ -11,7 +11,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from gateway.observe import SlowCommandLogger
+from gateway.mongo_monitoring import SlowCommandLogger
 from stemflow_shared import metrics
 
 RATE_LIMIT = 5

@@ -7,7 +7,7 @@ from typing import Any
 
 import httpx
 
-from gateway import state
+from gateway import lifecycle
 
 
 def blob_files(app: Any, job_id: str) -> list[str]:
@@ -27,7 +27,7 @@ async def test_the_sweeper_removes_expired_jobs_with_all_their_blobs(
     kept = await helpers.completed_job(app, client, alice, fingerprint="retention-kept")
     assert len(blob_files(app, expired)) == 3  # the upload and two stems
     assert (await client.get(f"/v1/jobs/{expired}", headers=alice)).status_code == 200  # now cached too
-    past = state.utcnow() - timedelta(seconds=1)
+    past = lifecycle.utcnow() - timedelta(seconds=1)
     await app.state.jobs.repo.jobs.update_one({"_id": expired}, {"$set": {"expire_at": past}})
 
     assert await app.state.jobs.collect_expired() == 1

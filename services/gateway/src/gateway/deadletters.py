@@ -34,7 +34,7 @@ from stemflow_shared.events import (
 from stemflow_shared.messaging import DeadLetter, PermanentError
 from stemflow_shared.topology import ANALYZER_QUEUE, GATEWAY_QUEUE, INGEST_QUEUE, WEBHOOKS_QUEUE
 
-from . import state
+from . import lifecycle
 from .jobs import Jobs
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class DeadLetterWatch:
         )
         failed = StageFailed(job_id=letter.job_id, target=letter.target, error=ErrorInfo(code=code, message=message))
         try:
-            ended = await self._jobs.apply_event(make_event(FAILED_EVENTS[stage], failed, source=state.SOURCE))
+            ended = await self._jobs.apply_event(make_event(FAILED_EVENTS[stage], failed, source=lifecycle.SOURCE))
         except PermanentError:
             return "no_job"
         return "job_failed" if ended else "job_ended"

@@ -1,4 +1,4 @@
-"""Request dependencies shared by the routes: the job service, authentication and rate limits."""
+"""Typed request dependencies of the routes: settings, the job service, the rate limiter, the caller."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from stemflow_shared.auth import ApiKeys, Principal
 from .jobs import Jobs
 from .problems import Problem
 from .ratelimit import RateLimiter
+from .settings import Settings
 
 bearer = HTTPBearer(auto_error=False, description="An API key from `python -m gateway.admin create-key`")
 
@@ -22,6 +23,15 @@ def jobs_of(request: Request) -> Jobs:
 
 def limiter_of(request: Request) -> RateLimiter:
     return request.app.state.limiter
+
+
+def settings_of(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+JobsDep = Annotated[Jobs, Depends(jobs_of)]
+LimiterDep = Annotated[RateLimiter, Depends(limiter_of)]
+SettingsDep = Annotated[Settings, Depends(settings_of)]
 
 
 async def authenticated(

@@ -8,13 +8,14 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import StreamingResponse
 
 from stemflow_shared.auth import Principal
 from stemflow_shared.storage import BlobNotFound
 
-from .deps import Owner, jobs_of, not_found
+from .deps import JobsDep, Owner, not_found
+from .jobs import Jobs
 from .problems import Problem
 
 router = APIRouter(prefix="/v1")
@@ -33,8 +34,8 @@ def _stems_of(doc: dict[str, Any], target: str | None) -> list[dict[str, Any]]:
     return found["stems"]
 
 
-async def _finished_job(request: Request, job_id: str, who: Principal) -> dict[str, Any]:
-    doc = await jobs_of(request).repo.get(job_id, who.owner)
+async def _finished_job(jobs: Jobs, job_id: str, who: Principal) -> dict[str, Any]:
+    doc = await jobs.document(job_id, who.owner)
     if doc is None:
         raise not_found(job_id)
     if doc["status"] != "completed":
@@ -44,21 +45,20 @@ async def _finished_job(request: Request, job_id: str, who: Principal) -> dict[s
 
 @router.get("/jobs/{job_id}/stems/{stem}")
 async def download_stem(
-    request: Request,
     job_id: str,
     stem: str,
     who: Owner,
+    jobs: JobsDep,
     range_header: Annotated[str | None, Header(alias="Range")] = None,
     target: TargetQuery = None,
 ) -> Response:
     """One stem file; a single byte range is honoured."""
-    doc = await _finished_job(request, job_id, who)
+    doc = await _finished_job(jobs, job_id, who)
     info = next((s for s in _stems_of(doc, target) if s["name"] == stem), None)
     if info is None:
         raise Problem(404, "stem_not_found", f"job {job_id} has no stem {stem!r}")
-    blobs = jobs_of(request).blobs
     try:
-        size = await blobs.size(info["blob_key"])
+        size = await jobs.blob_size(info["blob_key"])
     except BlobNotFound as exc:
         raise Problem(404, "stem_not_found", f"the file of stem {stem!r} is gone") from exc
     filename = f"{stem}.{info['format']}"
@@ -74,7 +74,7 @@ async def download_stem(
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
     headers["Content-Length"] = str(end - start)
     return StreamingResponse(
-        blobs.read(info["blob_key"], start, end),
+        jobs.blob_chunks(info["blob_key"], start, end),
         status_code=status_code,
         media_type=info["media_type"],
         headers=headers,
@@ -105,15 +105,14 @@ def _parse_range(header: str, size: int) -> tuple[int, int]:
 
 
 @router.get("/jobs/{job_id}/stems.zip")
-async def download_zip(request: Request, job_id: str, who: Owner, target: TargetQuery = None) -> Response:
+async def download_zip(job_id: str, who: Owner, jobs: JobsDep, target: TargetQuery = None) -> Response:
     """Every stem in one zip, streamed as it is built."""
-    doc = await _finished_job(request, job_id, who)
+    doc = await _finished_job(jobs, job_id, who)
     stems = _stems_of(doc, target)
     if not stems:
         raise Problem(404, "stem_not_found", f"job {job_id} has no stems")
-    blobs = jobs_of(request).blobs
     return StreamingResponse(
-        _zip_stream(blobs, stems),
+        _zip_stream(jobs, stems),
         media_type="application/zip",
         headers={"Content-Disposition": f'attachment; filename="{job_id}-stems.zip"'},
     )
@@ -143,14 +142,14 @@ class _Sink:
         return data
 
 
-async def _zip_stream(blobs: Any, stems: list[dict[str, Any]]) -> AsyncIterator[bytes]:
+async def _zip_stream(jobs: Jobs, stems: list[dict[str, Any]]) -> AsyncIterator[bytes]:
     sink = _Sink()
     # Audio does not deflate well; storing keeps the zip fast to build and to open.
     with zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:  # type: ignore[arg-type]
         for stem in stems:
             arcname = f"{stem['name']}.{stem['format']}"
             with archive.open(arcname, mode="w", force_zip64=True) as entry:
-                async for chunk in blobs.read(stem["blob_key"]):
+                async for chunk in jobs.blob_chunks(stem["blob_key"]):
                     entry.write(chunk)
                     yield sink.take()
             yield sink.take()
@@ -158,9 +157,9 @@ async def _zip_stream(blobs: Any, stems: list[dict[str, Any]]) -> AsyncIterator[
 
 
 @router.get("/jobs/{job_id}/analysis")
-async def get_analysis(request: Request, job_id: str, who: Owner) -> Response:
+async def get_analysis(job_id: str, who: Owner, jobs: JobsDep) -> Response:
     """The full analysis, beat times and energy curve included."""
-    doc = await jobs_of(request).repo.get(job_id, who.owner)
+    doc = await jobs.document(job_id, who.owner)
     if doc is None:
         raise not_found(job_id)
     analysis = (doc.get("result") or {}).get("analysis")

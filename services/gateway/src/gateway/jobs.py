@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from redis.exceptions import RedisError
@@ -28,14 +29,17 @@ from stemflow_shared.events import (
 from stemflow_shared.idempotency import cancel_flag_key
 from stemflow_shared.messaging import PermanentError
 from stemflow_shared.reuse import ResultIndex, SeparationSummary
-from stemflow_shared.storage import job_prefix
+from stemflow_shared.storage import BlobInfo, job_prefix
 
-from . import state, views
-from .cache import JobCache
-from .models import ModelCatalogue
+from . import lifecycle, views
+from .cache import CachedJob, JobCache
 from .outbox import OutboxRelay
 from .problems import Problem
-from .repository import JobRepository
+from .ratelimit import COUNTER_TTL_S
+from .repository import IdempotencyConflict, JobRepository
+
+if TYPE_CHECKING:
+    from .models import ModelCatalogue
 
 log = logging.getLogger(__name__)
 UNFINISHED = ("queued", "ingesting", "processing")
@@ -96,6 +100,103 @@ class Jobs:
         items, next_cursor = await self.repo.page(owner, status=status, limit=limit, after=after)
         return orjson.dumps({"items": [self.view(item) for item in items], "next_cursor": next_cursor})
 
+    async def submit_once(
+        self,
+        job_id: str,
+        owner: str,
+        options: JobOptions,
+        input_ref: InputRef,
+        *,
+        idempotency_key: str | None,
+        request_fingerprint: str | None,
+    ) -> dict[str, Any]:
+        """Submit the job, or return the job its Idempotency-Key made before (whatever that request was)."""
+        if idempotency_key is not None:
+            earlier = await self.repo.find_by_idempotency_key(owner, idempotency_key)
+            if earlier is not None:
+                metrics.DEDUP_HITS.labels("idempotency_key").inc()
+                return earlier
+        try:
+            return await self.submit(
+                job_id,
+                owner,
+                options,
+                input_ref,
+                idempotency_key=idempotency_key,
+                request_fingerprint=request_fingerprint,
+            )
+        except IdempotencyConflict as conflict:  # another request with the key won the race
+            metrics.DEDUP_HITS.labels("idempotency_key").inc()
+            return conflict.job
+
+    async def submit_batch_once(
+        self,
+        batch_id: str,
+        owner: str,
+        options: JobOptions,
+        inputs: list[tuple[str, InputRef]],
+        *,
+        idempotency_key: str | None,
+        request_fingerprint: str | None,
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Submit the batch and its jobs, or return the batch its Idempotency-Key made before, with its jobs."""
+        earlier = None
+        if idempotency_key is not None:
+            earlier = await self.repo.find_batch_by_idempotency_key(owner, idempotency_key)
+        if earlier is None:
+            try:
+                return await self.submit_batch(
+                    batch_id,
+                    owner,
+                    options,
+                    inputs,
+                    idempotency_key=idempotency_key,
+                    request_fingerprint=request_fingerprint,
+                )
+            except IdempotencyConflict as conflict:
+                earlier = conflict.job
+        metrics.DEDUP_HITS.labels("idempotency_key").inc()
+        return earlier, await self.repo.batch_jobs(earlier["_id"])
+
+    async def batch(self, batch_id: str, owner: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+        """One of the owner's batches with its jobs (None: no such batch for this owner)."""
+        found = await self.repo.get_batch(batch_id, owner)
+        return None if found is None else (found, await self.repo.batch_jobs(batch_id))
+
+    async def read_cached(self, job_id: str, *, gzip_ok: bool, counter_key: str | None) -> tuple[CachedJob | None, int]:
+        """The cached job (any owner's: the caller checks) and the caller's request count, in one Redis call."""
+        return await self.cache.get(job_id, gzip_ok=gzip_ok, counter_key=counter_key, counter_ttl_s=COUNTER_TTL_S)
+
+    async def read(self, job_id: str, owner: str, *, gzip_ok: bool) -> CachedJob | None:
+        """The owner's job read from MongoDB, rendered and cached on the way."""
+        doc = await self.repo.get(job_id, owner)
+        if doc is None:
+            return None
+        body, compressed = await self.remember(doc)
+        if gzip_ok and compressed:
+            return CachedJob(owner, doc["version"], compressed, True)
+        return CachedJob(owner, doc["version"], body, False)
+
+    async def document(self, job_id: str, owner: str) -> dict[str, Any] | None:
+        """The owner's job document (None: no such job for this owner)."""
+        return await self.repo.get(job_id, owner)
+
+    async def blob_size(self, key: str) -> int:
+        """The size of a result file (BlobNotFound when it is gone)."""
+        return await self.blobs.size(key)
+
+    def blob_chunks(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """A result file's bytes [start, end), streamed."""
+        return self.blobs.read(key, start, end)
+
+    async def store_upload(self, key: str, chunks: AsyncIterator[bytes], max_bytes: int) -> BlobInfo:
+        """Stream an upload into the blob store (TooLarge past `max_bytes`), hashing it on the way."""
+        return await self.blobs.put_stream(key, chunks, max_bytes=max_bytes)
+
+    async def discard_uploads(self, keys: list[str]) -> None:
+        for key in keys:
+            await self.blobs.delete_prefix(key)
+
     async def submit(
         self,
         job_id: str,
@@ -110,9 +211,9 @@ class Jobs:
         """Insert the job with its `job.submitted` in the outbox, then publish in the background."""
         if batch_id is None:  # a batch checked its options once, before its first job
             await self.models.require_served(options)
-        now = state.utcnow()
+        now = lifecycle.utcnow()
         input_doc = input_ref.model_dump(mode="json", exclude_none=True)
-        doc = state.new_job(
+        doc = lifecycle.new_job(
             job_id,
             owner,
             options,
@@ -126,7 +227,7 @@ class Jobs:
         event = make_event(
             JOB_SUBMITTED,
             JobSubmitted(job_id=job_id, owner=owner, options=options, input=input_ref),
-            source=state.SOURCE,
+            source=lifecycle.SOURCE,
         )
         doc = await self.repo.insert(doc, [event])
         metrics.JOBS_SUBMITTED.labels("upload" if input_ref.blob_key else "url").inc()
@@ -149,7 +250,7 @@ class Jobs:
         Raises IdempotencyConflict with the earlier batch when its Idempotency-Key was used before.
         """
         await self.models.require_served(options)
-        now = state.utcnow()
+        now = lifecycle.utcnow()
         batch = {
             "_id": batch_id,
             "owner": owner,
@@ -169,12 +270,12 @@ class Jobs:
         data = event.data
         if await self.repo.get(data.job_id) is not None:
             return
-        doc = state.new_job(
+        doc = lifecycle.new_job(
             data.job_id,
             data.owner,
             data.options,
             data.input.model_dump(mode="json", exclude_none=True),
-            now=state.utcnow(),
+            now=lifecycle.utcnow(),
             retention=self._retention,
         )
         if await self.repo.upsert_external(doc, []):
@@ -184,14 +285,14 @@ class Jobs:
         except Problem as refused:
             # Nothing would ever take its separation: it ends now, as a refused HTTP submission would.
             failed = StageFailed(job_id=data.job_id, error=ErrorInfo(code=refused.code, message=refused.detail))
-            await self.apply_event(make_event(SEPARATION_FAILED, failed, source=state.SOURCE))
+            await self.apply_event(make_event(SEPARATION_FAILED, failed, source=lifecycle.SOURCE))
 
     async def apply_event(self, event: Event[Any]) -> bool:
         """Apply a stage event; publish what it causes before the message is acked. Whether it changed the job."""
         job_id = event.data.job_id
         queue = await self._queue_place(event)
         doc, change = await self.repo.transition(
-            job_id, lambda d: state.apply(d, event, state.utcnow(), queue=queue), state.utcnow()
+            job_id, lambda d: lifecycle.apply(d, event, lifecycle.utcnow(), queue=queue), lifecycle.utcnow()
         )
         if doc is None:
             raise PermanentError("job_unknown", f"no job {job_id}")
@@ -217,19 +318,19 @@ class Jobs:
         place: dict[str, Any] = {"ahead": ahead}
         if estimate.estimated_wait_s is not None:
             per_job = estimate.estimated_wait_s / estimate.queue_depth if estimate.queue_depth else 0.0
-            place["estimated_start_at"] = state.utcnow() + timedelta(seconds=round(per_job * ahead, 1))
+            place["estimated_start_at"] = lifecycle.utcnow() + timedelta(seconds=round(per_job * ahead, 1))
         return place
 
     async def webhook_failed(self, job_id: str, error: ErrorInfo) -> bool:
         """Record on the job that its webhook could not be delivered (the job's own outcome stands)."""
         doc, _ = await self.repo.transition(
-            job_id, lambda d: state.webhook_failed(d, error, state.utcnow()), state.utcnow()
+            job_id, lambda d: lifecycle.webhook_failed(d, error, lifecycle.utcnow()), lifecycle.utcnow()
         )
         if doc is not None:
             await self.remember(doc)
         return doc is not None
 
-    async def _after_change(self, doc: dict[str, Any], change: state.Transition) -> None:
+    async def _after_change(self, doc: dict[str, Any], change: lifecycle.Transition) -> None:
         await self.remember(doc)
         if change.status_changed:
             log.info("job %s is %s (%.0f%%)", doc["_id"], doc["status"], doc["progress"])
@@ -271,7 +372,9 @@ class Jobs:
         if await self.repo.get(job_id, owner) is None:
             return None
         await self._flag_cancelled(job_id)
-        doc, change = await self.repo.transition(job_id, lambda d: state.cancel(d, state.utcnow()), state.utcnow())
+        doc, change = await self.repo.transition(
+            job_id, lambda d: lifecycle.cancel(d, lifecycle.utcnow()), lifecycle.utcnow()
+        )
         if doc is not None and change is not None:
             await self._after_change(doc, change)
             self.relay.flush_soon(job_id)
@@ -306,18 +409,18 @@ class Jobs:
 
     async def time_out_stuck(self, timeout_s: float) -> int:
         """Fail the unfinished jobs that have not changed for `timeout_s`; workers still on them are told to stop."""
-        now = state.utcnow()
+        now = lifecycle.utcnow()
         count = 0
         for job_id in await self.repo.unchanged_since(UNFINISHED, now - timedelta(seconds=timeout_s)):
             doc, change = await self.repo.transition(
-                job_id, lambda d: state.time_out(d, state.utcnow(), timeout_s), state.utcnow()
+                job_id, lambda d: lifecycle.time_out(d, lifecycle.utcnow(), timeout_s), lifecycle.utcnow()
             )
             if doc is None or change is None:
                 continue  # it moved (or ended) since the query
             await self._flag_cancelled(job_id)
             await self._after_change(doc, change)
             await self.relay.flush(job_id)
-            stage = state.stalled_stage(doc)
+            stage = lifecycle.stalled_stage(doc)
             metrics.JOBS_TIMED_OUT.labels(stage).inc()
             log.warning("job %s made no progress in its %s stage for %.0f s: failed", job_id, stage, timeout_s)
             count += 1
@@ -325,7 +428,7 @@ class Jobs:
 
     async def sample_unfinished(self) -> int:
         """Set the gauges of unfinished jobs per status (count, longest time without change)."""
-        now = state.utcnow()
+        now = lifecycle.utcnow()
         for status, (count, oldest) in (await self.repo.unfinished_summary(UNFINISHED)).items():
             metrics.JOBS_ACTIVE.labels(status).set(count)
             age = (now - oldest).total_seconds() if oldest is not None else 0.0
@@ -334,6 +437,6 @@ class Jobs:
 
     async def collect_expired(self) -> int:
         count = 0
-        for job_id in await self.repo.expired(state.utcnow()):
+        for job_id in await self.repo.expired(lifecycle.utcnow()):
             count += await self.delete(job_id, None)
         return count

@@ -1,4 +1,4 @@
-"""The models on offer: the catalogue joined with the pools' live announcements and their queues.
+"""The models on offer: the catalogue joined with the pools' live announcements and their queues; `/v1/models`.
 
 `GET /v1/models` lists every model with its stem sets, whether a pool serves it now, its queue depth
 and an estimated wait; submissions naming a model (and stem set) that no pool serves are refused
@@ -12,12 +12,17 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from fastapi import APIRouter
+
 from stemflow_shared.events import JobOptions
 from stemflow_shared.messaging import Broker
 from stemflow_shared.separators import CATALOGUE, DEFAULT_MODEL, Announcement, SeparatorRegistry, stem_counts, unserved
 from stemflow_shared.topology import PRIORITIES, separator_queue
 
+from .deps import JobsDep, Owner
 from .problems import Problem
+
+router = APIRouter(prefix="/v1")
 
 log = logging.getLogger(__name__)
 
@@ -91,3 +96,9 @@ class ModelCatalogue:
                 f"no separator serves {names} now; GET /v1/models lists what is served",
                 errors=[{"field": "targets" if options.targets else "model", "message": f"not served: {names}"}],
             )
+
+
+@router.get("/models")
+async def list_models(who: Owner, jobs: JobsDep) -> dict[str, Any]:
+    """Every model with its stem sets, whether a separator serves it now, its queue depth and estimated wait."""
+    return await jobs.models.listing()

@@ -8,8 +8,8 @@ import logging
 from datetime import timedelta
 from typing import Any
 
+from .lifecycle import utcnow
 from .repository import JobRepository, event_from_entry
-from .state import utcnow
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from pymongo.errors import DuplicateKeyError
 
 from stemflow_shared.events import Event, parse_event
 
-from . import state
+from . import lifecycle
 from .views import ANALYSIS_SUMMARY
 
 JOBS = "jobs"
@@ -170,7 +170,7 @@ class JobRepository:
 
     async def transition(
         self, job_id: str, decide: Any, now: datetime
-    ) -> tuple[dict[str, Any] | None, state.Transition | None]:
+    ) -> tuple[dict[str, Any] | None, lifecycle.Transition | None]:
         """Apply `decide(doc) -> Transition | None` with optimistic concurrency on `version`."""
         for _ in range(MAX_CONFLICT_RETRIES):
             doc = await self.jobs.find_one({"_id": job_id}, {"outbox": 0})

@@ -137,13 +137,150 @@ def progress_model(doc: dict[str, Any]) -> Progress:
     )
 
 
-def _target_event(doc: dict[str, Any], name: str, data: Any, changes: dict[str, Any]) -> dict[str, Any] | None:
-    """A separation event of one target of a multi-target job: the targets after it, or None if it changes nothing.
+@dataclass
+class Transition:
+    """Field updates for the job document and the events they cause, in order."""
 
-    The separation stage aggregates the targets: running while any runs (percent: their mean),
-    completed when all have ended and at least one completed (some failed: the job is `partial`),
-    failed when all failed.
+    set: dict[str, Any] = field(default_factory=dict)
+    emit: list[Event[Any]] = field(default_factory=list)
+    status_changed: bool = False
+
+
+@dataclass
+class _Step:
+    """What one stage event does to a job: its stages after it, other fields, and the error that ends it."""
+
+    stages: dict[str, dict[str, Any]]
+    changes: dict[str, Any] = field(default_factory=dict)
+    error: ErrorInfo | None = None
+    status: str | None = None  # set when the event itself decides the status (audio.ingested)
+
+
+def apply(
+    doc: dict[str, Any], event: Event[Any], now: datetime, *, queue: dict[str, Any] | None = None
+) -> Transition | None:
+    """The transition an event causes on a job, or None when it changes nothing.
+
+    `queue`: where the job's separation work stands in its queue when `audio.ingested` is applied (shown
+    until the separation starts).
     """
+    if doc["status"] in TERMINAL_JOB_STATUSES:
+        return None
+    name, data = event.spec.name, event.data
+    stages = {stage: dict(value) for stage, value in doc["stages"].items()}
+    if name == AUDIO_INGESTED.name:
+        step = _ingested(doc, stages, data, queue)
+    elif name in _SEPARATION_EVENTS and getattr(data, "target", None) and doc.get("targets"):
+        step = _target_separation(doc, stages, data)
+    elif name in _STEPS:
+        step = _STEPS[name](stages, data)
+    else:
+        return None
+    return None if step is None else _transition(doc, step, name, now)
+
+
+def _ingested(doc: dict[str, Any], stages: dict[str, Any], data: Any, queue: dict[str, Any] | None) -> _Step | None:
+    if stages["ingest"]["status"] in TERMINAL_STAGE:
+        return None
+    stages["ingest"] = {"status": "completed", "percent": 100.0}
+    for stage in ("separation", "analysis"):
+        if stages[stage]["status"] == "pending":
+            stages[stage]["status"] = "running"
+    changes: dict[str, Any] = {
+        "input.duration_s": data.audio.duration_s,
+        "input.sample_rate": data.source.sample_rate,
+        "input.channels": data.source.channels,
+        "input.format": data.source.format,
+        "audio": data.audio.model_dump(mode="json"),
+    }
+    if doc.get("targets"):
+        changes["targets"] = {n: {**t, "status": "running"} for n, t in doc["targets"].items()}
+    if queue is not None and stages["separation"]["status"] == "running":
+        changes["queue"] = queue
+    return _Step(stages, changes, status="processing")
+
+
+def _separation_progress(stages: dict[str, Any], data: SeparationProgress) -> _Step | None:
+    stage = stages["separation"]
+    if stage["status"] in TERMINAL_STAGE or data.percent <= stage["percent"]:
+        return None
+    stages["separation"] = {"status": "running", "percent": min(round(data.percent, 1), 99.9)}
+    return _Step(stages)
+
+
+def _separation_completed(stages: dict[str, Any], data: SeparationCompleted) -> _Step | None:
+    if stages["separation"]["status"] in TERMINAL_STAGE:
+        return None
+    stages["separation"] = {"status": "completed", "percent": 100.0}
+    changes = {
+        "result.stems": [s.model_dump(mode="json") for s in data.stems],
+        "result.separation": _separation_summary(data),
+    }
+    return _Step(stages, changes)
+
+
+def _analysis_completed(stages: dict[str, Any], data: Any) -> _Step | None:
+    if stages["analysis"]["status"] in TERMINAL_STAGE:
+        return None
+    stages["analysis"] = {"status": "completed", "percent": 100.0}
+    return _Step(stages, {"result.analysis": data.analysis.model_dump(mode="json")})
+
+
+def _stage_failed(stage: str) -> Any:
+    def step(stages: dict[str, Any], data: Any) -> _Step | None:
+        if stages[stage]["status"] in TERMINAL_STAGE:
+            return None
+        stages[stage] = {"status": "failed", "percent": stages[stage]["percent"]}
+        return _Step(stages, error=data.error)
+
+    return step
+
+
+_STEPS = {
+    SEPARATION_PROGRESS.name: _separation_progress,
+    SEPARATION_COMPLETED.name: _separation_completed,
+    ANALYSIS_COMPLETED.name: _analysis_completed,
+    INGEST_FAILED.name: _stage_failed("ingest"),
+    SEPARATION_FAILED.name: _stage_failed("separation"),
+    ANALYSIS_FAILED.name: _stage_failed("analysis"),
+}
+_SEPARATION_EVENTS = (SEPARATION_PROGRESS.name, SEPARATION_COMPLETED.name, SEPARATION_FAILED.name)
+
+
+def _target_separation(doc: dict[str, Any], stages: dict[str, Any], data: Any) -> _Step | None:
+    """A separation event of one target of a multi-target job; the separation stage aggregates the targets.
+
+    Running while any runs (percent: their mean), completed when all have ended and at least one
+    completed (some failed: the job is `partial`), failed when all failed.
+    """
+    if stages["separation"]["status"] in TERMINAL_STAGE:
+        return None
+    changes: dict[str, Any] = {}
+    targets = _target_update(doc, data.target, data, changes)
+    if targets is None:
+        return None
+    ended = [t for t in targets.values() if t["status"] in TERMINAL_STAGE]
+    if len(ended) < len(targets):
+        mean = sum(100.0 if t["status"] in TERMINAL_STAGE else t["percent"] for t in targets.values()) / len(targets)
+        stages["separation"] = {"status": "running", "percent": min(round(mean, 1), 99.9)}
+        return _Step(stages, changes)
+    if any(t["status"] == "completed" for t in targets.values()):
+        stages["separation"] = {"status": "completed", "percent": 100.0}
+        results = changes.get("result.targets") or (doc.get("result") or {}).get("targets") or {}
+        first = next(n for n in doc["targets"] if targets[n]["status"] == "completed")
+        changes["result.stems"] = results[first]["stems"]
+        changes["result.separation"] = {**results[first]["separation"], "target": first}
+        if any(t["status"] == "failed" for t in targets.values()):
+            changes["partial"] = True
+        return _Step(stages, changes)
+    stages["separation"] = {"status": "failed", "percent": stages["separation"]["percent"]}
+    failed = [f"{n}: {t['error']['code']}" for n, t in targets.items()]
+    error = ErrorInfo(code=data.error.code, message="every target failed (" + "; ".join(failed) + ")")
+    return _Step(stages, changes, error=error)
+
+
+def _target_update(doc: dict[str, Any], name: str, data: Any, changes: dict[str, Any]) -> dict[str, Any] | None:
+    """The targets after one target's event (results recorded in `changes`), or None if it changes nothing."""
     targets = {k: dict(v) for k, v in (doc.get("targets") or {}).items()}
     target = targets.get(name)
     if target is None or target["status"] in TERMINAL_STAGE:
@@ -177,116 +314,22 @@ def _separation_summary(data: Any) -> dict[str, Any]:
     }
 
 
-@dataclass
-class Transition:
-    """Field updates for the job document and the events they cause, in order."""
-
-    set: dict[str, Any] = field(default_factory=dict)
-    emit: list[Event[Any]] = field(default_factory=list)
-    status_changed: bool = False
-
-
-def apply(
-    doc: dict[str, Any], event: Event[Any], now: datetime, *, queue: dict[str, Any] | None = None
-) -> Transition | None:
-    """The transition an event causes on a job, or None when it changes nothing.
-
-    `queue`: where the job's separation work stands in its queue when `audio.ingested` is applied (shown
-    until the separation starts).
-    """
-    if doc["status"] in TERMINAL_JOB_STATUSES:
-        return None
-    stages = {name: dict(stage) for name, stage in doc["stages"].items()}
-    changes: dict[str, Any] = {}
-    status = doc["status"]
-    error: ErrorInfo | None = None
-    name = event.spec.name
-    data = event.data
-
-    if name == AUDIO_INGESTED.name:
-        if stages["ingest"]["status"] in TERMINAL_STAGE:
-            return None
-        stages["ingest"] = {"status": "completed", "percent": 100.0}
-        for stage in ("separation", "analysis"):
-            if stages[stage]["status"] == "pending":
-                stages[stage]["status"] = "running"
-        status = "processing"
-        if doc.get("targets"):
-            changes["targets"] = {n: {**t, "status": "running"} for n, t in doc["targets"].items()}
-        changes["input.duration_s"] = data.audio.duration_s
-        changes["input.sample_rate"] = data.source.sample_rate
-        changes["input.channels"] = data.source.channels
-        changes["input.format"] = data.source.format
-        changes["audio"] = data.audio.model_dump(mode="json")
-        if queue is not None and stages["separation"]["status"] == "running":
-            changes["queue"] = queue
-    elif name in (SEPARATION_PROGRESS.name, SEPARATION_COMPLETED.name, SEPARATION_FAILED.name) and (
-        getattr(data, "target", None) and doc.get("targets")
-    ):
-        if stages["separation"]["status"] in TERMINAL_STAGE:
-            return None
-        targets = _target_event(doc, data.target, data, changes)
-        if targets is None:
-            return None
-        ended = [t for t in targets.values() if t["status"] in TERMINAL_STAGE]
-        if len(ended) < len(targets):
-            mean = sum(100.0 if t["status"] in TERMINAL_STAGE else t["percent"] for t in targets.values()) / len(
-                targets
-            )
-            stages["separation"] = {"status": "running", "percent": min(round(mean, 1), 99.9)}
-        elif any(t["status"] == "completed" for t in targets.values()):
-            stages["separation"] = {"status": "completed", "percent": 100.0}
-            results = changes.get("result.targets") or (doc.get("result") or {}).get("targets") or {}
-            first = next(n for n in doc["targets"] if targets[n]["status"] == "completed")
-            changes["result.stems"] = results[first]["stems"]
-            changes["result.separation"] = {**results[first]["separation"], "target": first}
-            if any(t["status"] == "failed" for t in targets.values()):
-                changes["partial"] = True
-        else:
-            stages["separation"] = {"status": "failed", "percent": stages["separation"]["percent"]}
-            failed = [f"{n}: {t['error']['code']}" for n, t in targets.items()]
-            error = ErrorInfo(code=data.error.code, message="every target failed (" + "; ".join(failed) + ")")
-    elif name == SEPARATION_PROGRESS.name:
-        stage = stages["separation"]
-        if stage["status"] in TERMINAL_STAGE or data.percent <= stage["percent"]:
-            return None
-        stages["separation"] = {"status": "running", "percent": min(round(data.percent, 1), 99.9)}
-    elif name == SEPARATION_COMPLETED.name:
-        if stages["separation"]["status"] in TERMINAL_STAGE:
-            return None
-        stages["separation"] = {"status": "completed", "percent": 100.0}
-        changes["result.stems"] = [s.model_dump(mode="json") for s in data.stems]
-        changes["result.separation"] = _separation_summary(data)
-    elif name == ANALYSIS_COMPLETED.name:
-        if stages["analysis"]["status"] in TERMINAL_STAGE:
-            return None
-        stages["analysis"] = {"status": "completed", "percent": 100.0}
-        changes["result.analysis"] = data.analysis.model_dump(mode="json")
-    elif name in (INGEST_FAILED.name, SEPARATION_FAILED.name, ANALYSIS_FAILED.name):
-        stage_name = {INGEST_FAILED.name: "ingest", SEPARATION_FAILED.name: "separation"}.get(name, "analysis")
-        if stages[stage_name]["status"] in TERMINAL_STAGE:
-            return None
-        stages[stage_name] = {"status": "failed", "percent": stages[stage_name]["percent"]}
-        error = data.error
-    else:
-        return None
-
-    if error is not None:
+def _transition(doc: dict[str, Any], step: _Step, name: str, now: datetime) -> Transition:
+    """The job's status after a step (an error ends it, all stages done complete it), with its events."""
+    stages, changes, status = step.stages, step.changes, step.status or doc["status"]
+    if step.error is not None:
         status = "failed"
         for stage in stages.values():
             if stage["status"] in ("pending", "running"):
                 stage["status"] = "skipped"
+        changes["error"] = step.error.model_dump(mode="json")
     elif all(stages[s]["status"] in ("completed", "skipped") for s in STAGES):
         status = "completed"
-
     if doc.get("queue") and (name.startswith("separation.") or status in TERMINAL_JOB_STATUSES):
         changes["queue"] = None  # the separation started (or the job ended): no longer waiting
     changes.update({"stages": stages, "status": status, "progress": overall_percent(stages), "updated_at": now})
-    if error is not None:
-        changes["error"] = error.model_dump(mode="json")
-    after = _merged(doc, changes)
     changed = status != doc["status"]
-    return Transition(set=changes, emit=_events_for(after, changed), status_changed=changed)
+    return Transition(set=changes, emit=_events_for(_merged(doc, changes), changed), status_changed=changed)
 
 
 def cancel(doc: dict[str, Any], now: datetime) -> Transition | None:

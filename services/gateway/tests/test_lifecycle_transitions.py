@@ -2,7 +2,7 @@
 
 from datetime import UTC, datetime, timedelta
 
-from gateway import state
+from gateway import lifecycle
 from stemflow_shared.events import (
     ANALYSIS_COMPLETED,
     AUDIO_INGESTED,
@@ -29,14 +29,14 @@ NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 def job(**options: object) -> dict:
     opts = JobOptions(**options)
-    return state.new_job("j1", "alice", opts, {"blob_key": "k"}, now=NOW, retention=timedelta(days=1))
+    return lifecycle.new_job("j1", "alice", opts, {"blob_key": "k"}, now=NOW, retention=timedelta(days=1))
 
 
-def apply(doc: dict, spec, data) -> tuple[dict, state.Transition | None]:
-    change = state.apply(doc, make_event(spec, data, source="/t"), NOW)
+def apply(doc: dict, spec, data) -> tuple[dict, lifecycle.Transition | None]:
+    change = lifecycle.apply(doc, make_event(spec, data, source="/t"), NOW)
     if change is None:
         return doc, None
-    merged = state._merged(doc, change.set)
+    merged = lifecycle._merged(doc, change.set)
     return merged, change
 
 
@@ -97,7 +97,7 @@ def test_late_and_duplicate_events_never_move_a_job_backwards() -> None:
     assert change is None
     doc, _ = apply(doc, ANALYSIS_COMPLETED, analysed())
     for spec, data in ((SEPARATION_COMPLETED, separated()), (ANALYSIS_COMPLETED, analysed())):
-        assert state.apply(doc, make_event(spec, data, source="/t"), NOW) is None
+        assert lifecycle.apply(doc, make_event(spec, data, source="/t"), NOW) is None
 
 
 def test_a_failed_stage_fails_the_job_once_with_its_error() -> None:
@@ -106,7 +106,7 @@ def test_a_failed_stage_fails_the_job_once_with_its_error() -> None:
     assert doc["status"] == "failed" and doc["error"]["code"] == "not_audio"
     assert doc["stages"]["separation"]["status"] == "skipped"
     assert [e.spec.name for e in change.emit] == ["job.progress", "job.failed"]
-    assert state.apply(doc, make_event(AUDIO_INGESTED, ingested(), source="/t"), NOW) is None
+    assert lifecycle.apply(doc, make_event(AUDIO_INGESTED, ingested(), source="/t"), NOW) is None
 
 
 def test_skipped_stages_carry_no_weight() -> None:
@@ -118,43 +118,43 @@ def test_skipped_stages_carry_no_weight() -> None:
 
 def test_terminal_events_have_stable_ids_so_republishing_is_deduplicated() -> None:
     doc, _ = apply(job(separate=False), AUDIO_INGESTED, ingested())
-    first = state.apply(doc, make_event(ANALYSIS_COMPLETED, analysed(), source="/t"), NOW)
-    again = state.apply(doc, make_event(ANALYSIS_COMPLETED, analysed(), source="/t"), NOW)
+    first = lifecycle.apply(doc, make_event(ANALYSIS_COMPLETED, analysed(), source="/t"), NOW)
+    again = lifecycle.apply(doc, make_event(ANALYSIS_COMPLETED, analysed(), source="/t"), NOW)
     assert first.emit[-1].id == again.emit[-1].id
 
 
 def test_cancel_only_applies_to_unfinished_jobs() -> None:
-    change = state.cancel(job(), NOW)
+    change = lifecycle.cancel(job(), NOW)
     assert change.set["status"] == "cancelled"
     assert [e.spec.name for e in change.emit] == ["job.progress", "job.cancelled"]
-    done = state._merged(job(), change.set)
-    assert state.cancel(done, NOW) is None
+    done = lifecycle._merged(job(), change.set)
+    assert lifecycle.cancel(done, NOW) is None
 
 
 def test_job_ids_sort_by_creation_time() -> None:
-    ids = [state.new_job_id(1_700_000_000 + i) for i in range(5)]
+    ids = [lifecycle.new_job_id(1_700_000_000 + i) for i in range(5)]
     assert ids == sorted(ids) and len(set(ids)) == 5 and all(len(i) == 32 for i in ids)
 
 
 def test_a_job_without_change_for_the_timeout_fails_in_the_stage_that_stalled() -> None:
     doc, _ = apply(job(), AUDIO_INGESTED, ingested())
     doc, _ = apply(doc, SEPARATION_COMPLETED, separated())  # analysis still running
-    assert state.time_out(doc, NOW + timedelta(seconds=599), 600) is None  # not yet
-    change = state.time_out(doc, NOW + timedelta(seconds=600), 600)
+    assert lifecycle.time_out(doc, NOW + timedelta(seconds=599), 600) is None  # not yet
+    change = lifecycle.time_out(doc, NOW + timedelta(seconds=600), 600)
     assert change is not None
-    after = state._merged(doc, change.set)
+    after = lifecycle._merged(doc, change.set)
     assert after["status"] == "failed" and after["error"]["code"] == "stage_timeout"
     assert "analysis" in after["error"]["message"]
     assert after["stages"]["separation"]["status"] == "completed"
     assert after["stages"]["analysis"]["status"] == "failed"
-    assert state.stalled_stage(after) == "analysis"
+    assert lifecycle.stalled_stage(after) == "analysis"
     assert [e.spec.name for e in change.emit] == ["job.progress", "job.failed"]
     assert change.emit[-1].data.error.code == "stage_timeout"
     # The first unfinished stage is the one blamed; those after it are skipped, and a finished job never times out.
-    queued = state.time_out(job(), NOW + timedelta(hours=2), 600)
-    stages = state._merged(job(), queued.set)["stages"]
-    assert [stages[s]["status"] for s in state.STAGES] == ["failed", "skipped", "skipped"]
-    assert state.time_out(after, NOW + timedelta(days=1), 600) is None
+    queued = lifecycle.time_out(job(), NOW + timedelta(hours=2), 600)
+    stages = lifecycle._merged(job(), queued.set)["stages"]
+    assert [stages[s]["status"] for s in lifecycle.STAGES] == ["failed", "skipped", "skipped"]
+    assert lifecycle.time_out(after, NOW + timedelta(days=1), 600) is None
 
 
 def _target_done(name: str, stem: str) -> SeparationCompleted:

@@ -1,5 +1,5 @@
-"""Observability: HTTP RED metrics with an X-Response-Time header, /metrics on a port of its own, and
-slow MongoDB commands.
+"""HTTP metrics: RED metrics of every request with an X-Response-Time header, and /metrics on a port of its
+own (MongoDB's slow commands: mongo_monitoring.py).
 
 The HTTP part is pure ASGI rather than Starlette's BaseHTTPMiddleware: that one
 runs every response through a task group and a memory stream, which costs more
@@ -18,7 +18,6 @@ import logging
 import time
 from typing import Any
 
-from pymongo import monitoring
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -128,22 +127,3 @@ class MetricsPort:
             await asyncio.wait_for(self._task, 5)
         except TimeoutError:
             log.warning("the metrics server did not stop within 5 s")
-
-
-class SlowCommandLogger(monitoring.CommandListener):
-    """Counts and logs MongoDB commands slower than the threshold."""
-
-    def __init__(self, threshold_ms: float) -> None:
-        self.threshold_ms = threshold_ms
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        return None
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        millis = event.duration_micros / 1000
-        if millis > self.threshold_ms:
-            metrics.MONGODB_SLOW_COMMANDS.labels(event.command_name).inc()
-            log.warning("slow MongoDB command %s took %.1f ms", event.command_name, millis)
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        return None

@@ -1,4 +1,4 @@
-"""Cache hits of `GET /v1/jobs/{id}`, answered in front of FastAPI's routing and dependency injection.
+"""Cached job reads: hits of `GET /v1/jobs/{id}` answered in front of FastAPI's routing and dependencies.
 
 Clients poll their jobs, so this is the gateway's most frequent call, and for a
 cached job the framework cost more than the work. Only a hit for the key's own
@@ -18,6 +18,7 @@ from stemflow_shared import telemetry
 from stemflow_shared.auth import bearer_token
 
 from . import views
+from .cache import CachedJob
 from .problems import Problem, problem_response
 from .ratelimit import COUNTER_TTL_S
 
@@ -56,23 +57,34 @@ class CachedJobReads:
             return True
         if cached is None or cached.owner != who.owner:
             return False
-        tag = views.etag(job_id, cached.version).encode()
         if_none_match = headers.get(b"if-none-match")
-        if if_none_match is not None and tag in {t.strip() for t in if_none_match.split(b",")}:
-            await _send(send, 304, [(b"etag", tag), (b"vary", b"accept-encoding")], b"")
-            return True
-        body = cached.body
-        response_headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"etag", tag),
-            (b"cache-control", b"private, no-cache"),
-            (b"vary", b"accept-encoding"),
-        ]
-        if cached.gzipped:
-            response_headers.append((b"content-encoding", b"gzip"))
-        await _send(send, 200, response_headers, body)
+        status, answer_headers, body = job_answer(
+            job_id, cached, if_none_match.decode("latin-1") if if_none_match is not None else None
+        )
+        raw = [(name.encode(), value.encode()) for name, value in answer_headers]
+        if status == 200:
+            raw.append((b"content-length", str(len(body)).encode()))
+        await _send(send, status, raw, body)
         return True
+
+
+def job_answer(job_id: str, job: CachedJob, if_none_match: str | None) -> tuple[int, list[tuple[str, str]], bytes]:
+    """The answer to `GET /v1/jobs/{id}` for the key's own job: 304 when its ETag matches, else the body.
+
+    Both this middleware (cache hits) and the route (everything else) answer through here.
+    """
+    tag = views.etag(job_id, job.version)
+    if if_none_match is not None and tag in {t.strip() for t in if_none_match.split(",")}:
+        return 304, [("etag", tag), ("vary", "accept-encoding")], b""
+    headers = [
+        ("content-type", "application/json"),
+        ("etag", tag),
+        ("cache-control", "private, no-cache"),
+        ("vary", "accept-encoding"),
+    ]
+    if job.gzipped:
+        headers.append(("content-encoding", "gzip"))
+    return 200, headers, job.body
 
 
 class _RouteLabel:
