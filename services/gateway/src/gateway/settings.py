@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from stemflow_shared.httpserver import HttpLimits
 from stemflow_shared.settings import BlobSettings, RedisSettings, ServiceSettings
@@ -18,6 +18,12 @@ class Settings(ServiceSettings, BlobSettings, RedisSettings, HttpLimits):
     http_port: int = 8000
     metrics_port: int = Field(
         default=9100, ge=0, le=65535, description="/metrics is served here, not on the API port (0: any free port)"
+    )
+    internal_port: int = Field(
+        default=9200, ge=0, le=65535, description="The internal API (the notifier's queries) is served here (0: any)"
+    )
+    internal_token: SecretStr | None = Field(
+        default=None, description="Service token the internal API requires; without it, it refuses every request"
     )
     http_workers: int = Field(
         default=1, ge=1, le=64, description="Server processes; each has its own /metrics (prefer more replicas)"
