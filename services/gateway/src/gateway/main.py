@@ -25,21 +25,21 @@ from stemflow_shared.separators import SeparatorRegistry
 from stemflow_shared.storage import make_blob_store
 from stemflow_shared.topology import GATEWAY_QUEUE, Names
 
-from . import batches, downloads, problems
+from . import batches, downloads, job_routes, models, problems
 from .cache import GZIP_MIN_BYTES, JobCache
+from .cached_reads import CachedJobReads
 from .deadletters import DeadLetterWatch
 from .edge import Edge
 from .handlers import handlers
-from .hotpath import CachedJobReads
+from .http_metrics import MetricsPort, Observe
 from .internal import InternalPort
 from .jobs import Jobs
 from .models import ModelCatalogue
-from .observe import MetricsPort, Observe, SlowCommandLogger
+from .mongo_monitoring import SlowCommandLogger
 from .outbox import OutboxRelay
 from .periodic import every
 from .ratelimit import RateLimiter
 from .repository import JobRepository
-from .routes import router
 from .settings import Settings
 from .web import add_api_docs, add_web_page
 
@@ -143,7 +143,8 @@ def create_app(settings: Settings) -> FastAPI:
         redoc_url=None,
     )
     problems.install(app)
-    app.include_router(router)
+    app.include_router(job_routes.router)
+    app.include_router(models.router)
     app.include_router(downloads.router)
     app.include_router(batches.router)
     add_web_page(app, settings.events_url)
