@@ -303,7 +303,11 @@ def gateways(args: argparse.Namespace, sink_url: str, cpu: int | None) -> Iterat
                 mongodb_db=databases[config],
                 blob_dir=Path(tmp) / config / "blobs",
                 model_repo=Path(tmp) / "models",
-                ports=Ports(gateway=ports[config], gateway_metrics=Ports.free().gateway_metrics),
+                ports=Ports(
+                    gateway=ports[config],
+                    gateway_metrics=Ports.free().gateway_metrics,
+                    gateway_internal=Ports.free().gateway_internal,
+                ),
                 extra={"LOG_LEVEL": "WARNING", "RATE_LIMIT_PER_MINUTE": "0"},
             )
             specs.append(

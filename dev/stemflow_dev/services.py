@@ -20,11 +20,12 @@ class Ports:
     separator: int = 9102
     analyzer: int = 9103
     gateway_metrics: int = 9100  # the gateway serves /metrics here, not on its API port
+    gateway_internal: int = 9200  # the gateway's internal API (the notifier's queries), not on its API port
 
     @classmethod
     def free(cls) -> Ports:
         """Unused ports, for tests that must not collide with a running dev stack."""
-        return cls(*(_free_port() for _ in range(6)))
+        return cls(*(_free_port() for _ in range(7)))
 
     def metrics(self, service: str) -> int:
         """The port that serves `service`'s /metrics."""
@@ -52,9 +53,13 @@ def service_env(
         "PUBLIC_URL": f"http://127.0.0.1:{ports.gateway}",
         "EVENTS_URL": f"ws://127.0.0.1:{ports.notifier}/v1/ws",
         "METRICS_PORT": str(ports.gateway_metrics),
+        "INTERNAL_PORT": str(ports.gateway_internal),
+        "GATEWAY_INTERNAL_URL": f"http://127.0.0.1:{ports.gateway_internal}",
         "REPLICA_ID": "local",
         # Webhooks are signed with it (a fresh one per stack: nothing outside the machine checks them).
         "WEBHOOK_SECRET": secrets.token_urlsafe(32),
+        # The notifier asks the gateway's internal API with it (a fresh one per stack, as the webhook secret).
+        "INTERNAL_TOKEN": secrets.token_urlsafe(32),
         "PYTHONUNBUFFERED": "1",
     }
     env.update(extra or {})

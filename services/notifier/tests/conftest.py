@@ -1,7 +1,9 @@
-"""The notifier in-process (uvicorn on a loopback port) on the real RabbitMQ, MongoDB and Redis of the test run.
+"""The notifier in-process (uvicorn on a loopback port) on the real RabbitMQ and Redis of the test run, asking a
+real gateway (in-process too, on MongoDB) for API keys and job state through its internal API.
 
-The notifier tests use a namespace of their own, so the notifier of the integration
-system (another namespace) never takes their webhooks or events.
+The notifier tests use a namespace and a database of their own, so the services of the integration
+system (another namespace, another database) never take their webhooks, events or jobs. The notifier
+itself gets no MongoDB settings: the gateway owns the data.
 """
 
 from __future__ import annotations
@@ -11,10 +13,9 @@ import contextlib
 import json
 import socket
 import types
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -24,10 +25,13 @@ import uvicorn
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from gateway import lifecycle
+from gateway.main import create_app as create_gateway
+from gateway.settings import Settings as GatewaySettings
 from notifier.main import create_app, server_config
 from notifier.settings import Settings
 from stemflow_dev.fixtures import delete_namespace, delete_namespace_keys
-from stemflow_shared.auth import ApiKeys
+from stemflow_dev.stack import StackUrls
 from stemflow_shared.events import (
     JOB_CANCELLED,
     JOB_COMPLETED,
@@ -36,9 +40,11 @@ from stemflow_shared.events import (
     AnalysisResult,
     ErrorInfo,
     Event,
+    InputRef,
     JobCancelled,
     JobCompleted,
     JobFailed,
+    JobOptions,
     JobProgressed,
     Progress,
     StageProgress,
@@ -48,7 +54,10 @@ from stemflow_shared.messaging import Broker
 from stemflow_shared.topology import NOTIFIER_QUEUE, Names
 
 WEBHOOK_SECRET = "test-webhook-secret"
+INTERNAL_TOKEN = "notifier-tests-internal-token"
 TIMEOUT_S = 20.0
+# The gateway owns these; the notifier must work without them.
+MONGODB_SETTINGS = ("MONGODB_URL", "MONGODB_DB")
 
 
 @dataclass
@@ -75,9 +84,10 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def running_notifier(
-    env: dict[str, str], send_buffer: int | None = None, **overrides: Any
+    env: dict[str, str], send_buffer: int | None = None, ready: bool = True, **overrides: Any
 ) -> AsyncIterator[Running]:
-    """A notifier serving on a free port, returned once its lifespan has started (consumers bound).
+    """A notifier serving on a free port, returned once its lifespan has started (consumers bound) and, unless
+    `ready` is False, once /readyz says it is ready.
 
     `send_buffer` caps the kernel's send buffer of every connection it accepts (Linux autotunes it up to
     `net.ipv4.tcp_wmem`'s maximum, several MB, which is more than some tests send to a stalled client).
@@ -93,10 +103,10 @@ async def running_notifier(
     running = Running(server.config.app, server, task, sock.getsockname()[1])
     try:
         async with httpx.AsyncClient(timeout=TIMEOUT_S) as http:
-            ready = asyncio.create_task(http.get(f"{running.http_url}/readyz"))
-            await asyncio.wait({ready, task}, timeout=TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
-            if not ready.done() or ready.result().status_code != 200:
-                ready.cancel()
+            probe = asyncio.create_task(http.get(f"{running.http_url}/readyz"))
+            await asyncio.wait({probe, task}, timeout=TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+            if not probe.done() or probe.result().status_code != (200 if ready else 503):
+                probe.cancel()
                 raise RuntimeError("the notifier did not start")
         yield running
     finally:
@@ -104,12 +114,75 @@ async def running_notifier(
             await running.stop()
 
 
+@dataclass
+class RunningGateway:
+    """The gateway app serving in this process, and the URL of its internal API."""
+
+    app: Any
+    internal_url: str
+
+    @property
+    def state(self) -> Any:
+        return self.app.state
+
+
 @pytest_asyncio.fixture(scope="session")
-async def notifier_env(base_env: dict[str, str], isolation: Any, redis_client: Any) -> AsyncIterator[dict[str, str]]:
-    """The notifier tests' environment; their Redis keys are removed at the end."""
+async def gateway(
+    base_env: dict[str, str], isolation: Any, stack: StackUrls, redis_client: Any
+) -> AsyncIterator[RunningGateway]:
+    """The real gateway app, serving its internal API on a free port, in the notifier tests' namespace and a
+    database of their own (dropped at the end)."""
+    from pymongo import AsyncMongoClient
+
+    env = {k.lower(): v for k, v in base_env.items()}
+    database = f"{base_env['MONGODB_DB']}_nt"
+    settings = GatewaySettings(
+        **{
+            **env,
+            "stemflow_namespace": f"{isolation.namespace}-nt",
+            "mongodb_db": database,
+            "internal_token": INTERNAL_TOKEN,
+            "internal_port": 0,
+            "metrics_port": 0,
+        }
+    )
+    app = create_gateway(settings)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="on"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        async with asyncio.timeout(TIMEOUT_S):
+            while not server.started:
+                await asyncio.wait({task}, timeout=0.05)  # returns at once if the gateway failed to start
+                assert not task.done(), "the gateway did not start"
+        yield RunningGateway(app, f"http://127.0.0.1:{_internal_port(app)}")
+    finally:
+        server.should_exit = True
+        await task
+        mongo: AsyncMongoClient[Any] = AsyncMongoClient(stack.mongodb_url)
+        await mongo.drop_database(database)
+        await mongo.close()
+
+
+def _internal_port(app: Any) -> int:
+    """The port the gateway's InternalPort middleware bound."""
+    layer = app.middleware_stack
+    while type(layer).__name__ != "InternalPort":
+        layer = layer.app
+    return int(layer.bound_port)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def notifier_env(
+    base_env: dict[str, str], isolation: Any, redis_client: Any, gateway: Any
+) -> AsyncIterator[dict[str, str]]:
+    """The notifier tests' environment (no MongoDB settings); their Redis keys are removed at the end."""
     namespace = f"{isolation.namespace}-nt"
     yield {
-        **base_env,
+        **{k: v for k, v in base_env.items() if k not in MONGODB_SETTINGS},
+        "GATEWAY_INTERNAL_URL": gateway.internal_url,
+        "INTERNAL_TOKEN": INTERNAL_TOKEN,
         "STEMFLOW_NAMESPACE": namespace,
         "WEBHOOK_SECRET": WEBHOOK_SECRET,
         "WEBHOOK_ALLOW_PRIVATE": "true",
@@ -156,33 +229,37 @@ def replica(name: str) -> str:
 
 
 class Feed:
-    """Jobs in MongoDB, and their events published on the broker as the gateway would."""
+    """Keys and jobs kept by the real gateway, and job events published on the broker as the gateway would."""
 
-    def __init__(self, broker: Broker, database: Any) -> None:
+    def __init__(self, broker: Broker, gateway: Any) -> None:
         self.broker = broker
-        self.database = database
+        self.gateway = gateway
 
     async def key(self, owner: str) -> str:
-        return await ApiKeys(self.database).create(owner)
+        return await self.gateway.state.api_keys.create(owner)
+
+    async def revoke(self, key: str) -> None:
+        await self.gateway.state.api_keys.revoke(key)
 
     async def job(self, owner: str, callback_url: str | None = None, status: str = "processing") -> str:
-        job_id = uuid.uuid4().hex
-        now = datetime.now(UTC)
-        await self.database["jobs"].insert_one(
-            {
-                "_id": job_id,
-                "owner": owner,
-                "status": status,
-                "stages": {
-                    name: {"status": "running", "percent": 10.0} for name in ("ingest", "separation", "analysis")
-                },
-                "progress": 10.0,
-                "options": {"stems": 4, "callback_url": callback_url},
-                "error": None,
-                "created_at": now,
-                "updated_at": now,
-            }
+        """A job document made by the gateway's own code, then set to `status` with every stage at 10%."""
+        job_id = lifecycle.new_job_id()
+        options = JobOptions(stems=4, callback_url=callback_url)
+        source = InputRef(source_url="https://songs.example.com/song.wav")
+        doc = lifecycle.new_job(
+            job_id,
+            owner,
+            options,
+            source.model_dump(exclude_none=True),
+            now=lifecycle.utcnow(),
+            retention=timedelta(days=1),
         )
+        repo = self.gateway.state.jobs.repo
+        await repo.insert(doc, [])
+        running = {
+            f"stages.{name}": {"status": "running", "percent": 10.0} for name in ("ingest", "separation", "analysis")
+        }
+        await repo.jobs.update_one({"_id": job_id}, {"$set": {"status": status, "progress": 10.0, **running}})
         return job_id
 
     async def progress(self, owner: str, job_id: str, overall: float) -> Event[Any]:
@@ -226,8 +303,8 @@ class Feed:
 
 
 @pytest_asyncio.fixture(scope="session")
-async def feed(broker: Broker, mongo_db: Any) -> Feed:
-    return Feed(broker, mongo_db)
+async def feed(broker: Broker, gateway: Any) -> Feed:
+    return Feed(broker, gateway)
 
 
 def connect(url: str, key: str | None, **kwargs: Any) -> Any:

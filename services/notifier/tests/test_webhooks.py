@@ -195,14 +195,14 @@ async def test_jobs_without_a_callback_url_are_not_called_back(notifier: Any, re
 
 async def test_private_addresses_are_refused_unless_allowed(receiver: Receiver) -> None:
     async with httpx.AsyncClient() as http:
-        strict = Webhooks(http, jobs=None, secret=b"s", policy=Policy(allow_private=False))
+        strict = Webhooks(http, gateway=None, secret=b"s", policy=Policy(allow_private=False))
         by_name = receiver.base_url.replace("127.0.0.1", "localhost")
         for url in (f"{receiver.base_url}/private", f"{by_name}/private", "ftp://example.com/hook"):
             with pytest.raises(PermanentError) as refused:
                 await strict.deliver(url, b"{}", "e1", "job.completed")
             assert refused.value.code == "webhook_rejected", url
         assert receiver.at("/private") == []
-        lenient = Webhooks(http, jobs=None, secret=b"s", policy=Policy(allow_private=True))
+        lenient = Webhooks(http, gateway=None, secret=b"s", policy=Policy(allow_private=True))
         await lenient.deliver(f"{receiver.base_url}/private", b"{}", "e2", "job.completed")
         assert len(receiver.at("/private")) == 1
         with pytest.raises(PermanentError) as metadata:

@@ -46,6 +46,9 @@ async def test_subscribing_sends_the_jobs_current_state_first(kit: Any, notifier
         assert state["id"] == job and state["status"] == "processing"
         assert state["progress"]["overall"] == 10.0
         assert state["progress"]["separation"] == {"status": "running", "percent": 10.0}
+        # The job document as the gateway renders it for GET /v1/jobs/{id}, not a copy of its own.
+        jobs = feed.gateway.state.jobs
+        assert state == jobs.view(await jobs.repo.get(job))
         event = await feed.progress("alice", job, 42.0)
         (received,) = await kit.events_until(ws, event.id)
         assert received["data"]["progress"]["overall"] == 42.0
@@ -149,15 +152,33 @@ async def test_a_message_over_the_size_limit_closes_with_1009(kit: Any, notifier
         assert closed.value.rcvd.code == 1009
 
 
-async def test_a_revoked_key_is_closed_with_4401_on_its_next_subscribe(kit: Any, notifier: Any, feed: Any) -> None:
+async def test_a_revoked_key_is_closed_with_4401_on_its_next_subscribe(
+    kit: Any, notifier_env: dict[str, str], feed: Any
+) -> None:
+    """Revoked at the gateway; with no cache of keys in the notifier, the next subscribe finds it."""
     key = await feed.key("dave")
-    async with kit.connect(notifier.url, key) as ws:
+    async with (
+        kit.running_notifier(notifier_env, replica_id=kit.replica("revoke"), principal_cache_ttl_s=0) as notifier,
+        kit.connect(notifier.url, key) as ws,
+    ):
         assert (await kit.subscribe(ws))["type"] == "subscribed"
-        await notifier.app.state.api_keys.revoke(key)
+        await feed.revoke(key)
         await ws.send(json.dumps({"type": "subscribe"}))
         with pytest.raises(ConnectionClosed) as closed:
             await kit.receive(ws)
         assert closed.value.rcvd.code == 4401
+
+
+async def test_a_connects_key_lookup_serves_its_subscribes_for_the_cache_time(
+    kit: Any, notifier: Any, feed: Any
+) -> None:
+    """The gateway is asked once per key per PRINCIPAL_CACHE_TTL_S (10 s): a key revoked after the connect
+    still subscribes within that time, the connect's answer being reused (the test above: with no cache, it
+    is closed)."""
+    key = await feed.key("cached")
+    async with kit.connect(notifier.url, key) as ws:
+        await feed.revoke(key)
+        assert (await kit.subscribe(ws))["type"] == "subscribed"
 
 
 async def test_an_idle_connection_is_closed_with_4000_and_pongs_do_not_count(

@@ -11,15 +11,14 @@ import httpx
 import redis.asyncio as redis
 import uvicorn
 from fastapi import FastAPI
-from pymongo import AsyncMongoClient
 
 from stemflow_shared import telemetry
-from stemflow_shared.auth import ApiKeys
 from stemflow_shared.httpserver import server_options
 from stemflow_shared.ops import PROBLEM_HANDLERS, ops_routes
 from stemflow_shared.runtime import connect_broker, tune_gc
 from stemflow_shared.topology import NOTIFIER_QUEUE, WEBHOOKS_QUEUE
 
+from .gateway_client import GatewayClient
 from .handlers import job_event_handlers, webhook_handlers
 from .hub import Hub
 from .protocol import websocket_protocol
@@ -35,23 +34,24 @@ log = logging.getLogger("notifier")
 def create_app(settings: Settings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        mongo: AsyncMongoClient[Any] = AsyncMongoClient(
-            settings.mongodb_url, tz_aware=True, serverSelectionTimeoutMS=5000
-        )
-        database = mongo[settings.mongodb_db]
         redis_client = redis.from_url(settings.redis_url)
         http = httpx.AsyncClient(timeout=settings.webhook_timeout_s, follow_redirects=False)
+        gateway_http = _gateway_http(settings)
+        gateway = GatewayClient(
+            gateway_http,
+            cache_ttl_s=settings.principal_cache_ttl_s,
+            cache_size=settings.principal_cache_max,
+            unknown_size=settings.unknown_key_cache_max,
+        )
         hub = Hub()
         event_log = EventLog(redis_client, settings.redis_prefix, settings.resume_stream_max, settings.resume_ttl_s)
-        webhooks = Webhooks(http, database["jobs"], _secret(settings), _policy(settings))
+        webhooks = Webhooks(http, gateway, _secret(settings), _policy(settings))
         broker = await connect_broker(settings, "notifier")
         app.state.settings = settings
         app.state.hub = hub
         app.state.event_log = event_log
-        app.state.api_keys = ApiKeys(database)
-        app.state.jobs = database["jobs"]
-        app.state.batches = database["batches"]
-        app.state.checks = {"mongodb": lambda: _ping(mongo), "redis": redis_client.ping, "broker": broker.ready}
+        app.state.gateway = gateway
+        app.state.checks = {"gateway": gateway.ready, "redis": redis_client.ping, "broker": broker.ready}
         await broker.consume(
             NOTIFIER_QUEUE,
             job_event_handlers(Relay(event_log, hub)),
@@ -68,8 +68,8 @@ def create_app(settings: Settings) -> FastAPI:
             await broker.stop_consuming(settings.shutdown_grace_s)
             await broker.close()
             await http.aclose()
+            await gateway_http.aclose()
             await redis_client.aclose()
-            await mongo.close()
 
     app = FastAPI(
         title="Stemflow notifier",
@@ -121,9 +121,16 @@ def _policy(settings: Settings) -> Policy:
     )
 
 
-async def _ping(client: AsyncMongoClient[Any]) -> bool:
-    await client.admin.command("ping")
-    return True
+def _gateway_http(settings: Settings) -> httpx.AsyncClient:
+    """The pooled client of the gateway's internal API, with the service token on every request."""
+    token = settings.internal_token.get_secret_value()
+    return httpx.AsyncClient(
+        base_url=settings.gateway_internal_url,
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=settings.gateway_timeout_s,
+        limits=httpx.Limits(max_connections=settings.gateway_max_connections),
+        follow_redirects=False,
+    )
 
 
 def main() -> None:

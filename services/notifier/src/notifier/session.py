@@ -7,15 +7,15 @@ import contextlib
 import json
 import logging
 import re
-from typing import Any, get_args
+from typing import Any
 
 from fastapi import WebSocket
 from redis.exceptions import RedisError
 from starlette.websockets import WebSocketDisconnect
 
 from stemflow_shared import metrics
-from stemflow_shared.events import TERMINAL_JOB_STATUSES, JobStatus
 
+from .gateway_client import GatewayUnavailable
 from .hub import Client
 from .mailbox import Item, Mailbox
 from .resume import Replay
@@ -26,9 +26,6 @@ CLOSE_IDLE = 4000
 CLOSE_TOO_SLOW = 4008
 CLOSE_REVOKED = 4401
 JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-SNAPSHOT_FIELDS = {"status": 1, "stages": 1, "progress": 1, "error": 1, "updated_at": 1}
-STAGES = ("ingest", "separation", "analysis")
-UNFINISHED = sorted(set(get_args(JobStatus)) - TERMINAL_JOB_STATUSES)
 _EVENTS_SENT: dict[str, Any] = {}
 
 
@@ -103,9 +100,17 @@ class Session:
             await self._error("unknown_message", f"unknown type {str(kind)[:40]!r}")
 
     async def _subscribe(self, message: dict[str, Any]) -> None:
-        if message.get("batch_id") is not None:
-            await self._subscribe_batch(message["batch_id"])
-            return
+        try:
+            if message.get("batch_id") is not None:
+                await self._subscribe_batch(message["batch_id"])
+            else:
+                await self._subscribe_jobs(message)
+        except GatewayUnavailable as exc:
+            log.warning("subscription not answered: %s", exc)
+            await self._error("unavailable", "the job state cannot be read now; try again")
+
+    async def _subscribe_jobs(self, message: dict[str, Any]) -> None:
+        """One job, or with no job_id all of the owner's; with last_event_id, what was missed first."""
         job_id, last_event_id = message.get("job_id"), message.get("last_event_id")
         if job_id is not None and not (isinstance(job_id, str) and JOB_ID.match(job_id)):
             await self._error("invalid_job_id", "job_id must be a job id")
@@ -121,17 +126,18 @@ class Session:
             return
         replay: Replay | None = None
         client.hold()
+        added = False
         try:
             added = self._state.hub.subscribe(client, job_id)
             reply: dict[str, Any] = {"type": "subscribed", "job_id": job_id}
             if job_id is not None:
-                job = await self._state.jobs.find_one({"_id": job_id, "owner": client.owner}, SNAPSHOT_FIELDS)
-                if job is None:
+                record = await self._state.gateway.job(client.owner, job_id)
+                if record is None:
                     if added:
                         self._state.hub.unsubscribe(client, job_id)
                     await self._error("job_not_found", "no such job", job_id=job_id)
                     return
-                reply["state"] = snapshot(job)
+                reply["state"] = record.job.model_dump(mode="json")
             else:
                 unfinished = await self._unfinished_jobs()
                 if unfinished:
@@ -143,6 +149,10 @@ class Session:
                 await self._send_json(reply)
                 if replay is not None:
                     await self._send_replay(replay.items)
+        except GatewayUnavailable:
+            if added:
+                self._state.hub.unsubscribe(client, job_id)
+            raise
         finally:
             if replay is None:
                 client.release()
@@ -157,22 +167,26 @@ class Session:
         client, settings = self._client, self._state.settings
         if not await self._still_authorized():
             return
-        batch = await self._state.batches.find_one({"_id": batch_id, "owner": client.owner}, {"job_ids": 1})
-        if batch is None:
+        jobs = await self._state.gateway.batch_jobs(client.owner, batch_id)
+        if jobs is None:
             await self._error("batch_not_found", "no such batch", batch_id=batch_id)
             return
-        job_ids: list[str] = batch["job_ids"]
+        job_ids = [job["id"] for job in jobs]
         if len(set(client.jobs) | set(job_ids)) > settings.max_subscriptions:
             await self._error("too_many_subscriptions", f"at most {settings.max_subscriptions} jobs per connection")
             return
         client.hold()
+        added: list[str] = []
         try:
-            for job_id in job_ids:
-                self._state.hub.subscribe(client, job_id)
-            query = {"_id": {"$in": job_ids}, "owner": client.owner}
-            jobs = [snapshot(job) async for job in self._state.jobs.find(query, SNAPSHOT_FIELDS).sort("_id", 1)]
+            added = [job_id for job_id in job_ids if self._state.hub.subscribe(client, job_id)]
+            # Read again once subscribed: an event that came between the two reads is held, not lost.
+            jobs = await self._state.gateway.batch_jobs(client.owner, batch_id) or []
             async with self._sending:
                 await self._send_json({"type": "subscribed", "batch_id": batch_id, "jobs": jobs})
+        except GatewayUnavailable:
+            for job_id in added:
+                self._state.hub.unsubscribe(client, job_id)
+            raise
         finally:
             client.release()
 
@@ -181,9 +195,7 @@ class Session:
         limit = self._state.settings.snapshot_max_jobs
         if limit == 0:
             return []
-        query = {"owner": self._client.owner, "status": {"$in": UNFINISHED}}
-        cursor = self._state.jobs.find(query, SNAPSHOT_FIELDS).sort("_id", -1).limit(limit)
-        return [snapshot(job) async for job in cursor]
+        return await self._state.gateway.unfinished_jobs(self._client.owner, limit)
 
     async def _send_replay(self, items: list[Item]) -> None:
         """The missed events in order, a batch at a time, each write waiting for the client to take the last."""
@@ -211,7 +223,8 @@ class Session:
         await self._send_json({"type": "unsubscribed", "job_id": job_id})
 
     async def _still_authorized(self) -> bool:
-        principal = await self._state.api_keys.authenticate(self._token)
+        """Whether the key is still valid (GatewayUnavailable when that cannot be known now)."""
+        principal = await self._state.gateway.principal(self._token)
         if principal is not None and principal.owner == self._client.owner:
             return True
         await self._close(CLOSE_REVOKED, "API key revoked", "revoked")
@@ -258,19 +271,6 @@ class Session:
 def batch_frame(batch: list[Item]) -> str:
     """A `batch` frame, made of the events' JSON as it was serialized once for all clients."""
     return '{"type":"batch","events":[' + ",".join(item.json for item in batch) + "]}"
-
-
-def snapshot(job: dict[str, Any]) -> dict[str, Any]:
-    """The job's current state as a subscriber first sees it."""
-    stages = job.get("stages") or {}
-    updated = job.get("updated_at")
-    return {
-        "id": job["_id"],
-        "status": job["status"],
-        "progress": {"overall": job.get("progress", 0.0), **{name: stages.get(name) for name in STAGES}},
-        "error": job.get("error"),
-        "updated_at": updated.isoformat().replace("+00:00", "Z") if updated is not None else None,
-    }
 
 
 def _events_sent(event_type: str) -> Any:

@@ -11,9 +11,17 @@ from stemflow_shared.settings import RedisSettings, ServiceSettings
 
 
 class Settings(ServiceSettings, RedisSettings, HttpLimits):
-    mongodb_url: str = Field(description="MongoDB URL (API keys, job snapshots, callback URLs)")
-    mongodb_db: str = "stemflow"
     http_port: int = 8001
+    # The gateway owns job state; the notifier asks its internal API (stemflow_shared.internal).
+    gateway_internal_url: str = Field(description="The gateway's internal API, e.g. http://gateway:9200")
+    internal_token: SecretStr = Field(description="The service token the gateway's internal API requires")
+    gateway_timeout_s: float = Field(default=5.0, gt=0, description="Limit of one request to the gateway")
+    gateway_max_connections: int = Field(default=64, ge=1, description="Connections to the gateway, pooled")
+    principal_cache_ttl_s: float = Field(
+        default=10.0, ge=0, description="How long an API key's owner (or its absence) is remembered; 0 = not"
+    )
+    principal_cache_max: int = Field(default=10_000, ge=0, description="Known API keys remembered")
+    unknown_key_cache_max: int = Field(default=1_000, ge=0, description="Unknown API keys remembered")
     replica_id: str = Field(
         default_factory=lambda: socket.gethostname().replace(".", "-")[:40], pattern=r"^[A-Za-z0-9_-]{1,64}$"
     )

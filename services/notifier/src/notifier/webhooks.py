@@ -13,7 +13,8 @@ with the shared secret (`WEBHOOK_SECRET`), compares it in constant time, and
 rejects timestamps a few minutes old (replays). The timestamp is that of the
 attempt, so each retry is signed afresh.
 
-The URL goes through `stemflow_shared.netguard`, as ingest's `source_url` does:
+The job's callback URL comes from the gateway, which owns job state (its internal
+API: gateway_client.py). The URL goes through `stemflow_shared.netguard`, as ingest's `source_url` does:
 http(s) only, no credentials in the URL, every address the host resolves to
 public unless `WEBHOOK_ALLOW_PRIVATE` (cloud metadata addresses never), and the
 connection pinned to the checked address. Redirects are not followed: a 3xx
@@ -43,6 +44,7 @@ from stemflow_shared.events import CONTENT_TYPE, Event
 from stemflow_shared.messaging import PermanentError
 from stemflow_shared.netguard import UrlRefused, guarded_request
 
+from .gateway_client import GatewayClient
 from .public import public_json
 
 log = logging.getLogger(__name__)
@@ -83,17 +85,16 @@ class Attempt:
 class Webhooks:
     """Sends the webhook of a terminal job event, if the job asked for one."""
 
-    def __init__(self, http: httpx.AsyncClient, jobs: Any, secret: bytes | None, policy: Policy) -> None:
+    def __init__(self, http: httpx.AsyncClient, gateway: GatewayClient, secret: bytes | None, policy: Policy) -> None:
         self._http = http
-        self._jobs = jobs
+        self._gateway = gateway
         self._secret = secret
         self._policy = policy
 
     async def handle(self, event: Event[Any]) -> None:
-        job = await self._jobs.find_one(
-            {"_id": event.data.job_id, "owner": event.data.owner}, {"options.callback_url": 1}
-        )
-        url = ((job or {}).get("options") or {}).get("callback_url")
+        # The gateway keeps the job's callback URL; if it cannot be asked now, the event is retried.
+        job = await self._gateway.job(event.data.owner, event.data.job_id)
+        url = job.callback_url if job is not None else None
         if not url:
             return
         if self._secret is None:

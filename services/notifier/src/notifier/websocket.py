@@ -2,7 +2,8 @@
 
 Authentication: `Authorization: Bearer <api key>`, or `?token=<api key>` for
 browsers. Without a valid key the handshake is refused with HTTP 401 (a
-problem+json body); no WebSocket is opened.
+problem+json body); no WebSocket is opened. When the key cannot be checked
+(the gateway, which owns the keys, does not answer) it is refused with 503.
 
 Client messages (JSON objects):
   {"type": "subscribe", "job_id": ID?, "last_event_id": ID?}   no job_id: all of the key's jobs
@@ -13,12 +14,14 @@ Client messages (JSON objects):
 
 Server messages:
   {"type": "subscribed", "job_id", "state"?, "jobs"?, "resumed"?}
-      state: the job now (job subscriptions); jobs: the states of the key's unfinished
-      jobs, newest first, at most SNAPSHOT_MAX_JOBS (subscriptions to all jobs, when any)
+      state: the job now, its document as GET /v1/jobs/{id} returns it (job subscriptions);
+      jobs: the documents of the key's unfinished jobs, newest first, at most SNAPSHOT_MAX_JOBS
+      (subscriptions to all jobs, when any)
   {"type": "subscribed", "batch_id", "jobs"}              the batch's jobs now, in submission order
   {"type": "batch", "events": [CloudEvent, ...]}           oldest first
   {"type": "unsubscribed", "job_id"}, {"type": "pong"}
-  {"type": "error", "code", "message", "job_id"?}
+  {"type": "error", "code", "message", "job_id"?}     code `unavailable`: the job state could not be
+                                                        read just now (the gateway); try again
 `subscribed` comes before any event of the subscription. With `last_event_id`,
 the events after it follow first (in order, none twice), then live ones;
 `resumed: false` means that event was no longer kept (refresh over HTTP).
@@ -38,20 +41,29 @@ frame: its connection is dropped (1006 on its side).
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import WebSocket
 from starlette.responses import JSONResponse
 
 from stemflow_shared.auth import bearer_token
 
+from .gateway_client import GatewayUnavailable
 from .session import Session
+
+log = logging.getLogger(__name__)
 
 PROBLEM = "application/problem+json"
 
 
 async def websocket_route(websocket: WebSocket) -> None:
-    app = websocket.app
     token = bearer_token(websocket.headers.get("authorization")) or websocket.query_params.get("token")
-    principal = await app.state.api_keys.authenticate(token)
+    try:
+        principal = await websocket.app.state.gateway.principal(token)
+    except GatewayUnavailable as exc:
+        log.warning("API key not checked: %s", exc)
+        await websocket.send_denial_response(_unavailable())
+        return
     if principal is None:
         await websocket.send_denial_response(_unauthorized())
         return
@@ -60,11 +72,20 @@ async def websocket_route(websocket: WebSocket) -> None:
 
 
 def _unauthorized() -> JSONResponse:
+    detail = "a valid API key is required (Authorization: Bearer <key>, or ?token=<key>)"
+    return _problem(401, "Unauthorized", "unauthorized", detail)
+
+
+def _unavailable() -> JSONResponse:
+    return _problem(503, "Service Unavailable", "unavailable", "the API key cannot be checked now; try again")
+
+
+def _problem(status: int, title: str, code: str, detail: str) -> JSONResponse:
     body = {
-        "type": "https://stemflow.dev/problems/unauthorized",
-        "title": "Unauthorized",
-        "status": 401,
-        "detail": "a valid API key is required (Authorization: Bearer <key>, or ?token=<key>)",
-        "code": "unauthorized",
+        "type": f"https://stemflow.dev/problems/{code}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
     }
-    return JSONResponse(body, status_code=401, media_type=PROBLEM)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM)
