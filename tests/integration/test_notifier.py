@@ -1,7 +1,8 @@
-"""Two notifier processes on the real RabbitMQ, MongoDB and Redis: both deliver, a crashed one is resumed
-from, and a webhook is sent once whatever the number of replicas.
+"""Two notifier processes on the real RabbitMQ and Redis, asking a gateway process (MongoDB) for keys and job
+state: both deliver, a crashed one is resumed from, and a webhook is sent once whatever the number of replicas.
 
-The notifiers run in a namespace of their own, with job events published straight onto the broker.
+The notifiers and their gateway run in a namespace and a database of their own, with job events published
+straight onto the broker; the notifiers get no MongoDB settings.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ import hmac
 import json
 import socket
 import sys
-import uuid
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime
+from datetime import timedelta
 from typing import Any
 
 import aio_pika
@@ -24,13 +24,16 @@ import uvicorn
 import websockets
 from websockets.exceptions import ConnectionClosed
 
+from gateway import lifecycle
 from stemflow_dev.fixtures import delete_namespace, delete_namespace_keys
 from stemflow_dev.procs import ProcessGroup, ServiceSpec
 from stemflow_shared.auth import ApiKeys
 from stemflow_shared.events import (
     JOB_COMPLETED,
     JOB_PROGRESS,
+    InputRef,
     JobCompleted,
+    JobOptions,
     JobProgressed,
     Progress,
     make_event,
@@ -42,6 +45,7 @@ from .conftest import ARTIFACTS
 
 pytestmark = pytest.mark.integration
 SECRET = "integration-webhook-secret"
+INTERNAL_TOKEN = "integration-internal-token"
 REPLICAS = ("a", "b")
 TIMEOUT_S = 30.0
 
@@ -54,32 +58,63 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def notifiers(base_env: dict[str, str], isolation: Any) -> Iterator[tuple[ProcessGroup, dict[str, str], dict]]:
-    """Replicas a and b as processes; returns the group, their environment and their WebSocket URLs."""
-    env = {
+    """Replicas a and b and the gateway they ask, as processes; returns the group, the notifiers' environment
+    and their WebSocket URLs."""
+    namespace, internal_port = f"{isolation.namespace}-ni", _free_port()
+    gateway_env = {
         **base_env,
-        "STEMFLOW_NAMESPACE": f"{isolation.namespace}-ni",
+        "STEMFLOW_NAMESPACE": namespace,
+        "MONGODB_DB": f"{base_env['MONGODB_DB']}_ni",
+        "HTTP_PORT": str(_free_port()),
+        "METRICS_PORT": str(_free_port()),
+        "INTERNAL_PORT": str(internal_port),
+        "INTERNAL_TOKEN": INTERNAL_TOKEN,
+        "PYTHONUNBUFFERED": "1",
+    }
+    env = {
+        **{k: v for k, v in base_env.items() if not k.startswith("MONGODB")},
+        "STEMFLOW_NAMESPACE": namespace,
+        "GATEWAY_INTERNAL_URL": f"http://127.0.0.1:{internal_port}",
+        "INTERNAL_TOKEN": INTERNAL_TOKEN,
         "WEBHOOK_SECRET": SECRET,
         "WEBHOOK_ALLOW_PRIVATE": "true",
         "WEBHOOK_BACKOFF_S": "0.05",
         "PYTHONUNBUFFERED": "1",
     }
     ports = {replica: _free_port() for replica in REPLICAS}
+    gateway = ServiceSpec(
+        name="gateway-ni",
+        argv=[sys.executable, "-m", "gateway.main"],
+        env=gateway_env,
+        ready_url=f"http://127.0.0.1:{gateway_env['HTTP_PORT']}/readyz",
+    )
     specs = [
-        ServiceSpec(
-            name=f"notifier-{replica}",
-            argv=[sys.executable, "-m", "notifier.main"],
-            env={**env, "HTTP_PORT": str(port), "REPLICA_ID": f"it-{replica}"},
-            ready_url=f"http://127.0.0.1:{port}/readyz",
-        )
-        for replica, port in ports.items()
+        gateway,
+        *(
+            ServiceSpec(
+                name=f"notifier-{replica}",
+                argv=[sys.executable, "-m", "notifier.main"],
+                env={**env, "HTTP_PORT": str(port), "REPLICA_ID": f"it-{replica}"},
+                ready_url=f"http://127.0.0.1:{port}/readyz",
+            )
+            for replica, port in ports.items()
+        ),
     ]
     group = ProcessGroup()
     group.start(specs, ARTIFACTS / "notifier")
     try:
-        group.wait_ready(timeout=60)
+        group.wait_ready(timeout=120)
         yield group, env, {replica: f"ws://127.0.0.1:{port}/v1/ws" for replica, port in ports.items()}
     finally:
         group.stop()
+
+
+@pytest_asyncio.fixture(scope="module")
+async def gateway_db(notifiers: Any, mongo_db: Any, base_env: dict[str, str]) -> AsyncIterator[Any]:
+    """The database of the notifiers' gateway (dropped at the end)."""
+    database = mongo_db.client[f"{base_env['MONGODB_DB']}_ni"]
+    yield database
+    await mongo_db.client.drop_database(database.name)
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -101,21 +136,13 @@ async def broker(notifiers: Any, redis_client: Any) -> AsyncIterator[Broker]:
         await delete_namespace_keys(redis_client, env["STEMFLOW_NAMESPACE"])
 
 
-async def new_job(mongo_db: Any, owner: str, callback_url: str | None = None) -> str:
-    job_id = uuid.uuid4().hex
-    now = datetime.now(UTC)
-    await mongo_db["jobs"].insert_one(
-        {
-            "_id": job_id,
-            "owner": owner,
-            "status": "processing",
-            "stages": {},
-            "progress": 0.0,
-            "options": {"callback_url": callback_url},
-            "created_at": now,
-            "updated_at": now,
-        }
-    )
+async def new_job(gateway_db: Any, owner: str, callback_url: str | None = None) -> str:
+    """A job as the gateway stores it (its own lifecycle.new_job), without publishing anything."""
+    job_id = lifecycle.new_job_id()
+    source = InputRef(source_url="https://songs.example.com/song.wav").model_dump(exclude_none=True)
+    options = JobOptions(callback_url=callback_url)
+    doc = lifecycle.new_job(job_id, owner, options, source, now=lifecycle.utcnow(), retention=timedelta(days=1))
+    await gateway_db["jobs"].insert_one(doc)
     return job_id
 
 
@@ -150,11 +177,11 @@ async def event_ids_until(ws: Any, last_id: str) -> list[str]:
 
 
 async def test_both_replicas_deliver_and_a_crashed_one_is_resumed_from_elsewhere(
-    notifiers: Any, broker: Broker, mongo_db: Any
+    notifiers: Any, broker: Broker, gateway_db: Any
 ) -> None:
     group, _, urls = notifiers
-    key = await ApiKeys(mongo_db).create("replicated")
-    job = await new_job(mongo_db, "replicated")
+    key = await ApiKeys(gateway_db).create("replicated")
+    job = await new_job(gateway_db, "replicated")
     async with connect(urls["a"], key) as on_a, connect(urls["b"], key) as on_b:
         assert (await send(on_a, type="subscribe", job_id=job))["type"] == "subscribed"
         assert (await send(on_b, type="subscribe"))["type"] == "subscribed"
@@ -208,7 +235,7 @@ class Receiver:
 
 
 async def test_a_webhook_is_sent_once_by_the_replicas_signed_and_retried(
-    notifiers: Any, broker: Broker, mongo_db: Any
+    notifiers: Any, broker: Broker, gateway_db: Any
 ) -> None:
     receiver = Receiver()
     sock = socket.socket()
@@ -217,11 +244,11 @@ async def test_a_webhook_is_sent_once_by_the_replicas_signed_and_retried(
     server = uvicorn.Server(uvicorn.Config(receiver, log_config=None, lifespan="off", access_log=False))
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     try:
-        job = await new_job(mongo_db, "hooked", callback_url=f"http://127.0.0.1:{sock.getsockname()[1]}/hook")
+        job = await new_job(gateway_db, "hooked", callback_url=f"http://127.0.0.1:{sock.getsockname()[1]}/hook")
         event_id = await completed(broker, "hooked", job)
         await receiver.wait_for(event_id, 3)
         # Delivered on the third attempt; by the time a later webhook arrives, no replica sent it again.
-        sentinel_job = await new_job(mongo_db, "hooked", callback_url=f"http://127.0.0.1:{sock.getsockname()[1]}/s")
+        sentinel_job = await new_job(gateway_db, "hooked", callback_url=f"http://127.0.0.1:{sock.getsockname()[1]}/s")
         await receiver.wait_for(await completed(broker, "hooked", sentinel_job), 1)
     finally:
         server.should_exit = True
