@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from separator.device import make_engine, pick_device, pick_precision
 from separator.settings import Settings
@@ -14,9 +15,10 @@ def test_auto_precision_is_half_on_cuda_and_full_on_cpu() -> None:
     assert pick_precision("bfloat16", "cuda") == "bfloat16"
 
 
-def test_explicit_devices_are_kept() -> None:
+def test_explicit_devices_are_kept_and_auto_follows_cuda() -> None:
     assert pick_device("cpu") == "cpu"
-    assert pick_device("auto") in {"cpu", "cuda"}
+    assert pick_device("cuda") == "cuda"
+    assert pick_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.mark.parametrize(("device", "batch"), [("cpu", 1), ("cuda", 8)])
