@@ -8,6 +8,7 @@ free ports in this run's own namespace, with tiny untrained demucs models.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,17 @@ def system(
         yield RunningSystem(ports, group, env)
     finally:
         group.stop()
+    # At the end of the session, after every test that used the system: no secret reached a log line.
+    assert_no_secrets_in_logs(ARTIFACTS / "logs")
+
+
+def assert_no_secrets_in_logs(folder: Path) -> None:
+    logs = {path.name: path.read_text(errors="replace") for path in folder.glob("*.log")}
+    assert set(logs) >= {"gateway.log", "notifier.log", "ingest.log", "separator.log", "analyzer.log"}
+    assert sum(len(text) for text in logs.values()) > 1000
+    for name, text in logs.items():
+        assert not re.search(r"sfk_[A-Za-z0-9_-]{20,}", text), f"an API key is in {name}"
+        assert not re.search(r"://[^/\s:@]+:[^/\s@]+@", text), f"a URL with credentials is in {name}"
 
 
 @pytest_asyncio.fixture(scope="session")
