@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 # Run as a script, this file's folder comes first on sys.path and bench/separator.py would shadow
 # the separator package measured here.
@@ -80,13 +81,15 @@ GOALS = {
 }
 # What the engine would need for the forward options measured here, written once for the JSON.
 HOOKS = {
-    "device_constants": "demucs makes its STFT window (spec.py) and 2-D positional embedding (transformer.py) "
-    "on the CPU and copies them to the device on every forward; the bench swaps in cached device copies",
+    "capturable": "demucs makes its STFT window (spec.py) and 2-D positional embedding (transformer.py) on the "
+    "CPU and copies them to the device on every forward, and torch.istft reads a value back (its NOLA check): "
+    "host waits per forward that also forbid CUDA graphs; the bench swaps in cached device copies and an "
+    "inverse STFT without the check (bench/gpu.py: capturable)",
     "pinned": "the engine stacks windows in pageable memory and copies results back with .cpu(); a pinned "
     "staging buffer per batch shape would make both copies asynchronous",
     "overlap": "the engine waits for each batch's results before taking the next; overlapping needs a copy "
     "stream each way and futures resolved on a completion event instead of inside the forward loop",
-    "cuda_graphs": "needs device_constants, one captured graph per (model, batch size), partial batches padded "
+    "cuda_graphs": "needs capturable, one captured graph per (model, batch size), partial batches padded "
     "to a captured size, and autocast without its weight cache",
     "compile": "SegmentEngine(compile_models=True) compiles with dynamic=False: one recompilation per batch "
     "size met, within torch._dynamo's recompile limit",
@@ -546,9 +549,39 @@ def bench_engine_compile(
 Forward = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 
+def istft_without_host_check(
+    z: torch.Tensor,
+    n_fft: int,
+    hop_length: int,
+    window: torch.Tensor,
+    win_length: int,
+    normalized: bool,
+    length: int,
+    center: bool,
+) -> torch.Tensor:
+    """torch.istft for demucs' arguments, less its window-overlap (NOLA) check, whose .item() waits for the
+    device on every call and cannot be captured in a CUDA graph; a Hann window at a quarter hop passes it."""
+    assert center and win_length == n_fft
+    frames = torch.fft.irfft(z.transpose(-1, -2), n=n_fft, dim=-1, norm="ortho" if normalized else "backward")
+    count = frames.shape[-2]
+    total = n_fft + hop_length * (count - 1)
+    fold = {"output_size": (1, total), "kernel_size": (1, n_fft), "stride": (1, hop_length)}
+    signal = F.fold((frames * window).transpose(-1, -2), **fold).flatten(-3)
+    envelope = F.fold(window.square().expand(1, count, n_fft).transpose(-1, -2), **fold).flatten(-3)
+    start = n_fft // 2
+    if start + length > total:
+        signal, envelope = (
+            F.pad(signal, (0, start + length - total)),
+            F.pad(envelope, (0, start + length - total), value=1.0),
+        )
+    return signal[..., start : start + length] / envelope[..., start : start + length]
+
+
 @contextlib.contextmanager
-def device_constants(cache: dict[tuple, torch.Tensor] | None = None) -> Iterator[None]:
-    """demucs' STFT window and 2-D positional embedding made once per device and reused (capturable).
+def capturable(cache: dict[tuple, torch.Tensor] | None = None) -> Iterator[None]:
+    """demucs' forward without host work per call, as a CUDA graph needs: its STFT window and 2-D positional
+    embedding made on the CPU and copied over each time are kept on the device, and its inverse STFT skips
+    torch.istft's host-side check.
 
     A CUDA graph reads the cached tensors at their addresses: whoever captures one keeps `cache`.
     """
@@ -559,7 +592,7 @@ def device_constants(cache: dict[tuple, torch.Tensor] | None = None) -> Iterator
     hann, embedding = torch.hann_window, demucs.transformer.create_2d_sin_embedding
 
     class _Torch:
-        """demucs.spec's `th`, whose hann_window(n).to(x) returns a cached tensor already like x."""
+        """demucs.spec's `th`: hann_window(n).to(x) is a cached tensor already like x, istft checks nothing."""
 
         def __getattr__(self, name: str) -> Any:
             return getattr(torch, name)
@@ -567,6 +600,10 @@ def device_constants(cache: dict[tuple, torch.Tensor] | None = None) -> Iterator
         @staticmethod
         def hann_window(n: int) -> Any:
             return _Window(n)
+
+        @staticmethod
+        def istft(z: torch.Tensor, n_fft: int, hop_length: int, **options: Any) -> torch.Tensor:
+            return istft_without_host_check(z, n_fft, hop_length, **options)
 
     class _Window:
         def __init__(self, n: int) -> None:
@@ -603,9 +640,9 @@ def eager(model: torch.nn.Module, device: torch.device, precision: str) -> Forwa
     return run
 
 
-def with_constants(forward: Forward) -> Forward:
+def made_capturable(forward: Forward) -> Forward:
     def run(batches: list[torch.Tensor]) -> list[torch.Tensor]:
-        with device_constants():
+        with capturable():
             return forward(batches)
 
     return run
@@ -657,12 +694,12 @@ def overlapped(model: torch.nn.Module, device: torch.device, precision: str) -> 
 
 
 def graphed(model: torch.nn.Module, device: torch.device, precision: str, example: torch.Tensor) -> Forward:
-    """One CUDA graph for the fixed batch shape of `example`, replayed per batch (needs device constants)."""
+    """One CUDA graph for the fixed batch shape of `example`, replayed per batch (needs `capturable`)."""
     static_in = example.to(device)
     constants: dict[tuple, torch.Tensor] = {}
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
-    with device_constants(constants), torch.inference_mode():
+    with capturable(constants), torch.inference_mode():
         with torch.cuda.stream(side), autocast(device, precision, cache=False):
             for _ in range(2):
                 model(static_in)
@@ -772,7 +809,7 @@ def bench_forward(model: torch.nn.Module, device: torch.device, args: argparse.N
     batches = list(windows(model, batch * args.forward_batches).split(batch))
     base = eager(model, device, args.precision)
     options: dict[str, tuple[Callable[[], tuple[Forward, Forward]], str | None]] = {
-        "device_constants": (lambda: (base, with_constants(base)), None),
+        "capturable": (lambda: (base, made_capturable(base)), None),
         "pinned": (lambda: (base, pinned(model, device, args.precision)), None if cuda else "needs CUDA"),
         "overlap": (lambda: (base, overlapped(model, device, args.precision)), None if cuda else "needs CUDA"),
         "overlap_vs_pinned": (
@@ -780,7 +817,7 @@ def bench_forward(model: torch.nn.Module, device: torch.device, args: argparse.N
             None if cuda else "needs CUDA",
         ),
         "cuda_graphs": (
-            lambda: (with_constants(base), graphed(model, device, args.precision, batches[0])),
+            lambda: (made_capturable(base), graphed(model, device, args.precision, batches[0])),
             None if cuda else "needs CUDA",
         ),
         "compile": (

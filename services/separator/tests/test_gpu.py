@@ -264,13 +264,13 @@ def test_dry_run_batched_and_separate_runs_agree(dry_run: dict[str, Any]) -> Non
 def test_dry_run_forward_options_measured_or_skipped_with_a_reason(dry_run: dict[str, Any]) -> None:
     forward = dry_run["forward"]
     assert all(size["segments_per_s"] > 0 for size in forward["batch_sweep"].values())
-    constants = forward["options"]["device_constants"]
-    # Cached copies of the same constants: the same output, bit for bit, at some speed.
-    assert constants["max_difference"] == 0 and constants["ratio"] > 0
+    capturable = forward["options"]["capturable"]
+    # Cached constants and an inverse STFT without its host check: the same output to float32 rounding.
+    assert capturable["max_difference"] < 1e-5 and capturable["ratio"] > 0
     for name in ("pinned", "overlap", "overlap_vs_pinned", "cuda_graphs"):
         assert forward["options"][name] == {"skipped": "needs CUDA"}
     assert "skipped" in forward["options"]["compile"] and "skipped" in dry_run["engine_compile"]
-    assert set(forward["hooks"]) >= {"pinned", "overlap", "cuda_graphs", "compile", "device_constants"}
+    assert set(forward["hooks"]) >= {"pinned", "overlap", "cuda_graphs", "compile", "capturable"}
 
 
 def test_dry_run_says_where_half_precision_stft_fails_and_what_autocast_gives_it(dry_run: dict[str, Any]) -> None:
