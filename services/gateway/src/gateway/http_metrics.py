@@ -25,7 +25,7 @@ from stemflow_shared import metrics
 from stemflow_shared.httpserver import READ_TIMEOUT_SCOPE_KEY, HttpLimits
 from stemflow_shared.ops import PROBLEM_HANDLERS, http_server, listening_socket, metrics_routes
 
-log = logging.getLogger("gateway")
+log = logging.getLogger(__name__)
 
 CLIENT_CLOSED_REQUEST = 499
 REQUEST_TIMEOUT = 408

@@ -41,7 +41,7 @@ from .deps import jobs_of, not_found
 from .jobs import UNFINISHED
 from .problems import Problem
 
-log = logging.getLogger("gateway")
+log = logging.getLogger(__name__)
 
 JobId = Annotated[str, Path(pattern=ID_PATTERN)]
 OwnerQuery = Annotated[str, Query(min_length=1, max_length=200)]

@@ -43,7 +43,7 @@ from .repository import JobRepository
 from .settings import Settings
 from .web import add_api_docs, add_web_page
 
-log = logging.getLogger("gateway")
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings) -> FastAPI:

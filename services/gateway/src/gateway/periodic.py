@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-log = logging.getLogger("gateway")
+log = logging.getLogger(__name__)
 
 
 async def every(interval_s: float, what: str, work: Callable[[], Awaitable[int]]) -> None:
