@@ -132,7 +132,7 @@ def test_env_example_names_every_secret_the_compose_file_reads(compose):
 
 def test_docker_compose_accepts_the_files(tmp_path):
     """`docker compose config` (or the older docker-compose, which predates the top-level `name`)."""
-    (tmp_path / ".env").write_text("RABBITMQ_PASSWORD=a\nREDIS_PASSWORD=b\nWEBHOOK_SECRET=c\n")
+    (tmp_path / ".env").write_text("RABBITMQ_PASSWORD=a\nREDIS_PASSWORD=b\nWEBHOOK_SECRET=c\nINTERNAL_TOKEN=d\n")
     for name in ("compose.yaml", "compose.gpu.yaml", "download-models.py"):
         shutil.copy(COMPOSE_DIR / name, tmp_path / name)
     if _has_compose_v2():

@@ -22,8 +22,9 @@ WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
 SERVICE_WORKLOADS = {"Deployment", "StatefulSet"}
 CONNECTION_SECRET = "stemflow-connections"
 CONNECTION_KEYS = ("AMQP_URL", "MONGODB_URL", "REDIS_URL")
-# With the filesystem blob store only these talk to MongoDB (components/gridfs-blobs adds the workers).
-MONGODB_USERS = {"gateway", "notifier"}
+# With the filesystem blob store only the gateway talks to MongoDB (components/gridfs-blobs adds the workers);
+# the notifier asks the gateway's internal API.
+MONGODB_USERS = {"gateway"}
 BLOB_USERS = {"gateway", "ingest", "separator", "analyzer"}
 # Secrets that the operators make, not people (so not in secrets.example.yaml).
 OPERATOR_SECRETS = {"rabbitmq-default-user"}
@@ -305,6 +306,32 @@ def test_notifier_replicas_keep_their_names_and_with_them_their_queues(render, t
     assert governing["spec"]["selector"].items() <= notifier["spec"]["template"]["metadata"]["labels"].items()
     if target == "overlays/dev":  # Tilt's live update writes into it, as into the Deployments
         assert container["securityContext"]["readOnlyRootFilesystem"] is False
+
+
+def test_the_notifier_asks_the_gateways_internal_port_with_the_token_the_gateway_requires(render, target):
+    """No MongoDB for the notifier: its GATEWAY_INTERNAL_URL is the Service gateway-internal (the gateway's
+    `internal` port, apart from the public Service the ingress routes), and both read INTERNAL_TOKEN from the
+    same Secret key."""
+    docs = render(target)
+    gateway, notifier = find(docs, "Deployment", "gateway"), find(docs, "StatefulSet", "notifier")
+    (gateway_container,), (notifier_container,) = containers(gateway), containers(notifier)
+    assert {"name": "internal", "containerPort": 9200} in gateway_container["ports"]
+    internal = find(docs, "Service", "gateway-internal")["spec"]
+    assert internal["selector"].items() <= gateway["spec"]["template"]["metadata"]["labels"].items()
+    (service_port,) = internal["ports"]
+    assert service_port["targetPort"] == "internal"
+    config = find(docs, "ConfigMap", "notifier")["data"]
+    assert config["GATEWAY_INTERNAL_URL"] == f"http://gateway-internal:{service_port['port']}"
+    assert not [name for name in config if name.startswith("MONGODB")]
+
+    def token(container: Doc) -> Doc:
+        (var,) = [v for v in container["env"] if v["name"] == "INTERNAL_TOKEN"]
+        return var["valueFrom"]["secretKeyRef"]
+
+    assert (
+        token(gateway_container) == token(notifier_container) == {"name": "stemflow-internal", "key": "INTERNAL_TOKEN"}
+    )
+    assert not [v for v in notifier_container["env"] if v["name"].startswith("MONGODB")]
 
 
 def test_prod_runs_every_separator_pool_on_a_gpu(render):

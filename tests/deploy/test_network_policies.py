@@ -203,7 +203,8 @@ def expected(
         return who in ("ingest", "notifier") and server in PUBLIC and port in WEB
     needs = {
         ("gateway", "mongodb", 27017),
-        ("notifier", "mongodb", 27017),
+        # The notifier asks the gateway, which owns job state, on its internal port; not MongoDB.
+        ("notifier", "gateway", 9200),
         ("ingress-controller", "gateway", 8000),
         ("ingress-controller", "notifier", 8001),
         ("prometheus", "rabbitmq", 15692),
@@ -305,6 +306,18 @@ def test_each_service_reaches_only_what_it_needs_in_prod(render):
 def test_with_gridfs_blobs_the_workers_reach_mongodb(render_with):
     docs = render_with("overlays/prod", ("components/gridfs-blobs",))
     check_matrix(docs, keda=True, gridfs=True, tracing=True)
+
+
+def test_only_the_notifier_reaches_the_gateways_internal_api_and_it_no_longer_reaches_mongodb(render, target):
+    docs = render(target)
+    pods = {peer.name: peer for peer in service_pods(docs)}
+    gateway, notifier = pods["gateway"], pods["notifier"]
+    internal = gateway.ports["internal"]
+    assert connects(docs, notifier, gateway, internal)
+    assert not connects(docs, notifier, gateway, gateway.ports["http"])
+    assert not connects(docs, notifier, MONGODB, 27017)
+    for other in [*(p for name, p in pods.items() if name != "notifier"), *OUTSIDERS]:
+        assert not connects(docs, other, gateway, internal), other.name
 
 
 def widen(policy: Doc, key: str, rule: Doc) -> Doc:
