@@ -121,7 +121,7 @@ async def test_upload_progress_mixer_and_downloads_in_a_real_browser(
         await page.locator("#job-section[data-status=completed]").wait_for(timeout=300_000)
         seen = await page.evaluate("window.seen")
         assert seen[-1] == "completed"
-        assert {"ingesting", "processing"} & set(seen), seen
+        assert {"ingesting", "processing"} & {line.split(" · ")[0] for line in seen}, seen  # " · 0 ahead …"
         assert await page.locator("#p-overall").get_attribute("value") == "100"
 
         # Results: tempo and key with confidence, the waveform, one mixer row per stem once decoded.
@@ -297,3 +297,122 @@ async def test_several_files_make_one_batch_listed_in_order(
             assert batch_id is not None
             batch = (await http.get(f"{system.gateway_url}/v1/batches/{batch_id}")).json()
         assert batch["status"] == "completed" and sorted(j["id"] for j in batch["jobs"]) == sorted(ids)
+
+
+async def options_of(page: Any, select: str) -> list[dict[str, Any]]:
+    return await page.locator(select).evaluate(
+        "s => [...s.options].map(o => ({value: o.value, text: o.textContent, disabled: o.disabled}))"
+    )
+
+
+async def served_models(system: Any, api_key: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {api_key}"}) as http:
+        response = await http.get(f"{system.gateway_url}/v1/models")
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def test_the_choices_are_the_models_served_and_their_stem_counts(system: Any, api_key: str, browser: Any) -> None:
+    catalogue = await served_models(system, api_key)
+    served = {m["name"] for m in catalogue["models"] if m["served"]}
+    assert served == {"htdemucs"}  # the running system's separator serves htdemucs only
+    async with signed_in_page(browser, system, api_key) as page:
+        await page.wait_for_function(
+            f"() => document.getElementById('opt-model').options.length === {len(catalogue['models'])}"
+        )
+        models = await options_of(page, "#opt-model")
+        assert [m["value"] for m in models] == [m["name"] for m in catalogue["models"]]
+        for option in models:
+            assert option["disabled"] == (option["value"] not in served)
+            assert ("no worker serves this model now" in option["text"]) == option["disabled"]
+        assert await page.get_by_label("Model").input_value() == "htdemucs"
+        assert [o["value"] for o in await options_of(page, "#opt-stems")] == ["2", "4"]
+        assert await page.get_by_label("Stems").input_value() == "4"
+        assert not await page.locator("#models-notice").is_visible()
+        await page.screenshot(path=ARTIFACTS / "7-models.png", full_page=True)
+
+
+async def test_the_stems_follow_the_model_chosen(system: Any, api_key: str, browser: Any) -> None:
+    catalogue = await served_models(system, api_key)
+    # As a stack whose pools serve every model would answer (this one serves htdemucs only).
+    every = {**catalogue, "models": [{**m, "served": True, "workers": 1} for m in catalogue["models"]]}
+    async with signed_in_page(browser, system, api_key) as page:
+        await page.route("**/v1/models", lambda route: route.fulfill(json=every))
+        await page.reload()
+        await page.wait_for_function(
+            f"() => [...document.getElementById('opt-model').options].filter(o => !o.disabled).length === {len(every['models'])}"
+        )
+        await page.get_by_label("Model").select_option("htdemucs_6s")
+        assert [o["value"] for o in await options_of(page, "#opt-stems")] == ["2", "4", "6"]
+        await page.get_by_label("Stems").select_option("6")
+        assert "guitar" in await page.locator("#model-help").inner_text()
+        await page.get_by_label("Model").select_option("htdemucs_ft")
+        assert [o["value"] for o in await options_of(page, "#opt-stems")] == ["2", "4"]
+        assert await page.get_by_label("Stems").input_value() == "4"  # six is not on offer: the default count
+
+
+async def test_without_the_list_of_models_the_page_offers_the_default_and_says_so(
+    system: Any, api_key: str, browser: Any
+) -> None:
+    async with signed_in_page(browser, system, api_key) as page:
+        await page.route("**/v1/models", lambda route: route.fulfill(status=503, json={"code": "unavailable"}))
+        await page.reload()
+        await page.locator("#models-notice").filter(has_text="could not be read").wait_for()
+        assert [o["value"] for o in await options_of(page, "#opt-model")] == ["htdemucs"]
+        assert [o["value"] for o in await options_of(page, "#opt-stems")] == ["2", "4"]
+        assert await page.get_by_role("button", name="Split the song").is_enabled()
+
+
+async def test_a_model_that_stopped_being_served_is_refused_and_the_list_read_again(
+    system: Any, api_key: str, browser: Any, song: Path
+) -> None:
+    catalogue = await served_models(system, api_key)
+    stale = {**catalogue, "models": [{**m, "served": True} for m in catalogue["models"]]}
+    async with signed_in_page(browser, system, api_key) as page:
+        # The list the page read said htdemucs_ft was served; by the time the song is sent, no worker serves it.
+        await page.route("**/v1/models", lambda route: route.fulfill(json=stale))
+        await page.reload()
+        await page.wait_for_function(
+            f"() => [...document.getElementById('opt-model').options].filter(o => !o.disabled).length === {len(stale['models'])}"
+        )
+        await page.unroute("**/v1/models")
+        await page.set_input_files("#file", song)
+        await page.get_by_label("Model").select_option("htdemucs_ft")
+        await page.get_by_role("button", name="Split the song").click()
+        await page.get_by_role("alert").filter(has_text="choose one that is served").wait_for()
+        await page.wait_for_function("() => document.querySelector('#opt-model option[value=htdemucs_ft]').disabled")
+        assert await page.get_by_label("Model").input_value() == "htdemucs"
+        assert await page.locator("#job-section").is_hidden()
+
+
+async def test_a_waiting_job_shows_its_place_and_estimated_start(system: Any, api_key: str, browser: Any) -> None:
+    async with signed_in_page(browser, system, api_key) as page:
+        # The job as answered while two jobs are ahead of it (this stack is rarely that busy when the test runs).
+        # A pasted URL, so that the request is JSON that the route can pass on as it is.
+        async def ahead(route: Any) -> None:
+            if route.request.method != "POST":
+                return await route.continue_()
+            response = await route.fetch()
+            job = await response.json()
+            await route.fulfill(status=response.status, json={**job, "queue": {"ahead": 2, "estimated_start_s": 40.0}})
+
+        await page.route("**/v1/jobs", ahead)
+        # What the status line and the job's list entry show, each time they change (the next read of the job
+        # from the server, as the WebSocket subscription starts, replaces the answer above within moments).
+        await page.evaluate(
+            """() => {
+              window.seen = [];
+              const note = () => window.seen.push([document.getElementById('job-status').textContent,
+                                                   document.querySelector('#jobs li small')?.textContent || '']);
+              for (const id of ['job-status', 'jobs'])
+                new MutationObserver(note).observe(document.getElementById(id), {childList: true, characterData: true, subtree: true});
+            }"""
+        )
+        await page.get_by_label("…or paste a URL").fill("http://127.0.0.1:9/waiting.mp3")
+        await page.get_by_role("button", name="Split the song").click()
+        # This URL is refused by the service's fetcher: the job ends, and with it the wait.
+        await page.locator("#job-section[data-status=failed]").wait_for(timeout=120_000)
+        seen = await page.evaluate("window.seen")
+        assert "queued · 2 ahead · starts in ~40 s" in {line for line, _ in seen}, seen
+        assert any(entry.endswith(" · 2 ahead · starts in ~40 s") for _, entry in seen), seen
+        assert "ahead" not in await page.locator("#job-status").inner_text()

@@ -6,6 +6,14 @@ const API = "/v1";
 const KEY_STORE = "stemflow.apiKey";
 const TERMINAL = new Set(["completed", "failed", "cancelled"]);
 const STAGES = ["ingest", "separation", "analysis"];
+const MODELS_REFRESH_MS = 30000; // what the workers serve changes as pools come and go
+const QUEUE_REFRESH_MS = 5000; // no event says when the jobs ahead of a waiting one move
+const FOUR = ["drums", "bass", "other", "vocals"];
+// Offered when /v1/models cannot be read: the default model, which every deployment serves.
+const FALLBACK_MODELS = {
+  models: [{ name: "htdemucs", title: "HT-Demucs", description: "", sources: FOUR, stems: [2, 4], served: true }],
+  default_model: "htdemucs",
+};
 const $ = (id) => document.getElementById(id);
 
 const state = {
@@ -19,6 +27,10 @@ const state = {
   lastEventId: null,
   mixer: null,
   analysis: null, // the shown job's analysis (its energy curve lights the waveform of every target)
+  models: FALLBACK_MODELS, // GET /v1/models: what the choices are built from
+  modelsTimer: 0,
+  queueTimer: 0,
+  submitting: false,
 };
 
 // ---- HTTP
@@ -39,6 +51,7 @@ function describeProblem(status, p) {
       const fields = (p.errors || []).map((e) => (e.message ? `${e.field || "request"}: ${e.message}` : e.field));
       return `The options were refused: ${fields.join("; ") || detail}`;
     }
+    case "model_unavailable": return `${detail}. The models on offer were read again: choose one that is served.`;
     case "payload_too_large": return `The file is too large (${detail}).`;
     case "unsupported_media_type": return `This file type is not accepted (${detail}). Send WAV, FLAC, MP3, OGG, Opus or M4A.`;
     case "rate_limited": return `Too many requests; try again in ${p.retryAfter || 60} seconds.`;
@@ -136,6 +149,57 @@ function jobOptions() {
   return options;
 }
 
+// ---- models: the choices offered are what the workers serve now (GET /v1/models)
+
+async function loadModels() {
+  try {
+    state.models = await getJson("/models");
+    notice("");
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 401) return;
+    state.models = FALLBACK_MODELS;
+    notice(`The list of models could not be read (${error.message}); offering ${FALLBACK_MODELS.default_model} with 2 or 4 stems.`);
+  }
+  renderModels();
+}
+
+function notice(message) {
+  $("models-notice").textContent = message;
+  $("models-notice").hidden = !message;
+}
+
+function renderModels() {
+  const { models, default_model: fallback } = state.models;
+  const served = models.filter((m) => m.served);
+  const select = $("opt-model");
+  const keep = served.find((m) => m.name === select.value) || served.find((m) => m.name === fallback) || served[0];
+  select.replaceChildren(...models.map((m) => {
+    const label = m.served ? m.name : `${m.name} — no worker serves this model now`;
+    const option = new Option(label, m.name, m.name === fallback); // the default is what a form reset picks
+    option.disabled = !m.served;
+    option.title = m.served ? m.description || m.title || m.name : "No worker serves this model now";
+    return option;
+  }));
+  if (keep) select.value = keep.name;
+  $("submit").disabled = !keep || state.submitting;
+  if (!keep) notice("No worker serves any model now: songs cannot be split until one does.");
+  renderStems();
+}
+
+// The stem counts of the chosen model only; the choice made is kept where the model gives it.
+function renderStems() {
+  const model = state.models.models.find((m) => m.name === $("opt-model").value);
+  const counts = model && model.served ? model.stems : [];
+  const select = $("opt-stems");
+  const wanted = Number(select.value) || 4;
+  select.replaceChildren(...counts.map((n) => new Option(`${n} stems`, String(n), n === 4)));
+  if (counts.length) select.value = String(counts.includes(wanted) ? wanted : counts.includes(4) ? 4 : counts[0]);
+  const sources = (model && model.sources) || FOUR;
+  const what = { 2: "vocals and accompaniment", 4: FOUR.join(", "), 6: sources.join(", ") };
+  const help = counts.map((n) => `${n}: ${what[n] || `${n} sources`}`).join("; ");
+  $("model-help").textContent = [model && model.description, help && `${help}.`].filter(Boolean).join(" ");
+}
+
 function upload(files, options) {
   // XMLHttpRequest, not fetch: only it reports upload progress. One file is a job; several, a batch.
   return new Promise((resolve, reject) => {
@@ -165,8 +229,7 @@ async function submitJob(event) {
   const url = $("source-url").value.trim();
   if (!files.length && !url) return alertUser("Choose or drop a song file, or paste its URL.");
   const options = jobOptions();
-  if (options.stems === 6 && options.model !== "htdemucs_6s") options.model = $("opt-model").value = "htdemucs_6s";
-  $("submit").disabled = true;
+  $("submit").disabled = state.submitting = true;
   alertUser("");
   try {
     const made = files.length
@@ -179,11 +242,15 @@ async function submitJob(event) {
     renderJobs();
     $("job-form").reset();
     $("file-name").textContent = "";
+    renderModels(); // the reset put back the page's own first options
     await openJob(job);
   } catch (error) {
     fail(error);
+    // A model that stopped being served since the list was read: read it again.
+    if (error instanceof ApiError && error.code === "model_unavailable") await loadModels();
   } finally {
-    $("submit").disabled = false;
+    state.submitting = false;
+    $("submit").disabled = !state.models.models.some((m) => m.served);
     $("upload").hidden = true;
   }
 }
@@ -244,7 +311,8 @@ function jobItem(job) {
   const remove = Object.assign(document.createElement("button"), { type: "button", textContent: "Delete" });
   remove.setAttribute("aria-label", `Delete ${nameOf(job)}`);
   remove.addEventListener("click", () => deleteJob(job).catch(fail));
-  const when = Object.assign(document.createElement("small"), { textContent: `${new Date(job.created_at).toLocaleString()} · ${job.id}` });
+  const waits = waiting(job) ? ` · ${queueText(job.queue)}` : "";
+  const when = Object.assign(document.createElement("small"), { textContent: `${new Date(job.created_at).toLocaleString()} · ${job.id}${waits}` });
   li.append(open, status, remove, when);
   if (!TERMINAL.has(job.status)) {
     const bar = Object.assign(document.createElement("progress"), { max: 100, value: job.progress.overall || 0 });
@@ -324,6 +392,9 @@ function onEvent(event) {
     if (TERMINAL.has(event.data.status)) return void refreshJob(id).catch(() => {});
     job.status = event.data.status;
     job.progress = event.data.progress;
+    // Progress events carry no queue: the one last read holds until the separation starts.
+    if ("queue" in event.data) job.queue = event.data.queue;
+    else if (!separationWaiting(job.progress)) delete job.queue;
     if (id === state.current) showProgress(job);
   } else {
     refreshJob(id).catch((error) => { if (id === state.current) fail(error); });
@@ -352,6 +423,7 @@ async function openJob(job) {
 }
 
 function closeJob() {
+  clearTimeout(state.queueTimer);
   if (state.mixer) state.mixer.close();
   state.mixer = null;
   state.current = null;
@@ -370,9 +442,38 @@ function showProgress(job) {
   }
   const line = $("job-status");
   line.className = `status-line s-${job.status}`;
-  line.textContent = job.status === "failed" && job.error ? `failed: ${job.error.message} [${job.error.code}]` : job.status;
+  line.textContent = job.status === "failed" && job.error ? `failed: ${job.error.message} [${job.error.code}]`
+    : waiting(job) ? `${job.status} · ${queueText(job.queue)}` : job.status;
   $("job-section").dataset.status = job.status;
   $("cancel").hidden = TERMINAL.has(job.status);
+  watchQueue(job);
+}
+
+// ---- a job whose separation waits its turn: its place in the model's queue and an estimated start
+
+const waiting = (job) => Boolean(job.queue) && !TERMINAL.has(job.status);
+
+function separationWaiting(progress) {
+  const stage = (progress && progress.separation) || {};
+  return !stage.status || stage.status === "pending" || (stage.status === "running" && !stage.percent); // queued: running at 0%
+}
+
+// Seconds until it should start: `estimated_start_s`, or `estimated_start_at` (ISO time); NaN while the pace is unknown.
+const startIn = (queue) => (queue.estimated_start_s != null ? Number(queue.estimated_start_s)
+  : queue.estimated_start_at ? (Date.parse(queue.estimated_start_at) - Date.now()) / 1000 : NaN);
+
+function queueText(queue) {
+  const s = startIn(queue);
+  const when = s < 90 ? `${Math.ceil(Math.max(s, 0))} s` : `${Math.round(s / 60)} min`;
+  return `${queue.ahead || 0} ahead${Number.isFinite(s) ? ` · starts in ~${when}` : ""}`;
+}
+
+// While the shown job waits, its document is read again now and then (the estimate moves as the jobs ahead do).
+function watchQueue(job) {
+  clearTimeout(state.queueTimer);
+  if (job.id === state.current && waiting(job)) {
+    state.queueTimer = setTimeout(() => refreshJob(job.id).catch(() => {}), QUEUE_REFRESH_MS);
+  }
 }
 
 function showJob(job) {
@@ -716,6 +817,9 @@ function startApp() {
   $("submit-section").hidden = false;
   $("jobs-section").hidden = false;
   connect();
+  loadModels();
+  clearInterval(state.modelsTimer);
+  state.modelsTimer = setInterval(() => { if (!document.hidden) loadModels(); }, MODELS_REFRESH_MS);
 }
 
 async function main() {
@@ -723,6 +827,7 @@ async function main() {
   $("key-forget").addEventListener("click", forgetKey);
   $("key-change").addEventListener("click", showKeyForm);
   $("job-form").addEventListener("submit", submitJob);
+  $("opt-model").addEventListener("change", renderStems);
   $("more").addEventListener("click", () => loadJobs(false).catch(fail));
   setupDrop();
   setupPlayer();
