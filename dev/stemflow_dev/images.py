@@ -1,7 +1,7 @@
 """The five service images, built from the repository root, and stand-in base images where none can be pulled.
 
     python -m stemflow_dev.images base            # python:3.11-slim-bookworm: present, pulled, or a stand-in
-    python -m stemflow_dev.images build [NAME...]  # stemflow/<service>:<version>, then the sizes table
+    python -m stemflow_dev.images build [NAME...] [--source REV]  # stemflow/<service>:<version>, sizes
     python -m stemflow_dev.images sizes
 
 The stand-in exists for machines that reach Debian's and PyPI's mirrors but no
@@ -185,23 +185,37 @@ def tag(service: str) -> str:
     return f"stemflow/{service}:{version(service)}"
 
 
-def build(services: list[str], *, cuda: bool = False) -> list[Built]:
+def build(services: list[str], *, cuda: bool = False, source: str | None = None) -> list[Built]:
+    """Build from the working tree, or from a commit (`source`, e.g. HEAD) exported with git archive."""
     ensure_base()
     strip_syntax = not can_have(FRONTEND_IMAGE)
     if strip_syntax:
         print(f"the BuildKit frontend {FRONTEND_IMAGE} cannot be pulled: building with the built-in one")
     built = []
-    with torch_cpu_index() as torch_index:
+    with torch_cpu_index() as torch_index, _context(source) as context:
         for service in services:
             extra = ["--target", "cpu", *torch_index] if service == "separator" else []
-            built.append(_build_one(service, tag(service), extra, strip_syntax))
+            built.append(_build_one(context, service, tag(service), extra, strip_syntax))
             if service == "separator" and cuda:
-                built.append(_build_one(service, f"{tag(service)}-cuda", ["--target", "cuda"], strip_syntax))
+                cuda_tag = f"{tag(service)}-cuda"
+                built.append(_build_one(context, service, cuda_tag, ["--target", "cuda"], strip_syntax))
     return built
 
 
-def _build_one(service: str, image: str, extra: list[str], strip_syntax: bool) -> Built:
-    dockerfile = REPO_ROOT / "services" / service / "Dockerfile"
+@contextlib.contextmanager
+def _context(source: str | None) -> Iterator[Path]:
+    if source is None:
+        yield REPO_ROOT
+        return
+    with tempfile.TemporaryDirectory(prefix="stemflow-context-") as tmp:
+        archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", source], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+        print(f"building from {source} ({_output(['git', '-C', str(REPO_ROOT), 'rev-parse', '--short', source])})")
+        yield Path(tmp)
+
+
+def _build_one(context: Path, service: str, image: str, extra: list[str], strip_syntax: bool) -> Built:
+    dockerfile = context / "services" / service / "Dockerfile"
     text = dockerfile.read_text()
     if strip_syntax:
         text = re.sub(r"\A# syntax=.*\n", "", text)
@@ -210,7 +224,7 @@ def _build_one(service: str, image: str, extra: list[str], strip_syntax: bool) -
     # fmt: off
     docker(
         "build", "--network", "host", "--file", "-", "--tag", image, "--tag", f"stemflow/{service}:latest",
-        "--label", f"org.opencontainers.image.version={version(service)}", *extra, str(REPO_ROOT),
+        "--label", f"org.opencontainers.image.version={version(service)}", *extra, str(context),
         input=text,
     )
     # fmt: on
@@ -297,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["base", "build", "sizes"])
     parser.add_argument("services", nargs="*", metavar="SERVICE", help=f"default: all five ({', '.join(SERVICES)})")
     parser.add_argument("--cuda", action="store_true", help="also the separator's CUDA target (needs its base)")
+    parser.add_argument("--source", metavar="REV", help="build a commit (git archive REV), not the working tree")
     args = parser.parse_args(argv)
     if unknown := set(args.services) - set(SERVICES):
         parser.error(f"unknown services: {', '.join(sorted(unknown))}")
@@ -305,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         ensure_base()
         return 0
     if args.command == "build":
-        for built in build(services, cuda=args.cuda):
+        for built in build(services, cuda=args.cuda, source=args.source):
             print(f"built {built.tag} in {built.seconds:.0f} s")
     print(sizes_table(services))
     return 0
