@@ -226,10 +226,10 @@ async def test_problems_are_explained_with_their_exit_codes(
     refused = await stemflow("list", env={**env, "STEMFLOW_API_KEY": "sfk_not-a-key"})
     assert refused.code == 3 and "API key was refused" in refused.err and "STEMFLOW_API_KEY" in refused.err
 
-    invalid = await stemflow("submit", songs["short"], "--stems", "6", "--model", "htdemucs", env=env)
-    assert invalid.code == 6 and "six-source model" in invalid.err
+    invalid = await stemflow("submit", songs["short"], "--trim", "90000:", env=env)  # beyond a day
+    assert invalid.code == 6 and "refused the options: trim_start" in invalid.err
 
-    as_json = await stemflow("submit", songs["short"], "--stems", "6", "--json", env=env)
+    as_json = await stemflow("submit", songs["short"], "--trim", ":90000", "--json", env=env)
     error = json.loads(as_json.err.strip().splitlines()[-1])["error"]
     assert as_json.code == 6 and error["problem"]["code"] == "validation_failed" and error["exit_code"] == 6
 
@@ -255,3 +255,46 @@ async def test_configure_saves_the_settings_the_other_commands_use(
     assert Path(bare["STEMFLOW_CONFIG"]).stat().st_mode & 0o077 == 0
     listed = await stemflow("list", "--json", env=bare)
     assert listed.code == 0 and "items" in listed.lines()[0]
+
+
+async def test_models_lists_what_is_served_and_submit_refuses_the_rest_before_uploading(
+    env: dict[str, str], songs: dict[str, Path], mongo_db: Any
+) -> None:
+    # A key of its own: it must have no job at all once the refusals are done.
+    env = {**env, "STEMFLOW_API_KEY": await ApiKeys(mongo_db).create("cli-models")}
+    listed = await stemflow("models", "--json", env=env)
+    assert listed.code == 0, listed.err
+    (catalogue,) = listed.lines()
+    models = {m["name"]: m for m in catalogue["models"]}
+    assert set(models) == {"htdemucs", "htdemucs_ft", "htdemucs_6s"} and catalogue["default_model"] == "htdemucs"
+    # The running system's separator serves htdemucs only.
+    assert {name for name, m in models.items() if m["served"]} == {"htdemucs"}
+    assert models["htdemucs"]["workers"] >= 1 and models["htdemucs_6s"]["stems"] == [2, 4, 6]
+    table = await stemflow("models", env=env)
+    assert table.code == 0, table.err
+    row = next(line.split() for line in table.out.splitlines() if line.strip().startswith("htdemucs (default)"))
+    assert row[2:5] == ["2,", "4", "yes"]
+    assert next(line for line in table.out.splitlines() if line.strip().startswith("htdemucs_6s")).split()[4] == "no"
+
+    for args, code, said in (
+        (["--model", "htdemucs_ft"], 10, "no worker serves htdemucs_ft now"),
+        (["--model", "htdemucs_6s", "--stems", "6"], 10, "no worker serves htdemucs_6s now"),
+        (["--target", "htdemucs:4", "--target", "htdemucs_6s:6"], 10, "no worker serves htdemucs_6s (--target"),
+        (["--stems", "6"], 6, "htdemucs (the default model) cannot give 6 stems"),
+        (["--model", "htdemucs", "--stems", "6"], 6, "cannot give 6 stems: it gives 2 or 4 stems"),
+        (["--target", "nonesuch:4"], 6, "there is no model nonesuch"),
+    ):
+        refused = await stemflow("submit", songs["short"], *args, env=env)
+        assert refused.code == code and said in refused.err, (args, refused.err)
+    six = await stemflow("submit", songs["short"], "--stems", "6", "--json", env=env)
+    error = json.loads(six.err.strip().splitlines()[-1])["error"]
+    assert six.code == 6 and error["exit_code"] == 6 and "htdemucs_6s" in error["hint"]
+    unserved = await stemflow("submit", songs["short"], "--model", "htdemucs_ft", env=env)
+    assert "served now: htdemucs" in unserved.err
+
+    jobs = await stemflow("list", "--json", env=env)
+    assert jobs.code == 0 and jobs.lines()[0]["items"] == []  # refused before any upload
+
+    # An analysis-only job asks for no separation: no model to check.
+    analysed = await stemflow("submit", songs["short"], "--no-separate", "--model", "htdemucs_6s", "--json", env=env)
+    assert analysed.code == 0, analysed.err
