@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 from rich.console import Console
 
 from stemflow_cli.display import Board, analysis_table, jobs_table, models_table, queue_text, stages_text
@@ -64,6 +66,9 @@ def test_a_waiting_job_shows_its_place_and_a_start_that_counts_down() -> None:
     assert queue_text(queue, elapsed=60) == "2 ahead · starts in ~0 s"
     assert queue_text({"ahead": 0, "estimated_start_s": 400.0}) == "0 ahead · starts in ~7 min"
     assert queue_text(None) == ""
+    assert queue_text({"ahead": 3}) == "3 ahead"  # the pool's pace not known yet
+    soon = (datetime.now(UTC) + timedelta(seconds=30.9)).isoformat().replace("+00:00", "Z")
+    assert queue_text({"ahead": 1, "estimated_start_at": soon}) == "1 ahead · starts in ~31 s"
     queued = {**JOB, "status": "queued", "queue": queue, "progress": {"overall": 0.0}, "result": None}
     assert "queued 0% (2 ahead)" in render(jobs_table([queued]))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from rich import box
@@ -58,15 +59,28 @@ def wait_text(seconds: Any) -> str:
     return f"~{round(seconds / 60)} min"
 
 
+def start_in(queue: dict[str, Any], elapsed: float = 0.0) -> float | None:
+    """Seconds until a waiting job should start: its `estimated_start_s` read `elapsed` seconds ago,
+    or its `estimated_start_at` (ISO time); None when the pool's pace is not known yet."""
+    seconds = queue.get("estimated_start_s")
+    if isinstance(seconds, int | float):
+        return seconds - elapsed
+    try:
+        at = datetime.fromisoformat(str(queue["estimated_start_at"]))
+    except (KeyError, ValueError):
+        return None
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp() - time.time()
+
+
 def queue_text(queue: dict[str, Any] | None, elapsed: float = 0.0) -> str:
     """'2 ahead · starts in ~40 s' for a job whose separation waits its turn ('' for one that does not),
     `elapsed` seconds after the estimate was read."""
     if not queue:
         return ""
     text = f"{int(queue.get('ahead') or 0)} ahead"
-    start = queue.get("estimated_start_s")
-    if isinstance(start, int | float):
-        text += f" · starts in {wait_text(start - elapsed)}"
+    start = start_in(queue, elapsed)
+    if start is not None:
+        text += f" · starts in {wait_text(start)}"
     return text
 
 
