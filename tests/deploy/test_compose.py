@@ -88,6 +88,11 @@ def test_health_checks_are_the_readiness_probes(compose, workloads, service, por
     assert compose["services"][service]["environment"]["HTTP_PORT"] == str(ports[service])
 
 
+def test_metrics_are_published_where_prometheus_scrapes_them(compose, workloads, service):
+    port = workloads[service]["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"]
+    assert any(str(p).endswith(f":{port}:{port}") for p in compose["services"][service]["ports"])
+
+
 def test_limits_security_and_grace_are_the_manifests(compose, workloads, service):
     spec = workloads[service]["spec"]["template"]["spec"]
     limits = container(workloads[service])["resources"]["limits"]
