@@ -36,7 +36,7 @@ test-integration: install
 
 # The five service images (stand-in base images where none can be pulled; docs/deploy.md), then their sizes.
 images: install
-	nice -n 10 $(BIN)/python -m stemflow_dev.images build
+	nice -n 10 $(BIN)/python -m stemflow_dev.images build $(IMAGES_ARGS)
 
 # The images as containers against real servers: skipped unless an engine answers and the images exist.
 test-images: install
