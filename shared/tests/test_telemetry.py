@@ -1,7 +1,9 @@
-"""Logging: one JSON line per record, credentials never written. Head sampling: one decision per request."""
+"""Logging: one JSON line per record, credentials never written. Head sampling: one decision per request, jobs at
+the configured ratio, other requests at their own."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from typing import Any
@@ -9,8 +11,11 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider, sampling
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -42,6 +47,8 @@ def test_log_lines_are_json_with_the_job_id_and_no_secret(capsys: pytest.Capture
 
 # --- head sampling ------------------------------------------------------------------------------
 
+CREATE = ("POST", "/v1/jobs")
+
 
 class Seen:
     """What the app behind HeadSampling saw of its request's trace."""
@@ -63,24 +70,42 @@ class Seen:
                 or telemetry.fastapi_telemetry()["exclude"](scope),
             }
         )
-        # The server span FastAPI would open, from the same provider (root: no parent in the context
-        # when sampled; a child of the unsampled span otherwise).
-        with self.tracer.start_as_current_span("GET /v1/jobs", kind=trace.SpanKind.SERVER) as span:
+        # The server span FastAPI would open, from the same provider: a child of the caller's span, if it
+        # sent one; else a root when sampled, a child of the unsampled span otherwise.
+        headers = {name.decode(): value.decode() for name, value in scope["headers"]}
+        caller = propagate.extract(headers, otel_context.get_current())
+        with self.tracer.start_as_current_span("GET /v1/jobs", caller, kind=trace.SpanKind.SERVER) as span:
             self.requests[-1]["span"] = span.get_span_context()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
 
-def gate(sampler: Any) -> tuple[telemetry.HeadSampling, Seen, InMemorySpanExporter]:
+def provider_of(pipelines: Any, requests: Any = sampling.ALWAYS_OFF, **options: Any) -> TracerProvider:
+    return TracerProvider(
+        sampler=telemetry.JobSampling(pipelines, requests), id_generator=telemetry._PresetTraceIds(), **options
+    )
+
+
+def gate(
+    pipelines: Any, requests: Any = sampling.ALWAYS_OFF
+) -> tuple[telemetry.HeadSampling, Seen, InMemorySpanExporter]:
     exporter = InMemorySpanExporter()
-    provider = TracerProvider(sampler=sampler, id_generator=telemetry._PresetTraceIds())
+    provider = provider_of(pipelines, requests)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     seen = Seen(provider.get_tracer("test"))
-    return telemetry.HeadSampling(seen, provider), seen, exporter
+    return telemetry.HeadSampling(seen, provider, [CREATE]), seen, exporter
 
 
-async def call(app: Any, path: str = "/v1/jobs", headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    scope = {"type": "http", "method": "GET", "path": path, "headers": headers or []}
+async def call(
+    app: Any,
+    request: tuple[str, str] = CREATE,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    kind: str = "http",
+) -> None:
+    method, path = request
+    scope = {"type": kind, "path": path, "headers": headers or []}
+    if kind == "http":
+        scope["method"] = method
 
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}
@@ -89,6 +114,10 @@ async def call(app: Any, path: str = "/v1/jobs", headers: list[tuple[bytes, byte
         return None
 
     await app(scope, receive, send)
+
+
+def sampled(request: dict[str, Any]) -> bool:
+    return bool(request["span"].trace_flags.sampled)
 
 
 async def test_an_unsampled_request_runs_uninstrumented_but_passes_its_decision_on() -> None:
@@ -116,31 +145,127 @@ async def test_a_sampled_request_is_traced_with_the_trace_id_the_sampler_judged(
     assert request["traceparent"] is None
 
 
-async def test_the_ratio_is_applied_once_not_twice() -> None:
-    """The sampler answers the same for the request and for its server span: 50% stays 50%, not 25%."""
-    app, seen, exporter = gate(sampling.ParentBased(sampling.TraceIdRatioBased(0.5)))
+@pytest.mark.parametrize(
+    "request_",
+    [("GET", "/v1/jobs/0123456789abcdef0123456789abcdef"), ("GET", "/v1/jobs"), ("POST", "/v1/jobs/x/cancel")],
+)
+async def test_only_job_creating_routes_are_traced_at_the_job_ratio(request_: tuple[str, str]) -> None:
+    """Jobs at 100% and other requests at 0%, then the other way round: each route follows its own ratio."""
+    on, off = sampling.ParentBased(sampling.ALWAYS_ON), sampling.ParentBased(sampling.ALWAYS_OFF)
+    app, seen, exporter = gate(on, off)
+    await call(app, CREATE)
+    await call(app, request_)
+    await call(app, ("GET", "/v1/ws"), kind="websocket")
+    assert [sampled(r) for r in seen.requests] == [True, False, False]
+    assert [r["instrumented"] for r in seen.requests] == [True, False, False]
+    assert len(exporter.get_finished_spans()) == 1
+
+    app, seen, exporter = gate(off, on)
+    await call(app, CREATE)
+    await call(app, request_)
+    await call(app, ("GET", "/v1/ws"), kind="websocket")
+    assert [sampled(r) for r in seen.requests] == [False, True, True]
+    assert [r["instrumented"] for r in seen.requests] == [False, True, True]
+    assert all(s.parent is None for s in exporter.get_finished_spans())
+
+
+@pytest.mark.parametrize("request_", [CREATE, ("GET", "/v1/jobs")])
+async def test_the_ratio_is_applied_once_not_twice(request_: tuple[str, str]) -> None:
+    """The request's own sampler decides its whole trace: 50% stays 50%, not 25%, whichever the ratio."""
+    half = sampling.ParentBased(sampling.TraceIdRatioBased(0.5))
+    app, seen, exporter = gate(half, half) if request_ == CREATE else gate(sampling.ALWAYS_OFF, half)
     for _ in range(600):
-        await call(app)
-    sampled = [r for r in seen.requests if r["span"].trace_flags.sampled]
-    assert all(r["instrumented"] for r in sampled)
-    assert all(not r["instrumented"] for r in seen.requests if not r["span"].trace_flags.sampled)
-    assert 220 <= len(sampled) <= 380, len(sampled)  # binomial(600, 0.5): beyond 6 sigma otherwise
-    assert len(exporter.get_finished_spans()) == len(sampled)
+        await call(app, request_)
+    traced = [r for r in seen.requests if sampled(r)]
+    assert all(r["instrumented"] for r in traced)
+    assert all(not r["instrumented"] for r in seen.requests if not sampled(r))
+    assert 220 <= len(traced) <= 380, len(traced)  # binomial(600, 0.5): beyond 6 sigma otherwise
+    assert len(exporter.get_finished_spans()) == len(traced)
 
 
-async def test_requests_with_a_parent_and_probes_are_left_to_the_sdk() -> None:
-    app, seen, _ = gate(sampling.ALWAYS_OFF)
-    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-    await call(app, headers=[(b"traceparent", parent.encode())])
-    await call(app, path="/healthz")
-    assert [r["instrumented"] for r in seen.requests] == [True, True]
+async def test_a_callers_traceparent_decides_and_probes_are_never_traced() -> None:
+    app, seen, exporter = gate(sampling.ParentBased(sampling.ALWAYS_OFF), sampling.ALWAYS_OFF)
+    poll = ("GET", "/v1/jobs/0123456789abcdef0123456789abcdef")
+    caller = "0af7651916cd43dd8448eb211c80319c"
+    await call(app, poll, headers=[(b"traceparent", f"00-{caller}-b7ad6b7169203331-01".encode())])
+    await call(app, CREATE, headers=[(b"traceparent", f"00-{caller}-b7ad6b7169203331-00".encode())])
+    await call(app, ("GET", "/healthz"))
+    await call(app, poll, headers=[(b"traceparent", b"00-garbage-01")])  # unreadable: as if absent
+    sampled_poll, unsampled_create, probe, garbage = seen.requests
+    assert sampled_poll["instrumented"] and not sampled_poll["excluded_from_fastapi"]
+    (span,) = exporter.get_finished_spans()
+    assert format(span.context.trace_id, "032x") == caller and span.parent.span_id == 0xB7AD6B7169203331
+    # Not sampled by its caller: nothing instrumented, no server span, and a job it creates carries the
+    # caller's trace and decision to the other services.
+    assert not unsampled_create["instrumented"] and unsampled_create["excluded_from_fastapi"]
+    assert unsampled_create["traceparent"].startswith(f"00-{caller}-b7ad6b7169203331-")
+    assert unsampled_create["traceparent"].endswith("-00")
+    assert not probe["instrumented"] and probe["excluded_from_fastapi"]
+    assert not garbage["instrumented"]  # judged at the request ratio, 0 here
     assert telemetry.fastapi_telemetry()["exclude"]({"path": "/healthz"}) is True
 
 
-async def test_fastapi_opens_a_server_span_for_sampled_requests_only() -> None:
+def test_a_server_span_no_head_judged_is_a_request_and_other_roots_follow_the_job_ratio() -> None:
+    """The gateway's internal API (no HeadSampling) gets the request ratio; a consumer of a job.submitted
+    published without a trace context, and background work, the configured one."""
+    sampler = telemetry.JobSampling(sampling.ParentBased(sampling.ALWAYS_ON), sampling.ALWAYS_OFF)
+    decide = functools.partial(sampler.should_sample, None, 0x0AF7651916CD43DD8448EB211C80319C, "span")
+    assert not decide(trace.SpanKind.SERVER).decision.is_sampled()
+    assert decide(trace.SpanKind.CONSUMER).decision.is_sampled()
+    assert decide(trace.SpanKind.CLIENT).decision.is_sampled()
+    assert "requests:AlwaysOffSampler" in sampler.get_description()
+
+
+def test_the_request_ratio_comes_from_the_environment_and_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert telemetry.request_ratio({}) == 0.01
+    assert telemetry.request_ratio({"STEMFLOW_TRACES_REQUEST_RATIO": "0"}) == 0.0
+    assert telemetry.request_ratio({"STEMFLOW_TRACES_REQUEST_RATIO": " 1 "}) == 1.0
+    for bad in ("1.5", "-0.1", "one", "nan"):
+        with pytest.raises(ValueError, match="STEMFLOW_TRACES_REQUEST_RATIO must be a number from 0 to 1"):
+            telemetry.request_ratio({"STEMFLOW_TRACES_REQUEST_RATIO": bad})
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.25")
+    monkeypatch.setenv("STEMFLOW_TRACES_REQUEST_RATIO", "0.001")
+    provider = telemetry.tracer_provider("unit", exporter=InMemorySpanExporter())
+    assert isinstance(provider.sampler, telemetry.JobSampling)
+    assert provider.sampler.pipelines.get_description() == sampling.ParentBasedTraceIdRatio(0.25).get_description()
+    assert provider.sampler.requests.rate == 0.001
+
+
+def test_head_sampling_refuses_a_job_creating_route_the_app_does_not_serve() -> None:
+    api = FastAPI()
+
+    @api.post("/v1/jobs")
+    async def create() -> None:
+        return None
+
+    with pytest.raises(ValueError, match=r"no route of the app serves \[\('POST', '/v1/job'\)\]"):
+        telemetry.head_sampling(api, starts_pipeline=[("post", "/v1/job")])
+    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        assert telemetry.head_sampling(api, starts_pipeline=[("post", "/v1/jobs")]) is api
+
+
+def spans_started(reader: InMemoryMetricReader) -> int:
+    """The SDK's count of every span started, recorded or not (otel.sdk.span.started)."""
+    data = reader.get_metrics_data()
+    return sum(
+        int(point.value)
+        for resource in (data.resource_metrics if data else [])
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == "otel.sdk.span.started"
+        for point in metric.data.data_points
+    )
+
+
+async def test_fastapi_opens_a_server_span_for_sampled_requests_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "true")  # the SDK counts spans started
+    reader = InMemoryMetricReader()
     exporter = InMemorySpanExporter()
-    provider = TracerProvider(
-        sampler=sampling.ParentBased(sampling.TraceIdRatioBased(0.5)), id_generator=telemetry._PresetTraceIds()
+    provider = provider_of(
+        sampling.ALWAYS_OFF,
+        sampling.ParentBased(sampling.TraceIdRatioBased(0.5)),
+        meter_provider=MeterProvider(metric_readers=[reader]),
     )
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     api = FastAPI(telemetry={**telemetry.fastapi_telemetry(), "tracer_provider": provider})
@@ -157,14 +282,16 @@ async def test_fastapi_opens_a_server_span_for_sampled_requests_only() -> None:
         for _ in range(200):
             assert (await client.get("http://t/v1/jobs/abc")).status_code == 200
     spans = exporter.get_finished_spans()
-    sampled = [t for t in carried if t and int(t[-2:], 16) & 1]  # the flags' sampled bit
+    traced = [t for t in carried if t and int(t[-2:], 16) & 1]  # the flags' sampled bit
     assert 60 <= len(spans) <= 140, len(spans)  # binomial(200, 0.5): beyond 5.6 sigma otherwise
-    assert len(sampled) == len(spans) and len(carried) == 200
+    assert len(traced) == len(spans) and len(carried) == 200
+    # The unsampled requests made no span object at all, not even a non-recording one.
+    assert spans_started(reader) == len(spans)
     assert {s.name for s in spans} == {"GET /v1/jobs/{job_id}"}
     assert {s.attributes["http.route"] for s in spans} == {"/v1/jobs/{job_id}"}
     # Each request's job would carry its own trace id, sampled or not: a span of the request's trace.
-    assert {format(s.context.trace_id, "032x") for s in spans} == {t.split("-")[1] for t in sampled}
-    assert all(t and not int(t[-2:], 16) & 1 for t in carried if t not in sampled)
+    assert {format(s.context.trace_id, "032x") for s in spans} == {t.split("-")[1] for t in traced}
+    assert all(t and not int(t[-2:], 16) & 1 for t in carried if t not in traced)
 
 
 def test_without_tracing_the_app_is_served_as_it_is() -> None:

@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -23,7 +23,10 @@ from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import sampling
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import Sampler
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +51,27 @@ def setup_tracing(service: str, *, exporter: Any | None = None) -> Any | None:
     _service_name = os.environ.get("OTEL_SERVICE_NAME", service)
     if exporter is None and not tracing_requested():
         return None
+    provider = tracer_provider(_service_name, exporter=exporter)
+    trace.set_tracer_provider(provider)
+    _instrument_clients()
+    return provider
+
+
+def tracer_provider(service: str, *, exporter: Any | None = None, meter_provider: Any | None = None) -> Any:
+    """The SDK tracer provider of a service, its sampling as `JobSampling` reads it from the environment.
+
+    With `exporter`, spans go to it synchronously (tests); otherwise as OTEL_TRACES_EXPORTER asks
+    (console) or over OTLP/HTTP, through the BatchSpanProcessor.
+    """
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
-    provider = TracerProvider(resource=service_resource(_service_name), id_generator=_PresetTraceIds())
+    provider = TracerProvider(
+        sampler=JobSampling.from_environment(),
+        resource=service_resource(service),
+        id_generator=_PresetTraceIds(),
+        meter_provider=meter_provider,
+    )
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     elif os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "console":
@@ -63,8 +83,6 @@ def setup_tracing(service: str, *, exporter: Any | None = None) -> Any | None:
 
         meters = sdk_meter_provider()
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(meter_provider=meters), meter_provider=meters))
-    trace.set_tracer_provider(provider)
-    _instrument_clients()
     return provider
 
 
@@ -130,10 +148,14 @@ def _instrument_clients() -> None:
 # Probes and scrapes: frequent, and nothing an SRE wants in a trace.
 UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
+# The share of requests outside a job's pipeline (polls, list pages, downloads, the WebSocket) traced.
+REQUEST_RATIO_VARIABLE = "STEMFLOW_TRACES_REQUEST_RATIO"
+DEFAULT_REQUEST_RATIO = 0.01
 
-# Set in the scope by HeadSampling on requests its sampler declined: FastAPI then opens no span.
+# Set in the scope by HeadSampling on requests it leaves untraced: FastAPI then opens no span.
 _FASTAPI_TELEMETRY = "fastapi.telemetry"
 _NOT_SAMPLED = trace.TraceFlags(trace.TraceFlags.DEFAULT)
+_W3C = TraceContextTextMapPropagator()
 
 
 def _untraced(scope: MutableMapping[str, Any]) -> bool:
@@ -164,6 +186,8 @@ def fastapi_telemetry() -> dict[str, Any]:
 
 
 _preset_trace_id: contextvars.ContextVar[int] = contextvars.ContextVar("stemflow_preset_trace_id", default=0)
+# The trace HeadSampling judged sampled for the request at hand: JobSampling samples its spans.
+_head_sampled: contextvars.ContextVar[int] = contextvars.ContextVar("stemflow_head_sampled", default=0)
 
 
 class _PresetTraceIds(RandomIdGenerator):
@@ -177,70 +201,163 @@ class _PresetTraceIds(RandomIdGenerator):
         return super().generate_trace_id()
 
 
-class HeadSampling:
-    """Takes the sampling decision of a request without a parent before any instrumentation runs.
+def request_ratio(environ: Mapping[str, str] = os.environ) -> float:
+    """STEMFLOW_TRACES_REQUEST_RATIO, from 0 to 1 (default 0.01); anything else refuses to start."""
+    raw = environ.get(REQUEST_RATIO_VARIABLE, "").strip()
+    if not raw:
+        return DEFAULT_REQUEST_RATIO
+    try:
+        ratio = float(raw)
+    except ValueError:
+        ratio = -1.0
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"{REQUEST_RATIO_VARIABLE} must be a number from 0 to 1, not {raw!r}")
+    return ratio
 
-    Instrumentations do their work (attributes, span objects, context switches) for
-    unsampled requests too, only to drop it: at 10% sampling that was over half of
-    what tracing cost a cached read (bench/tracing.py). This middleware, outermost,
-    draws the trace id and asks the configured sampler (OTEL_TRACES_SAMPLER) once:
-    - sampled: the id is handed to the SDK for the server span, so the sampler's
-      answer there is the same, and everything is traced as usual;
-    - not sampled: the request runs under a non-recording span of that trace (so a
-      job it starts carries "not sampled" in its traceparent and every service
-      follows the decision) with instrumentation suppressed, and FastAPI opens no
-      span for it.
-    A request that brings a traceparent is left to the parent-based sampler.
+
+class JobSampling(Sampler):
+    """One trace per job at the configured ratio; requests outside a job's pipeline at a ratio of their own.
+
+    - `pipelines`, the sampler OTEL_TRACES_SAMPLER names (read as the SDK reads it; deployed:
+      parentbased_traceidratio at OTEL_TRACES_SAMPLER_ARG), judges every span with a parent
+      (a job's events carry its decision to every service), the requests that create jobs
+      (HeadSampling asks it) and other roots: a `job.submitted` another service published with
+      no trace context, background work.
+    - `requests`, TraceIdRatioBased at STEMFLOW_TRACES_REQUEST_RATIO, judges the other requests:
+      HeadSampling asks it before any span exists, and a server span with no parent that no
+      HeadSampling judged (the gateway's internal API) gets it here.
+    - The spans of a trace HeadSampling judged sampled, at either ratio, are sampled.
     """
 
-    def __init__(self, app: Any, provider: Any) -> None:
+    def __init__(self, pipelines: Sampler, requests: Sampler) -> None:
+        self.pipelines = pipelines
+        self.requests = requests
+
+    @classmethod
+    def from_environment(cls) -> JobSampling:
+        return cls(sampling._get_from_env_or_default(), sampling.TraceIdRatioBased(request_ratio()))
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: trace.SpanKind | None = None,
+        attributes: Any = None,
+        links: Any = None,
+        trace_state: Any = None,
+    ) -> sampling.SamplingResult:
+        if trace_id == _head_sampled.get():
+            parent = trace.get_current_span(parent_context).get_span_context()
+            return sampling.SamplingResult(
+                sampling.Decision.RECORD_AND_SAMPLE, attributes, parent.trace_state if parent.is_valid else None
+            )
+        if kind is trace.SpanKind.SERVER and not trace.get_current_span(parent_context).get_span_context().is_valid:
+            return self.requests.should_sample(parent_context, trace_id, name, kind, attributes, links)
+        return self.pipelines.should_sample(parent_context, trace_id, name, kind, attributes, links)
+
+    def get_description(self) -> str:
+        return f"JobSampling{{pipelines:{self.pipelines.get_description()},requests:{self.requests.get_description()}}}"
+
+
+class HeadSampling:
+    """Takes the sampling decision of every request before any instrumentation runs.
+
+    Instrumentations do their work (attributes, span objects, context switches) for
+    unsampled requests too, only to drop it. This middleware, outermost, decides first:
+    - a request that creates a job (`starts_pipeline`, e.g. `POST /v1/jobs`) and brings no
+      trace context is judged by the configured sampler (`JobSampling.pipelines`): the job's
+      trace starts here, and every service follows its decision;
+    - any other request without a trace context (polls, list pages, downloads, the WebSocket)
+      is judged at the request ratio (`JobSampling.requests`, STEMFLOW_TRACES_REQUEST_RATIO);
+    - a request whose `traceparent` says sampled is traced as its caller asks; one whose
+      `traceparent` says not sampled, and probes (UNTRACED_PATHS), are not traced.
+    Sampled: the drawn trace id is handed to the SDK for the server span, and the whole
+    trace is sampled (JobSampling). Not sampled: the request runs with instrumentation
+    suppressed under a non-recording span of its trace (so a job it creates carries "not
+    sampled" in its events' traceparent), FastAPI opens no span, and no span object is made.
+    """
+
+    def __init__(self, app: Any, provider: Any, starts_pipeline: Iterable[tuple[str, str]] = ()) -> None:
         self.app = app
-        self._sampler = provider.sampler
+        self._pipelines = provider.sampler.pipelines
+        self._requests = provider.sampler.requests
+        self._starts_pipeline = frozenset((method.upper(), path) for method, path in starts_pipeline)
         self._ids = provider.id_generator
         with suppress_instrumentation():
             self._suppressed = otel_context.get_current()  # one context switch per request, not two
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] in UNTRACED_PATHS or _has_traceparent(scope["headers"]):
+        if scope["type"] != "http" and scope["type"] != "websocket":
             await self.app(scope, receive, send)
             return
+        path = scope["path"]
+        if path in UNTRACED_PATHS:
+            await self._untraced(self._suppressed, scope, receive, send)
+            return
+        parent = _remote_parent(scope["headers"])
+        if parent is not None:
+            if parent.trace_flags.sampled:
+                await self.app(scope, receive, send)  # the server span follows it (parent-based)
+            else:
+                context = trace.set_span_in_context(trace.NonRecordingSpan(parent), self._suppressed)
+                await self._untraced(context, scope, receive, send)
+            return
+        method = scope.get("method", "GET")  # a WebSocket's scope has none
+        sampler = self._pipelines if (method, path) in self._starts_pipeline else self._requests
         trace_id = RandomIdGenerator.generate_trace_id(self._ids)  # a fresh draw, never a preset one
-        decision = self._sampler.should_sample(
-            None,
-            trace_id,
-            scope["method"],
-            trace.SpanKind.SERVER,
-            {"http.request.method": scope["method"], "url.path": scope["path"]},
+        decision = sampler.should_sample(
+            None, trace_id, method, trace.SpanKind.SERVER, {"http.request.method": method, "url.path": path}
         ).decision
         if decision.is_sampled():
-            token = _preset_trace_id.set(trace_id)
+            preset, judged = _preset_trace_id.set(trace_id), _head_sampled.set(trace_id)
             try:
                 await self.app(scope, receive, send)
             finally:
-                _preset_trace_id.reset(token)
+                _head_sampled.reset(judged)
+                _preset_trace_id.reset(preset)
             return
         unsampled = trace.NonRecordingSpan(
             trace.SpanContext(trace_id, self._ids.generate_span_id(), is_remote=False, trace_flags=_NOT_SAMPLED)
         )
+        await self._untraced(trace.set_span_in_context(unsampled, self._suppressed), scope, receive, send)
+
+    async def _untraced(self, context: Context, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         # FastAPI leaves a request alone whose scope already holds this key (as it does for excluded ones).
         scope[_FASTAPI_TELEMETRY] = None
-        token = otel_context.attach(trace.set_span_in_context(unsampled, self._suppressed))
+        token = otel_context.attach(context)
         try:
             await self.app(scope, receive, send)
         finally:
             otel_context.detach(token)
 
 
-def head_sampling(app: Any) -> Any:
-    """`app` behind `HeadSampling` when tracing is on; `app` itself otherwise."""
+def head_sampling(app: Any, *, starts_pipeline: Iterable[tuple[str, str]] = ()) -> Any:
+    """`app` behind `HeadSampling` when tracing is on; `app` itself otherwise.
+
+    `starts_pipeline`: the (method, path) of each route of `app` that creates jobs, the only
+    requests traced at the job ratio; a pair that no route of `app` serves is refused.
+    """
+    declared = frozenset((method.upper(), path) for method, path in starts_pipeline)
+    served = {(method, route.path) for route in getattr(app, "routes", ()) for method in getattr(route, "methods", ())}
+    if missing := declared - served:
+        raise ValueError(f"head_sampling: no route of the app serves {sorted(missing)}")
     provider = trace.get_tracer_provider()
-    if isinstance(getattr(provider, "id_generator", None), _PresetTraceIds):
-        return HeadSampling(app, provider)
+    if isinstance(getattr(provider, "sampler", None), JobSampling):
+        return HeadSampling(app, provider, declared)
     return app
 
 
-def _has_traceparent(headers: Any) -> bool:
-    return any(name == b"traceparent" for name, _ in headers)
+def _remote_parent(headers: Any) -> trace.SpanContext | None:
+    """The caller's span context from its `traceparent` (and `tracestate`) headers, if valid."""
+    carrier: dict[str, str] = {}
+    for name, value in headers:
+        if name == b"traceparent" or name == b"tracestate":
+            carrier[name.decode()] = value.decode("latin-1")
+    if "traceparent" not in carrier:
+        return None
+    span_context = trace.get_current_span(_W3C.extract(carrier)).get_span_context()
+    return span_context if span_context.is_valid else None
 
 
 def name_server_span(method: str, route: str) -> None:

@@ -45,6 +45,10 @@ from .web import add_api_docs, add_web_page
 
 log = logging.getLogger(__name__)
 
+# The requests that create jobs: each starts a job's trace, sampled at OTEL_TRACES_SAMPLER_ARG; every other
+# request is traced at STEMFLOW_TRACES_REQUEST_RATIO (telemetry.HeadSampling).
+JOB_CREATING_ROUTES = (("POST", "/v1/jobs"), ("POST", "/v1/batches"))
+
 
 def create_app(settings: Settings) -> FastAPI:
     """The gateway application; connections open in its lifespan, not at import."""
@@ -183,7 +187,7 @@ def app_from_environment() -> Any:
     settings = Settings()
     telemetry.setup_logging("gateway", settings.log_level, settings.log_format)
     telemetry.setup_tracing("gateway")
-    app = telemetry.head_sampling(create_app(settings))
+    app = telemetry.head_sampling(create_app(settings), starts_pipeline=JOB_CREATING_ROUTES)
     tune_gc()
     return app
 

@@ -140,7 +140,7 @@ def main() -> None:
     # One line per WebSocket opened is noise at the scale of thousands of clients.
     if settings.log_level.upper() != "DEBUG":
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
-    app = create_app(settings)
+    app = telemetry.head_sampling(create_app(settings))  # the WebSocket: traced at the request ratio
     tune_gc()
     uvicorn.Server(server_config(app, settings)).run()
 
