@@ -339,13 +339,20 @@ def head_sampling(app: Any, *, starts_pipeline: Iterable[tuple[str, str]] = ()) 
     requests traced at the job ratio; a pair that no route of `app` serves is refused.
     """
     declared = frozenset((method.upper(), path) for method, path in starts_pipeline)
-    served = {(method, route.path) for route in getattr(app, "routes", ()) for method in getattr(route, "methods", ())}
-    if missing := declared - served:
-        raise ValueError(f"head_sampling: no route of the app serves {sorted(missing)}")
+    if missing := sorted(request for request in declared if not _served(app, *request)):
+        raise ValueError(f"head_sampling: no route of the app serves {missing}")
     provider = trace.get_tracer_provider()
     if isinstance(getattr(provider, "sampler", None), JobSampling):
         return HeadSampling(app, provider, declared)
     return app
+
+
+def _served(app: Any, method: str, path: str) -> bool:
+    """Whether a route of `app` (a Starlette/FastAPI app) takes `method path`, as its router would match it."""
+    from starlette.routing import Match
+
+    probe = {"type": "http", "method": method, "path": path, "root_path": "", "headers": []}
+    return any(route.matches(probe)[0] is Match.FULL for route in app.router.routes)
 
 
 def _remote_parent(headers: Any) -> trace.SpanContext | None:
