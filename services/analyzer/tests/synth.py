@@ -24,8 +24,10 @@ _SCALES = {"major": (0, 2, 4, 5, 7, 9, 11), "minor": (0, 2, 3, 5, 7, 8, 11)}
 
 
 def key_name(tonic: int, mode: str) -> str:
-    """The analyzer's spelling of a key, e.g. "F# minor"."""
-    return f"{PITCH_CLASSES[tonic % 12]} {mode}"
+    """The analyzer's spelling of a key, by its key signature: "F♯ minor", "E♭ major"."""
+    from analyzer.keys import key_name as spelled
+
+    return spelled(tonic % 12 + (0 if mode == "major" else 12))
 
 
 def song(

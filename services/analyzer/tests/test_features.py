@@ -1,6 +1,9 @@
 """analyze() against synthetic songs and test signals whose tempo, key and levels are known by construction."""
 
+import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pyloudnorm
@@ -8,8 +11,8 @@ import pytest
 import synth
 from synth import RATE
 
-from analyzer.features import LOUDNESS_FLOOR_LUFS, SILENCE_DBFS, Analysis, analyze, warm_up
-from analyzer.keys import PITCH_CLASSES, UNKNOWN
+from analyzer.features import LOUDNESS_FLOOR_LUFS, SILENCE_DBFS, Analysis, analyze
+from analyzer.keys import UNKNOWN, pitch_class
 
 TEMPI = (60, 72, 88, 100, 116, 132, 150, 176)
 
@@ -28,7 +31,7 @@ def corpus() -> list[tuple[float, str, Analysis]]:
 def mirex_score(estimate: str, reference: str) -> float:
     """MIREX key score: 1 exact, 0.5 fifth, 0.3 relative, 0.2 parallel, else 0."""
     (est_pc, est_mode), (ref_pc, ref_mode) = estimate.split(), reference.split()
-    est, ref = PITCH_CLASSES.index(est_pc), PITCH_CLASSES.index(ref_pc)
+    est, ref = pitch_class(est_pc), pitch_class(ref_pc)
     if est_mode == ref_mode:
         return {0: 1.0, 5: 0.5, 7: 0.5}.get((est - ref) % 12, 0.0)
     relative = 9 if ref_mode == "major" else 3
@@ -134,8 +137,19 @@ def test_mono_and_one_dimensional_input_agree():
     assert analyze(samples, RATE) == analyze(samples[0], RATE)
 
 
-def test_warm_up_runs():
-    warm_up()
+def test_warm_up_compiles_every_numba_kernel():
+    # In a fresh process: here, earlier tests have already compiled the kernels.
+    probe = (
+        "import json; from numba.core.registry import CPUDispatcher; from analyzer import features; "
+        "kernels = [v for v in vars(features).values() if isinstance(v, CPUDispatcher)]; "
+        "before = [k.__name__ for k in kernels if k.signatures]; features.warm_up(); "
+        "print(json.dumps({'kernels': len(kernels), 'before': before, "
+        "'after': [k.__name__ for k in kernels if not k.signatures]}))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["kernels"] >= 2 and report["before"] == []
+    assert report["after"] == []
 
 
 # --- stated doubt -------------------------------------------------------------

@@ -287,6 +287,18 @@ class KeyAlternative(_Data):
     confidence: float
 
 
+class ChordSegment(_Data):
+    """A chord from `start` to `end` (s): `root` spelled for the key ("E♭"), None for no chord; `quality` is
+    Harte's shorthand (maj, min, 7, maj7, min7, dim, sus4, or N); `label` as a lead sheet writes it ("E♭m7")."""
+
+    start: float
+    end: float
+    label: str
+    root: str | None = None
+    quality: str = "N"
+    confidence: float = 0.0
+
+
 class AnalysisResult(_Data):
     tempo_bpm: float
     tempo_confidence: float
@@ -306,6 +318,10 @@ class AnalysisResult(_Data):
     key_alternatives: list[KeyAlternative] = Field(default_factory=list)
     downbeats: list[float] = Field(default_factory=list)
     meter: int | None = None
+    # Beat-synchronous chord timeline; the key's codes on DJs' Camelot wheel ("5B") and in Open Key ("10d").
+    chords: list[ChordSegment] = Field(default_factory=list)
+    key_camelot: str | None = None
+    key_open_key: str | None = None
 
 
 class StageProgress(_Data):

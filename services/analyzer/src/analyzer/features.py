@@ -9,6 +9,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 from functools import cache
 
 import librosa
@@ -18,7 +19,9 @@ import pyloudnorm
 import scipy.fft
 import soxr
 
+from analyzer import chords as chord_reader
 from analyzer import keys
+from analyzer.chords import Chord
 
 RHYTHM_RATE = 11025
 _N_FFT = 1024
@@ -34,10 +37,18 @@ MIN_BPM = 40.0
 MAX_BPM = 240.0
 # Tempo prior: log-normal around 120 BPM, one octave wide (as librosa's).
 _PRIOR_BPM = 120.0
-# A beat grid whose off-beats are nearly as strong as its beats is half the
-# real tempo (a 180 BPM song heard as 90): double it, up to this tempo.
-_DOUBLING_MAX_BPM = 200.0
-_OFFBEAT_RATIO = 0.5
+# Octave choice (`_choose_octave`), tuned on the tuning split of stemflow_dev.corpus (arrangements:
+# tempo Acc1 0.69 -> 0.83; weights of 2-4 and biases of 1.1-1.4 do as well).
+_OCTAVE_WEIGHT = 3.0
+_OCTAVE_BIAS = 1.3
+# Half-time: below this tempo, the high band's sixteenths at least this share of its eighths, and its
+# triplet points under this share of the beats (tuning split: half-time 0.96-1.68 and 0.07-0.11,
+# 6/8 and chorales at most 0.77 or at least 0.31).
+_SLOW_BPM = 80.0
+_SIXTEENTHS_RATIO = 0.8
+_TRIPLETS_RATIO = 0.2
+# Mel band ranges (of `_N_MELS` from 30 Hz) of the low (to ~480 Hz), middle (~2.3 kHz) and high bands.
+_BAND_SPLITS = ((0, 6), (6, 22), (22, 40))
 # End beats weaker than this share of the median beat are in silence.
 _EDGE_STRENGTH = 0.1
 # A beat is on the grid within this share of a period.
@@ -113,6 +124,9 @@ class Analysis:
     key_alternatives: list["KeyAlternative"]
     downbeats: list[float]
     meter: int | None
+    chords: list[Chord] = field(default_factory=list)
+    key_camelot: str | None = None
+    key_open_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -157,6 +171,8 @@ def analyze(samples: np.ndarray, sr: int, steps: list[Step] | None = None) -> An
         rhythm = _rhythm(low)
     with _timed(steps, "key"):
         (key, key_confidence), *key_runners_up = keys.estimate(low, RHYTHM_RATE)
+    with _timed(steps, "chords"):
+        chords = chord_reader.estimate(low, RHYTHM_RATE, list(rhythm.beats), key if key != keys.UNKNOWN else None)
     with _timed(steps, "loudness"):
         hop = max(1, round(BLOCK_S * sr))
         weighted, plain = _block_energies(x, _k_weighting(sr), hop)
@@ -181,6 +197,9 @@ def analyze(samples: np.ndarray, sr: int, steps: list[Step] | None = None) -> An
         key_alternatives=[KeyAlternative(name, confidence) for name, confidence in key_runners_up],
         downbeats=[round(float(t), 3) for t in rhythm.downbeats],
         meter=rhythm.meter,
+        chords=chords,
+        key_camelot=keys.camelot(key),
+        key_open_key=keys.open_key(key),
     )
 
 
@@ -211,15 +230,12 @@ def warm_up() -> None:
 def _rhythm(y: np.ndarray) -> _Rhythm:
     """Tempo, confidence, beat times, octave alternatives and bars of mono `y` at `RHYTHM_RATE`."""
     power = _power_spectrogram(y)
-    onsets, bass_onsets = _onset_envelopes(power)
+    onsets, bass_onsets, bands = _onset_envelopes(power)
     acf = _autocorrelation(onsets)
     lag = _tempo_lag(acf)
     if lag is None:
         return _Rhythm(0.0, 0.0, np.zeros(0))
-    beats = _track(onsets, lag)
-    if 2 * _FPS * 60 / lag <= _DOUBLING_MAX_BPM and _offbeats_strong(onsets, beats):
-        lag /= 2
-        beats = _track(onsets, lag)
+    lag, beats = _choose_octave(onsets, bands, acf, lag)
     if beats.size < 2:
         return _Rhythm(0.0, 0.0, np.zeros(0))
     frames = _refine(onsets, beats)
@@ -247,12 +263,15 @@ def _power_spectrogram(y: np.ndarray) -> np.ndarray:
     return np.abs(scipy.fft.rfft(frames * _hann(), axis=-1)) ** 2
 
 
-def _onset_envelopes(power: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Spectral flux of the log-mel spectrogram, one value per frame: over all bands, and over the bass bands."""
+def _onset_envelopes(power: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Spectral flux of the log-mel spectrogram, one value per frame: over all bands, over the bass bands,
+    and (3, frames) over the low, middle and high bands (kick and bass; snare body and chords; hats and snare noise).
+    """
     db = 10 * np.log10(np.maximum(power @ _mel_bank().T, 1e-10))
     db = np.maximum(db, db.max(initial=-100.0) - 80.0)
-    rise = np.maximum(np.diff(db, axis=0), 0.0)
-    return np.concatenate([[0.0], rise.mean(axis=1)]), np.concatenate([[0.0], rise[:, :_BASS_BANDS].mean(axis=1)])
+    rise = np.vstack([np.zeros((1, _N_MELS)), np.maximum(np.diff(db, axis=0), 0.0)])
+    bands = np.array([rise[:, lo:hi].mean(axis=1) for lo, hi in _BAND_SPLITS])
+    return rise.mean(axis=1), rise[:, :_BASS_BANDS].mean(axis=1), bands
 
 
 def _autocorrelation(onsets: np.ndarray) -> np.ndarray:
@@ -303,13 +322,70 @@ def _track(onsets: np.ndarray, lag: float) -> np.ndarray:
     return beats[start:end]
 
 
-def _offbeats_strong(onsets: np.ndarray, beats: np.ndarray) -> bool:
-    """Whether the onsets halfway between beats are nearly as strong as those on them."""
-    if beats.size < 4:
-        return False
+def _choose_octave(onsets: np.ndarray, bands: np.ndarray, acf: np.ndarray, lag: float) -> tuple[float, np.ndarray]:
+    """The beat period (frames), the autocorrelation's choice or an octave of it, and its beats.
+
+    The autocorrelation alone cannot tell a pulse from its half or double, so
+    neighbouring readings are tracked and weighed on the drums' evidence too:
+    a reading is too slow when the points halfway between its beats are
+    strong (the snare of a backbeat, on the "and"), and too fast when every
+    other beat is weak (hats alone). The faster of two readings wins when
+    its extra salience plus `_OCTAVE_WEIGHT` times (halfway strength of the
+    slower + evenness of the faster - `_OCTAVE_BIAS`) is positive. Below
+    `_SLOW_BPM`, hats in even sixteenths make a half-time groove, counted at
+    double tempo as DJs and charts count it (a 140 BPM dubstep track, not 70).
+    """
+    readings = {}
+    for factor in (0.5, 1.0, 2.0):
+        candidate = lag * factor
+        if MIN_BPM <= 60 * _FPS / candidate <= MAX_BPM and candidate >= 4:
+            beats = _track(onsets, candidate)
+            if beats.size >= 4 and _salience(acf, candidate) > 0:
+                readings[factor] = (candidate, beats, np.log(_salience(acf, candidate)), *_beat_contrasts(bands, beats))
+    if 1.0 not in readings:
+        return lag, _track(onsets, lag)
+    chosen = readings[1.0]
+    if 0.5 in readings and _faster_wins(chosen, readings[0.5]):
+        chosen = readings[0.5]
+    elif 2.0 in readings and not _faster_wins(readings[2.0], chosen):
+        chosen = readings[2.0]
+    period, beats = chosen[0], chosen[1]
+    if 60 * _FPS / period < _SLOW_BPM and _half_time(bands[-1], beats):
+        period /= 2
+        beats = _track(onsets, period)
+    return period, beats
+
+
+def _half_time(high: np.ndarray, beats: np.ndarray) -> bool:
+    """Whether the hats play sixteenths of these beats as strongly as eighths, and no triplets: a half-time groove."""
+    step = np.diff(beats)
+
+    def strength(*fractions: float) -> float:
+        return float(np.mean([_local_max(high, beats[:-1] + np.round(step * f).astype(int)).mean() for f in fractions]))
+
+    halfway = max(strength(0.5), 1e-12)
+    return strength(0.25, 0.75) / halfway >= _SIXTEENTHS_RATIO and strength(1 / 3, 2 / 3) < _TRIPLETS_RATIO * strength(0)
+
+
+def _faster_wins(slow: tuple[Any, ...], fast: tuple[Any, ...]) -> bool:
+    """Whether the faster of two readings (period, beats, log salience, halfway, alternate) is the pulse."""
+    return bool(fast[2] - slow[2] + _OCTAVE_WEIGHT * (slow[3] + fast[4] - _OCTAVE_BIAS) > 0)
+
+
+def _beat_contrasts(bands: np.ndarray, beats: np.ndarray) -> tuple[float, float]:
+    """Halfway points' strength relative to the beats', and the weaker alternate beats' relative to the stronger.
+
+    Each is the largest over the bands, so a kick, a snare or a hat alone can make it.
+    """
     halfway = (beats[1:] + beats[:-1]) // 2
-    on, off = _local_max(onsets, beats).mean(), _local_max(onsets, halfway).mean()
-    return bool(off >= _OFFBEAT_RATIO * on)
+    off, on = [], []
+    for band in bands:
+        at_beats = _local_max(band, beats)
+        on_mean = max(float(at_beats.mean()), 1e-12)
+        off.append(float(_local_max(band, halfway).mean()) / on_mean)
+        even, odd = float(at_beats[0::2].mean()), float(at_beats[1::2].mean())
+        on.append(min(even, odd) / max(even, odd, 1e-12))
+    return max(off), max(on)
 
 
 def _local_max(onsets: np.ndarray, frames: np.ndarray) -> np.ndarray:

@@ -8,6 +8,12 @@ import soxr
 
 PITCH_CLASSES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 UNKNOWN = "unknown"
+# Tonics spelled as their key signature writes them, fewer accidentals winning (F♯ major and E♭ minor,
+# six either way, as most charts and DJ tools write them).
+MAJOR_TONICS = ("C", "D♭", "D", "E♭", "E", "F", "F♯", "G", "A♭", "A", "B♭", "B")
+MINOR_TONICS = ("C", "C♯", "D", "E♭", "E", "F", "F♯", "G", "G♯", "A", "B♭", "B")
+_LETTERS = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
+_ACCIDENTALS = {"♭": -1, "b": -1, "♯": 1, "#": 1}
 
 # Up to 2.7 kHz: the fundamentals of everything tonal and their first
 # harmonics; higher partials only blur the profile.
@@ -60,9 +66,73 @@ def estimate(y: np.ndarray, sr: float, count: int = 2) -> list[tuple[str, float]
 
 
 def key_name(index: int) -> str:
-    """Template index (0-11 major from C, 12-23 minor from C) to a name like "F# minor"."""
-    mode = "major" if index < 12 else "minor"
-    return f"{PITCH_CLASSES[index % 12]} {mode}"
+    """Template index (0-11 major from C, 12-23 minor from C) to a name like "E♭ major" or "F♯ minor"."""
+    if index < 12:
+        return f"{MAJOR_TONICS[index]} major"
+    return f"{MINOR_TONICS[index % 12]} minor"
+
+
+def pitch_class(note: str) -> int:
+    """"E♭", "Eb", "D#" or "D♯" to 3."""
+    return (_LETTERS[note[0]] + sum(_ACCIDENTALS[a] for a in note[1:])) % 12
+
+
+def parse_key(key: str) -> tuple[int, str] | None:
+    """"E♭ major" to (3, "major"); None for "unknown"."""
+    if key == UNKNOWN:
+        return None
+    tonic, mode = key.split()
+    return pitch_class(tonic), mode
+
+
+def spell(pc: int, key: str | None = None) -> str:
+    """A pitch class named as music in `key` writes it: D♯ in E major, E♭ in B♭ major.
+
+    Sharp keys sharpen and flat keys flatten; a minor key's raised leading
+    tone is a sharp (C♯ in D minor); in C major and A minor, and without a
+    key, F♯, C♯ and G♯ (secondary dominants, A minor's leading tone) but B♭ and E♭.
+    """
+    natural = next((name for name, value in _LETTERS.items() if value == pc), None)
+    if natural:
+        return natural
+    sharp, flat = f"{PITCH_CLASSES[pc][0]}♯", f"{PITCH_CLASSES[(pc + 1) % 12][0]}♭"
+    parsed = parse_key(key) if key else None
+    if parsed is None:
+        return sharp if pc in (1, 6, 8) else flat
+    tonic, mode = parsed
+    if mode == "minor" and pc == (tonic - 1) % 12:
+        return sharp
+    name = (MAJOR_TONICS if mode == "major" else MINOR_TONICS)[tonic]
+    signature = _SHARP_KEYS if mode == "major" else _SHARP_MINOR_KEYS
+    if name in ("C", "A") and (mode == "major") == (name == "C"):
+        return sharp if pc in (1, 6, 8) else flat
+    return sharp if name in signature else flat
+
+
+_SHARP_KEYS = {"G", "D", "A", "E", "B", "F♯"}
+_SHARP_MINOR_KEYS = {"E", "B", "F♯", "C♯", "G♯"}
+
+
+def camelot(key: str) -> str | None:
+    """The Camelot wheel code DJs mix by: "8B" for C major, "8A" for A minor; None for "unknown"."""
+    position = _circle_position(key)
+    return None if position is None else f"{(position[0] + 7) % 12 + 1}{'B' if position[1] == 'major' else 'A'}"
+
+
+def open_key(key: str) -> str | None:
+    """The Open Key notation (Traktor): "1d" for C major, "1m" for A minor; None for "unknown"."""
+    position = _circle_position(key)
+    return None if position is None else f"{position[0] + 1}{'d' if position[1] == 'major' else 'm'}"
+
+
+def _circle_position(key: str) -> tuple[int, str] | None:
+    """Steps of a fifth from C major of the key (or its relative major), and the mode."""
+    parsed = parse_key(key)
+    if parsed is None:
+        return None
+    tonic, mode = parsed
+    relative_major = tonic if mode == "major" else (tonic + 3) % 12
+    return (7 * relative_major) % 12, mode
 
 
 def pitch_profile(y: np.ndarray) -> np.ndarray:
@@ -76,12 +146,12 @@ def pitch_profile(y: np.ndarray) -> np.ndarray:
     # The filterbank is linear, so averaging the spectrum first gives the mean chroma for 1/120 of the work.
     spectrum = np.log1p(_COMPRESSION / peak * magnitude).mean(axis=1)
     fine = _chroma_bank() @ spectrum
-    offset = _tuning_offset(fine)
+    offset = tuning_offset(fine)
     # Each pitch class gets the semitone-wide window centred on its tuned pitch.
     return np.roll(fine, _SUB // 2 - offset).reshape(12, _SUB).sum(axis=1)
 
 
-def _tuning_offset(fine: np.ndarray) -> int:
+def tuning_offset(fine: np.ndarray) -> int:
     """How many fine bins the recording sits above equal temperament at A440 (circular mean)."""
     phase = np.angle(np.sum(fine * np.exp(2j * np.pi * np.arange(fine.size) / _SUB)))
     return round(phase / (2 * np.pi) * _SUB)
