@@ -99,6 +99,17 @@ ABOUT: dict[str, About] = {
     ),
     "job.failed": About("The job failed; `error.code` is the failed stage's code.", ("gateway",)),
     "job.cancelled": About("The job was cancelled through the API (or deleted while it ran).", ("gateway",)),
+    "mix.requested": About(
+        "A practice mix of a finished job was asked for (`POST /v1/jobs/{id}/mixes`): the stems with their gains, "
+        "tempo, pitch, section, loops, click, format, and where to write the file.",
+        ("gateway",),
+    ),
+    "mix.progress": About("The mix's render percent while it runs.", ("analyzer",)),
+    "mix.completed": About("The mix is written to the blob store: its file, loudness and render time.", ("analyzer",)),
+    "mix.failed": About("The mix could not be rendered; `error.code` says why.", ("analyzer",)),
+    "job.mix.progress": About("A mix of the job changed (queued, running, its percent).", ("gateway",)),
+    "job.mix.completed": About("A mix of the job is ready to download (`mix.path`).", ("gateway",)),
+    "job.mix.failed": About("A mix of the job failed; `mix.error.code` says why.", ("gateway",)),
 }
 
 ENVELOPE_DESCRIPTIONS = {

@@ -13,8 +13,15 @@ from stemflow_shared.events import (
     JOB_CANCELLED,
     JOB_COMPLETED,
     JOB_FAILED,
+    JOB_MIX_COMPLETED,
+    JOB_MIX_FAILED,
+    JOB_MIX_PROGRESS,
     JOB_PROGRESS,
     JOB_SUBMITTED,
+    MIX_COMPLETED,
+    MIX_FAILED,
+    MIX_PROGRESS,
+    MIX_REQUESTED,
     SEPARATION_COMPLETED,
     SEPARATION_FAILED,
     SEPARATION_PROGRESS,
@@ -28,10 +35,19 @@ from stemflow_shared.events import (
     JobCancelled,
     JobCompleted,
     JobFailed,
+    JobMixChanged,
     JobOptions,
     JobProgressed,
     JobSubmitted,
     KeyAlternative,
+    MixCompleted,
+    MixFailed,
+    MixFile,
+    MixOptions,
+    MixProgress,
+    MixRequested,
+    MixState,
+    MixStem,
     Progress,
     SeparationCompleted,
     SeparationProgress,
@@ -134,3 +150,52 @@ def examples() -> Iterator[tuple[EventSpec[Any], Any, str]]:
     failed = ErrorInfo(code="fetch_failed", message="the source answered HTTP 404")
     yield JOB_FAILED, JobFailed(job_id=JOB, owner=OWNER, error=failed), "/stemflow/gateway"
     yield JOB_CANCELLED, JobCancelled(job_id=JOB, owner=OWNER), "/stemflow/gateway"
+    yield from _mix_examples()
+
+
+def _mix_examples() -> Iterator[tuple[EventSpec[Any], Any, str]]:
+    mix_id = "5f2a9c0e7b1d4a6c8e3f0a2b"
+    options = MixOptions(preset="karaoke", tempo=0.75, semitones=-2, click=True, format="flac")
+    stems = [MixStem(name=s.name, blob_key=s.blob_key, gain=0.0 if s.name == "vocals" else 1.0) for s in _stems()]
+    requested = MixRequested(
+        job_id=JOB,
+        mix_id=mix_id,
+        owner=OWNER,
+        options=options,
+        stems=stems,
+        audio_key=f"jobs/{JOB}/audio.wav",
+        beats=[0.52, 1.02, 1.52, 2.02],
+        downbeats=[0.52],
+        output_key=f"jobs/{JOB}/mixes/{mix_id}/mix.flac",
+    )
+    yield MIX_REQUESTED, requested, "/stemflow/gateway"
+    yield MIX_PROGRESS, MixProgress(job_id=JOB, mix_id=mix_id, percent=60.0), "/stemflow/analyzer"
+    file = MixFile(
+        blob_key=f"jobs/{JOB}/mixes/{mix_id}/mix.flac",
+        format="flac",
+        media_type="audio/flac",
+        size=3_911_882,
+        duration_s=40.0,
+        sample_rate=44100,
+        bit_depth=24,
+        loudness_lufs=-9.4,
+        gain_db=1.8,
+        render_s=1.6,
+    )
+    yield MIX_COMPLETED, MixCompleted(job_id=JOB, mix_id=mix_id, file=file), "/stemflow/analyzer"
+    bad = ErrorInfo(code="stem_missing", message="the stem vocals is gone")
+    yield MIX_FAILED, MixFailed(job_id=JOB, mix_id=mix_id, error=bad), "/stemflow/analyzer"
+    running = MixState(id=mix_id, status="running", percent=60.0)
+    yield JOB_MIX_PROGRESS, JobMixChanged(job_id=JOB, owner=OWNER, mix=running), "/stemflow/gateway"
+    done = MixState(
+        id=mix_id,
+        status="completed",
+        percent=100.0,
+        format="flac",
+        size=3_911_882,
+        duration_s=40.0,
+        path=f"/v1/jobs/{JOB}/mixes/{mix_id}/file",
+    )
+    yield JOB_MIX_COMPLETED, JobMixChanged(job_id=JOB, owner=OWNER, mix=done), "/stemflow/gateway"
+    failed_mix = MixState(id=mix_id, status="failed", percent=10.0, error=bad)
+    yield JOB_MIX_FAILED, JobMixChanged(job_id=JOB, owner=OWNER, mix=failed_mix), "/stemflow/gateway"

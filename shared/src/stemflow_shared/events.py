@@ -419,6 +419,134 @@ class JobCancelled(_OwnedJobEvent):
     pass
 
 
+# --- practice mixes ------------------------------------------------------------
+
+MixPreset = Literal["karaoke", "instrumental", "a_cappella", "drumless", "bassless", "bass_up"]
+MixQuality = Literal["fast", "balanced", "best"]
+MixStatus = Literal["queued", "running", "completed", "failed"]
+MIX_ID = re.compile(r"[0-9a-f]{24}")
+MAX_MIX_GAIN = 4.0
+MAX_MIX_LOOPS = 16
+MAX_PITCH_SEMITONES = 12
+# The bit depths each format can be written with (32: float WAV); MP3 has none.
+MIX_BIT_DEPTHS: dict[str, tuple[int, ...]] = {"wav": (16, 24, 32), "flac": (16, 24), "mp3": ()}
+_STEM_NAME = r"^[A-Za-z0-9_-]{1,32}$"
+StemName = Annotated[str, Field(pattern=_STEM_NAME)]
+
+
+class MixOptions(_Data):
+    """A practice mix as a client asks for it: which stems at what gain, tempo, pitch, section, click, format."""
+
+    preset: MixPreset | None = None
+    # Linear gain per stem (1 = as separated, 0 = muted), applied over the preset.
+    gains: dict[StemName, Annotated[float, Field(ge=0, le=MAX_MIX_GAIN, allow_inf_nan=False)]] = Field(
+        default_factory=dict, max_length=16
+    )
+    mute: list[StemName] = Field(default_factory=list, max_length=16)
+    solo: list[StemName] = Field(default_factory=list, max_length=16)
+    target: str | None = Field(default=None, max_length=64)
+    tempo: float = Field(default=1.0, ge=0.5, le=1.5, allow_inf_nan=False)
+    semitones: int = Field(default=0, ge=-MAX_PITCH_SEMITONES, le=MAX_PITCH_SEMITONES)
+    cents: float = Field(default=0.0, ge=-100, le=100, allow_inf_nan=False)
+    start: float | None = Field(default=None, ge=0, le=MAX_TRIM_S, allow_inf_nan=False)
+    end: float | None = Field(default=None, gt=0, le=MAX_TRIM_S, allow_inf_nan=False)
+    loops: int = Field(default=1, ge=1, le=MAX_MIX_LOOPS)
+    click: bool = False
+    format: OutputFormat = "wav"
+    bit_depth: Literal[16, 24, 32] | None = None
+    quality: MixQuality = "balanced"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MixOptions:
+        if self.start is not None and self.end is not None and self.end <= self.start:
+            raise ValueError("end must be greater than start")
+        if abs(self.pitch_semitones) > MAX_PITCH_SEMITONES:
+            raise ValueError("semitones and cents together must stay within 12 semitones")
+        if self.bit_depth is not None and self.bit_depth not in MIX_BIT_DEPTHS[self.format]:
+            allowed = ", ".join(map(str, MIX_BIT_DEPTHS[self.format])) or "none: leave it out"
+            raise ValueError(f"bit_depth {self.bit_depth} is not available for {self.format} (allowed: {allowed})")
+        return self
+
+    @property
+    def pitch_semitones(self) -> float:
+        return self.semitones + self.cents / 100.0
+
+    @property
+    def resolved_bit_depth(self) -> int | None:
+        """The bit depth the file is written with (24 for WAV and FLAC unless asked; none for MP3)."""
+        return None if self.format == "mp3" else (self.bit_depth or 24)
+
+
+class MixStem(_Data):
+    """One stem of a mix as the worker reads it: where it is and its gain (presets, mutes and solos applied)."""
+
+    name: str
+    blob_key: str
+    gain: float = Field(ge=0, le=MAX_MIX_GAIN)
+
+
+class MixFile(_Data):
+    """A rendered mix file."""
+
+    blob_key: str
+    format: OutputFormat
+    media_type: str
+    size: int = Field(ge=0)
+    duration_s: float = Field(ge=0)
+    sample_rate: int
+    bit_depth: int | None = None
+    # The mix's integrated loudness (matched to the original's over the same section) and the gain that did it.
+    loudness_lufs: float | None = None
+    gain_db: float = 0.0
+    render_s: float = 0.0
+
+
+class _MixEvent(JobEvent):
+    mix_id: str = Field(pattern=r"^[0-9a-f]{24}$")
+
+
+class MixRequested(_MixEvent):
+    owner: str
+    options: MixOptions
+    stems: list[MixStem] = Field(min_length=1)
+    # The normalised audio the stems came from: the mix's loudness is matched to it over the same section.
+    audio_key: str
+    beats: list[float] = Field(default_factory=list)
+    downbeats: list[float] = Field(default_factory=list)
+    output_key: str
+    # Counts requests of the same mix (a failed mix asked again is rendered again under a new event id).
+    attempt: int = Field(default=1, ge=1)
+
+
+class MixProgress(_MixEvent):
+    percent: float = Field(ge=0, le=100)
+
+
+class MixCompleted(_MixEvent):
+    file: MixFile
+
+
+class MixFailed(_MixEvent):
+    error: ErrorInfo
+
+
+class MixState(_Data):
+    """A mix as clients see it (`GET /v1/jobs/{id}/mixes/{mix_id}` without the options; `path` to download it)."""
+
+    id: str
+    status: MixStatus
+    percent: float = Field(default=0.0, ge=0, le=100)
+    error: ErrorInfo | None = None
+    format: OutputFormat | None = None
+    size: int | None = None
+    duration_s: float | None = None
+    path: str | None = None
+
+
+class JobMixChanged(_OwnedJobEvent):
+    mix: MixState
+
+
 # --- the registry --------------------------------------------------------------
 
 D = TypeVar("D", bound=_Data)
@@ -452,6 +580,13 @@ JOB_PROGRESS = EventSpec("job.progress", JobProgressed)
 JOB_COMPLETED = EventSpec("job.completed", JobCompleted)
 JOB_FAILED = EventSpec("job.failed", JobFailed)
 JOB_CANCELLED = EventSpec("job.cancelled", JobCancelled)
+MIX_REQUESTED = EventSpec("mix.requested", MixRequested)
+MIX_PROGRESS = EventSpec("mix.progress", MixProgress)
+MIX_COMPLETED = EventSpec("mix.completed", MixCompleted)
+MIX_FAILED = EventSpec("mix.failed", MixFailed)
+JOB_MIX_PROGRESS = EventSpec("job.mix.progress", JobMixChanged)
+JOB_MIX_COMPLETED = EventSpec("job.mix.completed", JobMixChanged)
+JOB_MIX_FAILED = EventSpec("job.mix.failed", JobMixChanged)
 
 ALL_EVENTS: tuple[EventSpec[Any], ...] = (
     JOB_SUBMITTED,
@@ -466,6 +601,13 @@ ALL_EVENTS: tuple[EventSpec[Any], ...] = (
     JOB_COMPLETED,
     JOB_FAILED,
     JOB_CANCELLED,
+    MIX_REQUESTED,
+    MIX_PROGRESS,
+    MIX_COMPLETED,
+    MIX_FAILED,
+    JOB_MIX_PROGRESS,
+    JOB_MIX_COMPLETED,
+    JOB_MIX_FAILED,
 )
 TERMINAL_JOB_EVENTS: tuple[EventSpec[Any], ...] = (JOB_COMPLETED, JOB_FAILED, JOB_CANCELLED)
 SPECS_BY_TYPE: dict[str, EventSpec[Any]] = {spec.type: spec for spec in ALL_EVENTS}

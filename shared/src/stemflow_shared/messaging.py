@@ -71,6 +71,7 @@ class DeadLetter:
     event_type: str | None
     job_id: str | None
     target: str | None
+    mix_id: str | None = None  # the practice mix the message was about (mix.* events)
 
 
 def read_dead_letter(message: AbstractIncomingMessage, names: Names) -> DeadLetter:
@@ -83,7 +84,7 @@ def read_dead_letter(message: AbstractIncomingMessage, names: Names) -> DeadLett
         reason = headers.get("x-first-death-reason") or first.get("reason") or "unknown"
         queue = headers.get("x-first-death-queue") or first.get("queue")
         detail = f"dead-lettered by the broker ({reason})"
-    event_type = job_id = target = None
+    event_type = job_id = target = mix_id = None
     try:
         raw = json.loads(message.body)
     except (ValueError, UnicodeDecodeError):
@@ -96,6 +97,7 @@ def read_dead_letter(message: AbstractIncomingMessage, names: Names) -> DeadLett
                 job_id = candidate
                 break
         target = data.get("target") if isinstance(data.get("target"), str) else None
+        mix_id = data.get("mix_id") if isinstance(data.get("mix_id"), str) else None
     return DeadLetter(
         queue=names.short_queue(_text(queue)),
         reason=_text(reason),
@@ -103,6 +105,7 @@ def read_dead_letter(message: AbstractIncomingMessage, names: Names) -> DeadLett
         event_type=event_type,
         job_id=job_id,
         target=target,
+        mix_id=mix_id,
     )
 
 

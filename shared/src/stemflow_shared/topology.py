@@ -17,8 +17,15 @@ from .events import (
     JOB_CANCELLED,
     JOB_COMPLETED,
     JOB_FAILED,
+    JOB_MIX_COMPLETED,
+    JOB_MIX_FAILED,
+    JOB_MIX_PROGRESS,
     JOB_PROGRESS,
     JOB_SUBMITTED,
+    MIX_COMPLETED,
+    MIX_FAILED,
+    MIX_PROGRESS,
+    MIX_REQUESTED,
     SEPARATION_COMPLETED,
     SEPARATION_FAILED,
     SEPARATION_PROGRESS,
@@ -83,6 +90,8 @@ def routing_headers(event: Event[Any]) -> dict[str, str]:
 INGEST_QUEUE = QueueSpec("ingest", (JOB_SUBMITTED,))
 SEPARATOR_QUEUES: tuple[QueueSpec, ...] = tuple(separator_queue(m, p) for m in MODELS for p in PRIORITIES)
 ANALYZER_QUEUE = QueueSpec("analyzer", (AUDIO_INGESTED,))
+# Practice mixes: rendered by the analyzer's warm CPU workers, on a queue of their own (its dead letters end the mix).
+MIXER_QUEUE = QueueSpec("mixer", (MIX_REQUESTED,))
 GATEWAY_QUEUE = QueueSpec(
     "gateway",
     (
@@ -94,10 +103,17 @@ GATEWAY_QUEUE = QueueSpec(
         SEPARATION_FAILED,
         ANALYSIS_COMPLETED,
         ANALYSIS_FAILED,
+        MIX_PROGRESS,
+        MIX_COMPLETED,
+        MIX_FAILED,
     ),
 )
 # Every notifier replica binds a queue of its own, so any replica can serve any client.
-NOTIFIER_QUEUE = QueueSpec("notifier", (JOB_PROGRESS, JOB_COMPLETED, JOB_FAILED, JOB_CANCELLED), per_replica=True)
+NOTIFIER_QUEUE = QueueSpec(
+    "notifier",
+    (JOB_PROGRESS, JOB_COMPLETED, JOB_FAILED, JOB_CANCELLED, JOB_MIX_PROGRESS, JOB_MIX_COMPLETED, JOB_MIX_FAILED),
+    per_replica=True,
+)
 # Webhooks are sent once per event whatever the number of notifier replicas: one shared queue.
 WEBHOOKS_QUEUE = QueueSpec("webhooks", (JOB_COMPLETED, JOB_FAILED))
 
@@ -105,6 +121,7 @@ ALL_QUEUES: tuple[QueueSpec, ...] = (
     INGEST_QUEUE,
     *SEPARATOR_QUEUES,
     ANALYZER_QUEUE,
+    MIXER_QUEUE,
     GATEWAY_QUEUE,
     NOTIFIER_QUEUE,
     WEBHOOKS_QUEUE,

@@ -11,31 +11,34 @@ import redis.asyncio as redis
 from stemflow_shared import telemetry
 from stemflow_shared.idempotency import DoneMarks
 from stemflow_shared.runtime import connect_broker, open_blob_store, serve_worker
-from stemflow_shared.topology import ANALYZER_QUEUE
+from stemflow_shared.topology import ANALYZER_QUEUE, MIXER_QUEUE
 
 from .handlers import Analyzer, start_worker
+from .mixer import Mixer
 from .settings import Settings
 
 
 async def run(settings: Settings) -> None:
     # spawn: forked children would inherit the event loop and the broker's sockets.
-    pool = ProcessPoolExecutor(
-        max_workers=settings.workers, mp_context=multiprocessing.get_context("spawn"), initializer=start_worker
-    )
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(max_workers=settings.workers, mp_context=context, initializer=start_worker)
+    # Carries the mixes' progress out of the worker processes (one queue per mix).
+    manager = context.Manager()
     # Start and warm every worker before taking messages, so no job pays the compilation.
     loop = asyncio.get_running_loop()
     await asyncio.gather(*(loop.run_in_executor(pool, _ping) for _ in range(settings.workers)))
     blobs, close_blobs = open_blob_store(settings)
     redis_client = redis.from_url(settings.redis_url)
     broker = await connect_broker(settings, "analyzer", prefetch=settings.prefetch or settings.workers)
+    done_marks = DoneMarks(redis_client, settings.redis_prefix)
     await broker.consume(
-        ANALYZER_QUEUE,
-        Analyzer(pool, blobs, redis_client, settings).handlers(),
-        done_marks=DoneMarks(redis_client, settings.redis_prefix),
+        ANALYZER_QUEUE, Analyzer(pool, blobs, redis_client, settings).handlers(), done_marks=done_marks
     )
+    await broker.consume(MIXER_QUEUE, Mixer(pool, blobs, broker, manager=manager).handlers(), done_marks=done_marks)
 
     async def close_pool() -> None:
         await asyncio.to_thread(pool.shutdown, True, cancel_futures=True)
+        await asyncio.to_thread(manager.shutdown)
 
     await serve_worker(
         settings,

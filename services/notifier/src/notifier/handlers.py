@@ -1,4 +1,4 @@
-"""Events in: `job.*` to the connected clients (through the resume log), terminal ones to webhooks."""
+"""Events in: `job.*` (and `job.mix.*`) to the connected clients (through the resume log), terminal ones to webhooks."""
 
 from __future__ import annotations
 
@@ -6,15 +6,14 @@ import logging
 from typing import Any
 
 from stemflow_shared.events import (
-    JOB_CANCELLED,
     JOB_COMPLETED,
     JOB_FAILED,
-    JOB_PROGRESS,
     TERMINAL_JOB_EVENTS,
     Event,
     EventSpec,
 )
 from stemflow_shared.messaging import Handler
+from stemflow_shared.topology import NOTIFIER_QUEUE
 
 from .mailbox import Item
 from .public import public_json
@@ -37,7 +36,8 @@ def job_event_handlers(relay: Relay) -> dict[EventSpec[Any], Handler]:
         if event.spec in TERMINAL_JOB_EVENTS:
             log.info("relayed %s", event.spec.name)
 
-    return {spec: on_job_event for spec in (JOB_PROGRESS, JOB_COMPLETED, JOB_FAILED, JOB_CANCELLED)}
+    # Every event the replica's queue is bound to (one list: the topology's).
+    return {spec: on_job_event for spec in NOTIFIER_QUEUE.events}
 
 
 def webhook_handlers(webhooks: Webhooks) -> dict[EventSpec[Any], Handler]:
