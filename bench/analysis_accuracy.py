@@ -30,6 +30,8 @@ import os
 
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
+# librosa's gufuncs crashed loading the shared venv's numba cache beside essentia; a private cache does not.
+os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".stemflow", "numba-cache"))
 
 import argparse
 import json
@@ -214,6 +216,14 @@ def stems_mix(truth: dict[str, Any], names: tuple[str, ...]) -> tuple[np.ndarray
     return sum(p for p, _ in parts), parts[0][1]
 
 
+def warm_up(tools: list[str]) -> None:
+    """Each tool once on a few seconds of clicks, so that no song pays a tool's compiling or loading."""
+    t = np.arange(6 * 44100) / 44100
+    clicks = (np.sin(2 * np.pi * 440 * t) * (t % 0.5 < 0.05)).astype(np.float32)
+    for tool in tools:
+        TOOLS[tool](np.stack([clicks, clicks]), 44100)
+
+
 def run(truths: list[dict[str, Any]], tools: list[str], with_stems: bool) -> list[dict[str, Any]]:
     rows = []
     for i, truth in enumerate(truths):
@@ -288,10 +298,7 @@ def main() -> None:
         chosen = [s for s in chosen if s.name in args.only.split(",") or (s.kind == "composition" and "chorale" in args.only)]
     truths = corpus.build(args.corpus, chosen, stems=args.stems)
     tools = args.tools.split(",")
-    if "stemflow" in tools:
-        from analyzer.features import warm_up
-
-        warm_up()
+    warm_up(tools)
     rows = run(truths, tools, args.stems)
     overall = summarise(rows, lambda r: r["split"] + (" compositions" if r["style"] == "chorale" else " arrangements"))
     totals = summarise(rows, lambda r: r["split"])

@@ -106,6 +106,9 @@ async def test_a_song_is_analysed_from_the_blob_store(rig: dict[str, Any], tmp_p
     [runner_up] = result.key_alternatives
     assert runner_up.key != result.key and runner_up.confidence <= result.key_confidence
     assert (result.meter is None) == (result.downbeats == [])
+    # The chord timeline and the DJs' key codes travel too.
+    assert result.key_camelot == "9A" and result.key_open_key == "2m"
+    assert result.chords and result.chords[0].start == 0.0 and all(c.label for c in result.chords)
 
 
 async def test_a_reused_job_is_left_to_ingest(rig: dict[str, Any], tmp_path: Path) -> None:

@@ -212,11 +212,21 @@ def analysis_table(job: dict[str, Any]) -> Table | None:
     table.add_column("value")
     table.add_row("Tempo", f"{analysis['tempo_bpm']:.1f} BPM  (confidence {_percent(analysis['tempo_confidence'])})")
     table.add_row("Key", f"{analysis['key']}  (confidence {_percent(analysis['key_confidence'])})")
+    if analysis.get("key_camelot"):
+        table.add_row("Key codes", f"Camelot {analysis['key_camelot']}  Open Key {analysis.get('key_open_key') or '-'}")
+    if analysis.get("chords"):
+        table.add_row("Chords", _chord_line(analysis["chords"]))
     table.add_row("Loudness", f"{analysis['loudness_lufs']:.1f} LUFS")
     table.add_row("True peak", f"{analysis['true_peak_dbfs']:.1f} dBFS")
     table.add_row("Duration", _duration(analysis["duration_s"]))
     table.add_row("Beats", str(analysis["beat_count"]))
     return table
+
+
+def _chord_line(chords: list[dict[str, Any]], limit: int = 16) -> str:
+    """The chord changes in order ("E♭ B♭ Cm A♭ …"), no-chord stretches left out."""
+    labels = [c["label"] for c in chords if c.get("root")]
+    return " ".join(labels[:limit]) + (" …" if len(labels) > limit else "")
 
 
 def stems_table(job: dict[str, Any], files: dict[str, str] | None = None) -> Table | None:

@@ -539,8 +539,22 @@ function showFacts(a) {
   $("bpm-conf").textContent = conf(a.tempo_confidence);
   $("key").textContent = a.key;
   $("key-conf").textContent = conf(a.key_confidence);
+  if (a.key_camelot) $("key-conf").textContent += ` · ${a.key_camelot} · ${a.key_open_key}`;
   $("lufs").textContent = a.loudness_lufs.toFixed(1);
   $("dur").textContent = `${clock(a.duration_s)} long`;
+  showChords(a.chords || []);
+}
+
+// The chord timeline: each change with its time, no-chord stretches left out.
+function showChords(chords) {
+  let line = document.getElementById("chords");
+  if (!line) {
+    line = Object.assign(document.createElement("p"), { id: "chords", className: "conf" });
+    $("facts").append(line);
+  }
+  const changes = chords.filter((c) => c.root);
+  line.hidden = changes.length === 0;
+  line.textContent = changes.map((c) => `${clock(c.start)} ${c.label}`).join("  ·  ");
 }
 
 // The analysis states its doubt: the runner-up key and the octave tempo, when it has them.
