@@ -33,7 +33,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -331,17 +331,23 @@ def latencies(stats: list[dict[str, Any]], probe: dict[str, float]) -> dict[str,
 
 
 async def prepare(urls: Any, database: str, clients: list[dict[str, Any]], owners: dict[str, list[str]]) -> None:
+    """Keys and jobs in the database of the gateway the notifier asks (jobs as the gateway makes them)."""
     from pymongo import AsyncMongoClient
 
+    from gateway import lifecycle
     from stemflow_shared.auth import ApiKeys
+    from stemflow_shared.events import InputRef, JobOptions
 
     mongo: AsyncMongoClient = AsyncMongoClient(urls.mongodb_url)
     keys = {owner: await ApiKeys(mongo[database]).create(owner) for owner in {c["owner"] for c in clients}}
     for spec in clients:
         spec["key"] = keys[spec["owner"]]
-    now = datetime.now(UTC)
+    now, source = (
+        lifecycle.utcnow(),
+        InputRef(source_url="https://songs.example.com/a.wav").model_dump(exclude_none=True),
+    )
     jobs = [
-        {"_id": j, "owner": o, "status": "processing", "created_at": now, "updated_at": now}
+        {**lifecycle.new_job(j, o, JobOptions(), source, now=now, retention=timedelta(days=1)), "status": "processing"}
         for o, js in owners.items()
         for j in js
     ]
@@ -376,15 +382,32 @@ async def run_mode(mode: str, args: argparse.Namespace, urls: Any) -> dict[str, 
     database = f"stemflow_{namespace}"
     clients, owners, timeline = plan(args)
     await prepare(urls, database, clients, owners)
-    env = {
+    # The notifier asks a gateway (which owns keys and job state) through its internal API.
+    gateway_port, internal_port, token = _free_port(), _free_port(), uuid.uuid4().hex
+    gateway_env = {
         **urls.as_env(),
-        **MODES[mode],
         "STEMFLOW_NAMESPACE": namespace,
         "MONGODB_DB": database,
+        "HTTP_PORT": str(gateway_port),
+        "METRICS_PORT": str(_free_port()),
+        "INTERNAL_PORT": str(internal_port),
+        "INTERNAL_TOKEN": token,
+        "BLOB_DIR": str(LOGS / mode / "blobs"),
+        "LOG_LEVEL": "WARNING",
+    }
+    env = {
+        **{k: v for k, v in urls.as_env().items() if not k.startswith("MONGODB")},
+        **MODES[mode],
+        "STEMFLOW_NAMESPACE": namespace,
+        "GATEWAY_INTERNAL_URL": f"http://127.0.0.1:{internal_port}",
+        "INTERNAL_TOKEN": token,
         "HTTP_PORT": str(clients_port),
         "REPLICA_ID": "bench",
         "LOG_LEVEL": "WARNING",
     }
+    gateway = ServiceSpec(
+        "gateway", [sys.executable, "-m", "gateway.main"], gateway_env, f"http://127.0.0.1:{gateway_port}/readyz"
+    )
     spec = ServiceSpec(
         "notifier", [sys.executable, "-m", "notifier.main"], env, f"http://127.0.0.1:{clients_port}/readyz"
     )
@@ -396,7 +419,7 @@ async def run_mode(mode: str, args: argparse.Namespace, urls: Any) -> dict[str, 
         context.Process(target=client_process, args=(url, clients[i :: args.processes], reports, stop))
         for i in range(args.processes)
     ]
-    group.start([spec], LOGS / mode)
+    group.start([gateway, spec], LOGS / mode)
     broker = await Broker(urls.amqp_url, Names(namespace), "bench").connect()
     try:
         group.wait_ready(timeout=120)
