@@ -2,6 +2,12 @@
 
 Speed does not depend on weight values. Every figure is a ratio against plain demucs measured in
 the same run, on this machine's cores:
+- engines: the worker's CPU engines side by side on one 60 s song, `fast` preset, against the torch
+  eager worker in alternating rounds: torch eager, channels-last, dynamic int8 linears, bfloat16
+  autocast, torch.compile (inductor), ONNX Runtime and OpenVINO (the network exported to ONNX, the
+  STFT/iSTFT in torch); speed ratio and, per stem, max and RMS error against float32 torch in dB
+  (goal: >= 1.5x at <= -60 dB), on htdemucs and on a 4-model htdemucs_ft bag (torch, onnx, openvino
+  unless --bag-engines says otherwise); export and session start-up times, cold and cached;
 - rtf: the worker's real-time factor on 60 s per quality preset against demucs.apply.apply_model
   (shifts 1, overlap 0.25), and the largest difference from apply_model with the preset's settings;
 - throughput: the worker (jobs in flight = its prefetch) on 10 songs of 30 s against the demucs
@@ -17,8 +23,8 @@ the same run, on this machine's cores:
   (2 s segments, 4 channels), about 6x faster; its smaller fixed memory makes any growth with song
   length show more, not less. Results are kept per model and per length, so runs merge.
 
-    .venv/bin/python bench/separator.py [--threads 2] [--only rtf,throughput,rss] [--minutes 1,10,60]
-        [--rss-model production|tiny]
+    .venv/bin/python bench/separator.py [--threads 2] [--only engines,rtf,throughput,rss] [--minutes 1,10,60]
+        [--rss-model production|tiny] [--engine openvino] [--engines torch,onnx,...] [--bag-engines ...]
 """
 
 from __future__ import annotations
@@ -54,8 +60,26 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SAMPLERATE = 44100
 MODEL = "htdemucs"
 BASELINE = {"shifts": 1, "overlap": 0.25}
-GOALS = {"fast_rtf": 1.0, "peak_rss_mb": 1536, "throughput_ratio": 1.3, "long_rss_ratio": 1.2}
-PRECISIONS = ("float32", "bfloat16")
+GOALS = {
+    "fast_rtf": 1.0,
+    "peak_rss_mb": 1536,
+    "throughput_ratio": 1.5,
+    "long_rss_ratio": 1.2,
+    "engine_speed_ratio": 1.5,
+    "engine_error_db": -60.0,
+}
+BAG = "htdemucs_ft"
+BAG_SIZE = 4
+# name -> how the worker runs it; torch variants other than the engine's own settings transform a copy.
+ENGINE_VARIANTS = {
+    "torch": "torch eager (the worker today), float32",
+    "channels_last": "torch eager, weights and activations channels-last",
+    "int8": "torch eager, transformer linears dynamically quantised to int8",
+    "bfloat16": "torch eager, bfloat16 autocast (PRECISION=bfloat16)",
+    "compile": "torch.compile, inductor CPU backend (TORCH_COMPILE=true), after its compiling warm-up",
+    "onnx": "ONNX Runtime CPU, all graph optimisations (ENGINE=onnx)",
+    "openvino": "OpenVINO CPU, float32 precision hint (ENGINE=openvino)",
+}
 RSS_MODELS = {
     "production": "htdemucs (production architecture, random weights)",
     "tiny": "tiny untrained htdemucs of the tests (stemflow_dev.models.make_tiny_repo)",
@@ -63,7 +87,8 @@ RSS_MODELS = {
 
 
 def write_repo(repo: Path) -> Path:
-    """A demucs model repository holding the production htdemucs architecture as `htdemucs`."""
+    """A demucs model repository: the production htdemucs architecture as `htdemucs`, and a bag of
+    four such models (other random weights, each the only source of one stem) as `htdemucs_ft`."""
     from demucs.states import get_state, save_with_checksum
 
     from stemflow_dev.models import make_production_htdemucs
@@ -71,16 +96,24 @@ def write_repo(repo: Path) -> Path:
     repo.mkdir(parents=True, exist_ok=True)
     model = make_production_htdemucs()
     args, kwargs = model._init_args_kwargs
-    package = {"klass": type(model), "args": args, "kwargs": kwargs, "state": get_state(model, None, half=True)}
-    save_with_checksum(package, repo / "benchhtd.th")
+    signatures = [f"benchft{index}" for index in range(BAG_SIZE)]
+    for signature in ["benchhtd", *signatures]:
+        if signature != "benchhtd":
+            with torch.random.fork_rng():
+                torch.manual_seed(int(signature[-1]) + 1)
+                model = type(model)(*args, **kwargs).eval()
+        package = {"klass": type(model), "args": args, "kwargs": kwargs, "state": get_state(model, None, half=True)}
+        save_with_checksum(package, repo / f"{signature}.th")
     (repo / f"{MODEL}.yaml").write_text(yaml.safe_dump({"models": ["benchhtd"]}))
+    weights = [[1.0 if source == index else 0.0 for source in range(4)] for index in range(BAG_SIZE)]
+    (repo / f"{BAG}.yaml").write_text(yaml.safe_dump({"models": signatures, "weights": weights}))
     return repo
 
 
-def load(repo: Path) -> LoadedModel:
+def load(repo: Path, name: str = MODEL) -> LoadedModel:
     from separator.models import ModelCache
 
-    return ModelCache(repo, "cpu").get(MODEL)
+    return ModelCache(repo, "cpu").get(name)
 
 
 def write_song(path: Path, seconds: float, seed: int = 0) -> Path:
@@ -120,6 +153,123 @@ def apply_model_run(
     with torch.no_grad():
         out = apply_model(model.model, ((wav - mean) / std)[None], shifts=shifts, overlap=overlap, split=True)
     return {name: (source * std + mean).numpy() for name, source in zip(model.sources, out[0], strict=True)}
+
+
+def engine_variant(name: str, model: LoadedModel, export_dir: Path, threads: int) -> tuple[SegmentEngine, LoadedModel]:
+    """A started worker engine for one of ENGINE_VARIANTS, with the model it runs."""
+    import copy
+    import dataclasses
+
+    from separator.engine import SegmentEngine
+
+    engine, runs = SegmentEngine("cpu"), model
+    if name in ("onnx", "openvino"):
+        engine = SegmentEngine("cpu", backend=name, export_dir=export_dir, threads=threads)
+    elif name == "bfloat16":
+        engine = SegmentEngine("cpu", precision="bfloat16")
+    elif name == "compile":
+        engine = SegmentEngine("cpu", compile_models=True)
+    elif name == "channels_last":
+        runs = dataclasses.replace(model, model=copy.deepcopy(model.model).to(memory_format=torch.channels_last))
+    elif name == "int8":
+        from torch.ao.quantization import quantize_dynamic
+
+        quantised = quantize_dynamic(copy.deepcopy(model.model), {torch.nn.Linear}, dtype=torch.qint8)
+        runs = dataclasses.replace(model, model=quantised)
+    return engine.start(), runs
+
+
+def stem_errors_db(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Per stem: the largest and the RMS difference, in dB relative to the reference's peak and RMS."""
+    errors = {}
+    for name, reference in expected.items():
+        difference = got[name].astype(np.float64) - reference
+        peak = max(float(np.abs(difference).max()), 1e-30) / float(np.abs(reference).max())
+        rms = max(float(np.sqrt(np.mean(difference**2))), 1e-30) / float(
+            np.sqrt(np.mean(reference.astype(np.float64) ** 2))
+        )
+        errors[name] = {"max_db": 20 * float(np.log10(peak)), "rms_db": 20 * float(np.log10(rms))}
+    return errors
+
+
+def bench_engines(
+    repo: Path, tmp: Path, seconds: float, threads: int, names: list[str], rounds: int, model_name: str
+) -> dict:
+    """The CPU engines on one song in alternating rounds against torch eager; errors against torch's output."""
+    from separator.plan import submodels
+    from separator.separation import separate
+
+    model = load(repo, model_name)
+    song = write_song(tmp / "engines.wav", seconds)
+    mix = sf.read(song, dtype="float32", always_2d=True)[0].T.copy()
+    export_dir = tmp / f"exports-{model_name}"
+    names = ["torch", *[name for name in names if name != "torch"]]
+    engines, starts = {}, {}
+    for name in names:
+        started = time.perf_counter()
+        engine, runs = engine_variant(name, model, export_dir, threads)
+        # A worker has its networks exported (or compiled) and loaded before its first job.
+        for sub in submodels(runs.model)[0]:
+            engine.warm_up(sub)
+        starts[name] = {"cold_s": time.perf_counter() - started}
+        if name in ("onnx", "openvino"):
+            engine.close()
+            started = time.perf_counter()
+            engine, runs = engine_variant(name, model, export_dir, threads)
+            for sub in submodels(runs.model)[0]:
+                engine.warm_up(sub)
+            starts[name]["cached_s"] = time.perf_counter() - started
+        engines[name] = (engine, runs)
+        print(
+            f"{model_name} {name}: ready in " + ", ".join(f"{k} {v:.1f} s" for k, v in starts[name].items()), flush=True
+        )
+    times: dict[str, list[float]] = {name: [] for name in names}
+    outputs: dict[str, dict[str, np.ndarray]] = {}
+    for index in range(rounds):
+        for name, (engine, runs) in engines.items():
+            started = time.perf_counter()
+            outputs[name] = separate(runs, mix, quality="fast", engine=engine)
+            times[name].append(time.perf_counter() - started)
+        print(
+            f"{model_name} round {index + 1}: " + ", ".join(f"{n} {t[-1]:.1f} s" for n, t in times.items()), flush=True
+        )
+    for engine, _ in engines.values():
+        engine.close()
+    table = {}
+    for name in names:
+        errors = stem_errors_db(outputs[name], outputs["torch"])
+        ratio = sum(times["torch"]) / sum(times[name])
+        worst = max(max(e["max_db"], e["rms_db"]) for e in errors.values()) if name != "torch" else None
+        table[name] = {
+            "what": ENGINE_VARIANTS[name],
+            "seconds": times[name],
+            "speed_ratio": ratio,
+            "rtf": seconds * rounds / sum(times[name]),
+            "errors_db": errors if name != "torch" else None,
+            "worst_error_db": worst,
+            "meets_goal": name != "torch"
+            and ratio >= GOALS["engine_speed_ratio"]
+            and worst is not None
+            and worst <= GOALS["engine_error_db"],
+            **starts[name],
+        }
+        stems = (
+            ""
+            if worst is None
+            else "  " + ", ".join(f"{stem} {e['max_db']:.0f}/{e['rms_db']:.0f}" for stem, e in errors.items())
+        )
+        print(
+            f"{model_name} {name:>13}: {ratio:.2f}x torch eager, {table[name]['rtf']:.2f}x real time{stems}", flush=True
+        )
+    return {
+        "model": model_name,
+        "seconds": seconds,
+        "quality": "fast",
+        "rounds": rounds,
+        "threads": threads,
+        "error_db": "per stem: max |difference| / max |torch|, RMS difference / RMS torch, 20 log10",
+        "engines": table,
+    }
 
 
 def bench_rtf(repo: Path, tmp: Path, seconds: float) -> dict:
@@ -162,14 +312,27 @@ def bench_rtf(repo: Path, tmp: Path, seconds: float) -> dict:
     return {"seconds": seconds, "apply_model_rtf": baseline_rtf, "presets": presets}
 
 
-def bench_throughput(repo: Path, tmp: Path, songs: int, seconds: float, threads: int, compiled: bool) -> dict:
+def worker_engine(
+    backend: str, repo: Path, threads: int, compiled: bool = False, precision: str = "float32"
+) -> SegmentEngine:
+    """A worker's engine as make_engine builds it: exports cached next to the weights."""
+    from separator.engine import SegmentEngine
+    from separator.export import default_cache_dir
+
+    if backend == "torch":
+        return SegmentEngine("cpu", precision=precision, compile_models=compiled)
+    return SegmentEngine("cpu", backend=backend, export_dir=default_cache_dir(repo), threads=threads)
+
+
+def bench_throughput(
+    repo: Path, tmp: Path, songs: int, seconds: float, threads: int, compiled: bool, backend: str
+) -> dict:
     """The worker against the CLI in alternating rounds of `in_flight` songs, so that load from
     other work on a shared machine weighs on both alike.
 
-    The worker runs twice per round: in float32 (the CPU default, output equal to apply_model's) and
-    with the opt-in PRECISION=bfloat16 setting, whose distance from float32 is reported too.
+    The worker runs twice per round: with the CPU default engine `backend`, and with torch eager
+    in float32 (the worker before it); the engine's distance from torch's stems is reported too.
     """
-    from separator.engine import SegmentEngine
     from separator.settings import Settings
 
     model = load(repo)
@@ -178,9 +341,7 @@ def bench_throughput(repo: Path, tmp: Path, songs: int, seconds: float, threads:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     command = [sys.executable, "-m", "demucs", "--repo", str(repo), "-n", MODEL, "--shifts", "0", "--overlap", "0.1"]
     command += ["-d", "cpu", "--float32", "-o", str(tmp / "cli")]
-    engines = {
-        precision: SegmentEngine("cpu", precision=precision, compile_models=compiled) for precision in PRECISIONS
-    }
+    engines = {"torch": worker_engine("torch", repo, threads, compiled), backend: worker_engine(backend, repo, threads)}
     rounds = []
     with ThreadPoolExecutor(in_flight) as pool:
         for engine in engines.values():
@@ -189,12 +350,12 @@ def bench_throughput(repo: Path, tmp: Path, songs: int, seconds: float, threads:
         for first in range(0, songs, in_flight):
             batch = paths[first : first + in_flight]
             times = {}
-            for precision, engine in engines.items():
+            for name, engine in engines.items():
                 started = time.perf_counter()
-                out = tmp / "worker" / precision
+                out = tmp / "worker" / name
                 for job in [pool.submit(worker_job, engine, model, p, out / p.stem, "fast") for p in batch]:
                     job.result()
-                times[f"worker_{precision}_s"] = time.perf_counter() - started
+                times[f"worker_{name}_s"] = time.perf_counter() - started
             started = time.perf_counter()
             for path in batch:
                 subprocess.run([*command, str(path)], env=env, check=True, capture_output=True)
@@ -208,24 +369,26 @@ def bench_throughput(repo: Path, tmp: Path, songs: int, seconds: float, threads:
         for engine in engines.values():
             engine.close()
     totals = {name: sum(r[name] for r in rounds) for name in rounds[0] if name.endswith("_s")}
-    ratios = {precision: totals["cli_s"] / totals[f"worker_{precision}_s"] for precision in PRECISIONS}
+    ratios = {name: totals["cli_s"] / totals[f"worker_{name}_s"] for name in engines}
     print(
         f"{songs} songs of {seconds:.0f} s, demucs CLI {totals['cli_s']:.1f} s; worker throughput "
-        + ", ".join(f"{ratio:.2f}x the CLI in {precision}" for precision, ratio in ratios.items()),
+        + ", ".join(f"{ratio:.2f}x the CLI with {name}" for name, ratio in ratios.items()),
         flush=True,
     )
-    bfloat16_error_db = _error_db(tmp / "worker" / "bfloat16", tmp / "worker" / "float32")
-    print(f"bfloat16 stems are {bfloat16_error_db:.1f} dB (energy) away from float32's", flush=True)
+    error_db = _error_db(tmp / "worker" / backend, tmp / "worker" / "torch") if backend != "torch" else None
+    if error_db is not None:
+        print(f"{backend} stems are {error_db:.1f} dB (energy) away from torch's", flush=True)
     return {
         "songs": songs,
         "seconds": seconds,
         "in_flight": in_flight,
-        "worker_s": totals["worker_float32_s"],
+        "engine": backend,
+        "worker_s": totals[f"worker_{backend}_s"],
         "cli_s": totals["cli_s"],
-        "ratio": ratios["float32"],
-        "worker_bfloat16_s": totals["worker_bfloat16_s"],
-        "ratio_bfloat16": ratios["bfloat16"],
-        "bfloat16_error_db": bfloat16_error_db,
+        "ratio": ratios[backend],
+        "worker_torch_s": totals["worker_torch_s"],
+        "ratio_torch": ratios["torch"],
+        "error_db_against_torch": error_db,
         "rounds": rounds,
     }
 
@@ -241,12 +404,24 @@ def _error_db(stems: Path, reference: Path) -> float:
     return 10 * float(np.log10(difference / total))
 
 
-def bench_rss(repo: Path, tmp: Path, minutes: list[float], threads: int, compiled: bool, before: dict) -> dict:
-    """Peak RSS per song length, merged into `before` (an earlier run's figures for the same model)."""
+def bench_rss(
+    repo: Path, tmp: Path, minutes: list[float], threads: int, compiled: bool, before: dict, backend: str
+) -> dict:
+    """Peak RSS per song length, merged into `before` (an earlier run's figures for the same model).
+
+    The export cache is filled first, as a worker's start does, so the children measure a warm worker.
+    """
+    from separator.plan import submodels
+
+    if backend != "torch":
+        with worker_engine(backend, repo, threads) as engine:
+            for sub in submodels(load(repo).model)[0]:
+                engine.warm_up(sub)
 
     def child(*args: str) -> dict:
         command = [sys.executable, __file__, "--child", *args, "--repo", str(repo), "--threads", str(threads)]
         command += ["--compile"] if compiled else []
+        command += ["--engine", backend]
         return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
 
     baseline = child("apply_model", str(write_song(tmp / "rss-baseline.wav", 60)))
@@ -277,6 +452,7 @@ def bench_rss(repo: Path, tmp: Path, minutes: list[float], threads: int, compile
         "apply_model_60s": baseline,
         "worker": {size: sizes[size] for size in lengths},
         "torch_compile": compiled,
+        "engine": backend,
         "quality": "fast",
         "output_format": "flac",
         "long_over_short": {
@@ -294,17 +470,23 @@ def write_tiny_repo(repo: Path) -> Path:
     return make_tiny_repo(repo)
 
 
-def run_child(kind: str, song: Path, repo: Path, compiled: bool) -> None:
+def run_child(kind: str, song: Path, repo: Path, compiled: bool, backend: str, threads: int) -> None:
     """One measurement in a fresh process: its peak RSS, printed as JSON."""
-    from separator.engine import SegmentEngine
+    from separator.plan import submodels
 
     model = load(repo)
+    engine = worker_engine(backend if kind == "worker" else "torch", repo, threads, compiled).start()
+    if kind == "worker" and backend != "torch":
+        # The worker's start: its networks loaded from the export cache.
+        for sub in submodels(model.model)[0]:
+            engine.warm_up(sub)
     loaded_rss = _reset_peak_rss()
     started = time.perf_counter()
     if kind == "apply_model":
+        engine.close()
         apply_model_run(model, sf.read(song, dtype="float32", always_2d=True)[0].T.copy(), **BASELINE)
     else:
-        with tempfile.TemporaryDirectory() as out, SegmentEngine("cpu", compile_models=compiled) as engine:
+        with tempfile.TemporaryDirectory() as out, engine:
             worker_job(engine, model, song, Path(out), "fast", fmt="flac")
     taken = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -333,7 +515,13 @@ def _reset_peak_rss() -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", default="rtf,throughput,rss")
+    parser.add_argument("--only", default="engines,rtf,throughput,rss")
+    parser.add_argument(
+        "--engine", default="auto", help="the worker's engine in throughput and rss (auto: CPU default)"
+    )
+    parser.add_argument("--engines", default=",".join(ENGINE_VARIANTS), help="engines measured on htdemucs")
+    parser.add_argument("--bag-engines", default="torch,onnx,openvino", help="engines measured on the htdemucs_ft bag")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of the engines section")
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--songs", type=int, default=10)
     parser.add_argument("--song-seconds", type=float, default=30.0)
@@ -344,8 +532,12 @@ def main() -> None:
     parser.add_argument("--repo", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.engine == "auto":
+        from separator.device import pick_engine
+
+        args.engine = pick_engine("auto", "cpu", "float32", args.compile)
     if args.child:
-        run_child(args.child[0], Path(args.child[1]), args.repo, args.compile)
+        run_child(args.child[0], Path(args.child[1]), args.repo, args.compile, args.engine, args.threads)
         return
     sections = args.only.split(",")
     RESULTS.mkdir(exist_ok=True)
@@ -360,16 +552,28 @@ def main() -> None:
             "model": "htdemucs (production architecture, random weights)",
             "device": "cpu",
             "precision": "float32",
+            "engine": args.engine,
             "torch": torch.__version__,
             "goals": GOALS,
         }
         results.update(common)
+        if "engines" in sections:
+            engines = results.get("engines", {})
+            for model_name, names in ((MODEL, args.engines), (BAG, args.bag_engines)):
+                if names:
+                    engines[model_name] = {
+                        "load_average_at_start": os.getloadavg(),
+                        **bench_engines(
+                            repo, tmp, args.seconds, args.threads, names.split(","), args.rounds, model_name
+                        ),
+                    }
+            results["engines"] = engines
         if "rtf" in sections:
             results["rtf"] = {"load_average_at_start": os.getloadavg(), **bench_rtf(repo, tmp, args.seconds)}
         if "throughput" in sections:
             results["throughput"] = {
                 "load_average_at_start": os.getloadavg(),
-                **bench_throughput(repo, tmp, args.songs, args.song_seconds, args.threads, args.compile),
+                **bench_throughput(repo, tmp, args.songs, args.song_seconds, args.threads, args.compile, args.engine),
             }
         if "rss" in sections:
             rss = results.get("rss", {})
@@ -380,7 +584,9 @@ def main() -> None:
             rss[args.rss_model] = {
                 "model": RSS_MODELS[args.rss_model],
                 "load_average_at_start": os.getloadavg(),
-                **bench_rss(rss_repo, tmp, minutes, args.threads, args.compile, rss.get(args.rss_model, {})),
+                **bench_rss(
+                    rss_repo, tmp, minutes, args.threads, args.compile, rss.get(args.rss_model, {}), args.engine
+                ),
             }
             results["rss"] = rss
         out.write_text(json.dumps(results, indent=2))

@@ -13,7 +13,7 @@ import torch
 from demucs.htdemucs import HTDemucs
 from einops import rearrange
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 # The network part: (magnitude spectrogram, padded mix) -> (spectrogram out, waveform out).
 Core = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -52,7 +52,7 @@ class HTDemucsCore(nn.Module):
         """(B, 2C, Fq, T) magnitude and (B, C, L) padded mix -> (B, S, 2C, Fq, T) and (B, S, C, L)."""
         m = self.model
         x = mag
-        B, C, Fq, T = x.shape  # noqa: N806
+        B, _, Fq, T = x.shape
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         std = x.std(dim=(1, 2, 3), keepdim=True)
         x = (x - mean) / (1e-5 + std)
@@ -104,7 +104,7 @@ class HTDemucsCore(nn.Module):
                 else:
                     xt, _ = tdec(xt, saved_t.pop(-1), length_t)
 
-        S = len(m.sources)  # noqa: N806
+        S = len(m.sources)
         x = x.view(B, S, -1, Fq, T) * std[:, None] + mean[:, None]
         xt = xt.view(B, S, -1, mix.shape[-1]) * stdt[:, None] + meant[:, None]
         return x, xt
@@ -119,7 +119,9 @@ def prepare(model: HTDemucs, mix: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return mix, z, model._magnitude(z)
 
 
-def finish(model: HTDemucs, z: torch.Tensor, spec_out: torch.Tensor, wave_out: torch.Tensor, length: int) -> torch.Tensor:
+def finish(
+    model: HTDemucs, z: torch.Tensor, spec_out: torch.Tensor, wave_out: torch.Tensor, length: int
+) -> torch.Tensor:
     """The sources: the spectrogram branch through the mask and iSTFT, plus the waveform branch."""
     waves = model._ispec(model._mask(z, spec_out), training_length(model))
     return (wave_out + waves)[..., :length]

@@ -56,6 +56,18 @@ def default_cache_dir(model_repo: Path | None) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / CACHE_FOLDER
 
 
+def usable_cache_dir(wanted: Path) -> Path:
+    """`wanted` where this process may write there (a read-only model volume is common), else a temporary folder."""
+    existing = wanted
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if os.access(existing, os.W_OK | os.X_OK):
+        return wanted
+    fallback = Path(tempfile.gettempdir()) / CACHE_FOLDER
+    log.warning("cannot write exports to %s: caching them in %s instead, per container", wanted, fallback)
+    return fallback
+
+
 class ExportCache:
     """ONNX files of models' networks in `directory`, exported on first use, reused after."""
 
@@ -93,7 +105,8 @@ class ExportCache:
         fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".part", dir=self.directory)
         os.close(fd)
         try:
-            with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            # With grad enabled: without it, attention takes torch's fused fast path, which ONNX cannot express.
+            with warnings.catch_warnings(), torch.inference_mode(False), torch.enable_grad():
                 # The tracer warns about Python conditions on shapes: segments have one fixed shape.
                 warnings.simplefilter("ignore")
                 torch.onnx.export(

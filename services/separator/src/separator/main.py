@@ -95,8 +95,16 @@ async def run(settings: Settings) -> None:
         total = torch.cuda.get_device_properties(torch.device(device).index or 0).total_memory
         metrics.GPU_MEMORY_TOTAL.labels(device).set(total)
     models = ModelCache(settings.model_repo, device)
-    failed = await preload(models, engine, settings.model_names, compile_models=settings.torch_compile)
-    log.info("separating on %s in %s, up to %d segments per batch", device, engine.precision, engine.max_batch)
+    # A compiled or exported network is made (or read from the cache) before the first message.
+    warm = settings.torch_compile or engine.backend != "torch"
+    failed = await preload(models, engine, settings.model_names, compile_models=warm)
+    log.info(
+        "separating on %s with %s in %s, up to %d segments per batch",
+        device,
+        engine.backend,
+        engine.precision,
+        engine.max_batch,
+    )
     blobs, close_blobs = open_blob_store(settings)
     redis_client = redis.from_url(settings.redis_url)
     broker = await connect_broker(settings, "separator")

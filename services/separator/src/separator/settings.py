@@ -26,6 +26,13 @@ class Settings(ServiceSettings, BlobSettings, RedisSettings):
     )
     max_batch: int = Field(default=0, ge=0, description="Segments per forward pass; 0 = 8 on CUDA, 1 on CPU")
     batch_wait_ms: float = Field(default=5.0, ge=0, description="How long a batch may wait for more segments")
+    engine: Literal["auto", "torch", "onnx", "openvino"] = Field(
+        default="auto",
+        description="What runs the network: auto = openvino on CPU in float32 (torch where it cannot), torch on CUDA",
+    )
+    export_cache_dir: Path | None = Field(
+        default=None, description="Exported networks' cache; unset = next to the weights (MODEL_REPO or torch hub's)"
+    )
     torch_compile: bool = Field(
         default=False, description="torch.compile each model at start (minutes per model, then faster segments)"
     )
