@@ -243,6 +243,8 @@ def bench_engines(
         table[name] = {
             "what": ENGINE_VARIANTS[name],
             "seconds": times[name],
+            # The ratio's baseline, measured in the same process, alternating with this engine.
+            "torch_seconds": times["torch"],
             "speed_ratio": ratio,
             "rtf": seconds * rounds / sum(times[name]),
             "errors_db": errors if name != "torch" else None,
@@ -325,13 +327,13 @@ def worker_engine(
 
 
 def bench_throughput(
-    repo: Path, tmp: Path, songs: int, seconds: float, threads: int, compiled: bool, backend: str
+    repo: Path, tmp: Path, songs: int, seconds: float, threads: int, compiled: bool, backend: str, with_torch: bool
 ) -> dict:
     """The worker against the CLI in alternating rounds of `in_flight` songs, so that load from
     other work on a shared machine weighs on both alike.
 
-    The worker runs twice per round: with the CPU default engine `backend`, and with torch eager
-    in float32 (the worker before it); the engine's distance from torch's stems is reported too.
+    The worker runs with the CPU default engine `backend`, and with `with_torch` also with torch
+    eager in float32 (the worker before it); the engine's distance from torch's stems then too.
     """
     from separator.settings import Settings
 
@@ -341,11 +343,13 @@ def bench_throughput(
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     command = [sys.executable, "-m", "demucs", "--repo", str(repo), "-n", MODEL, "--shifts", "0", "--overlap", "0.1"]
     command += ["-d", "cpu", "--float32", "-o", str(tmp / "cli")]
-    engines = {"torch": worker_engine("torch", repo, threads, compiled), backend: worker_engine(backend, repo, threads)}
+    engines = {backend: worker_engine(backend, repo, threads, compiled)}
+    if with_torch and backend != "torch":
+        engines["torch"] = worker_engine("torch", repo, threads)
     rounds = []
     with ThreadPoolExecutor(in_flight) as pool:
         for engine in engines.values():
-            # A running worker has its model loaded (and compiled) before the first job.
+            # A running worker has its model loaded (and compiled or exported) before the first job.
             engine.start().warm_up(model.model.models[0])
         for first in range(0, songs, in_flight):
             batch = paths[first : first + in_flight]
@@ -375,7 +379,11 @@ def bench_throughput(
         + ", ".join(f"{ratio:.2f}x the CLI with {name}" for name, ratio in ratios.items()),
         flush=True,
     )
-    error_db = _error_db(tmp / "worker" / backend, tmp / "worker" / "torch") if backend != "torch" else None
+    error_db = (
+        _error_db(tmp / "worker" / backend, tmp / "worker" / "torch")
+        if "torch" in ratios and backend != "torch"
+        else None
+    )
     if error_db is not None:
         print(f"{backend} stems are {error_db:.1f} dB (energy) away from torch's", flush=True)
     return {
@@ -386,8 +394,8 @@ def bench_throughput(
         "worker_s": totals[f"worker_{backend}_s"],
         "cli_s": totals["cli_s"],
         "ratio": ratios[backend],
-        "worker_torch_s": totals["worker_torch_s"],
-        "ratio_torch": ratios["torch"],
+        "worker_torch_s": totals.get("worker_torch_s"),
+        "ratio_torch": ratios.get("torch"),
         "error_db_against_torch": error_db,
         "rounds": rounds,
     }
@@ -522,6 +530,7 @@ def main() -> None:
     parser.add_argument("--engines", default=",".join(ENGINE_VARIANTS), help="engines measured on htdemucs")
     parser.add_argument("--bag-engines", default="torch,onnx,openvino", help="engines measured on the htdemucs_ft bag")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of the engines section")
+    parser.add_argument("--throughput-torch", action="store_true", help="throughput also of the torch eager worker")
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--songs", type=int, default=10)
     parser.add_argument("--song-seconds", type=float, default=30.0)
@@ -542,7 +551,7 @@ def main() -> None:
     sections = args.only.split(",")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "separator.json"
-    results = json.loads(out.read_text()) if out.is_file() else {}
+    results: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-separator-") as tmp_name:
         tmp = Path(tmp_name)
         repo = write_repo(tmp / "repo")
@@ -558,7 +567,7 @@ def main() -> None:
         }
         results.update(common)
         if "engines" in sections:
-            engines = results.get("engines", {})
+            engines: dict = {}
             for model_name, names in ((MODEL, args.engines), (BAG, args.bag_engines)):
                 if names:
                     engines[model_name] = {
@@ -573,12 +582,21 @@ def main() -> None:
         if "throughput" in sections:
             results["throughput"] = {
                 "load_average_at_start": os.getloadavg(),
-                **bench_throughput(repo, tmp, args.songs, args.song_seconds, args.threads, args.compile, args.engine),
+                **bench_throughput(
+                    repo,
+                    tmp,
+                    args.songs,
+                    args.song_seconds,
+                    args.threads,
+                    args.compile,
+                    args.engine,
+                    args.throughput_torch,
+                ),
             }
         if "rss" in sections:
-            rss = results.get("rss", {})
+            before = json.loads(out.read_text()).get("rss", {}) if out.is_file() else {}
             # Figures from before results were kept per model are dropped, not mixed in.
-            rss = {name: rss[name] for name in RSS_MODELS if name in rss}
+            rss = {name: before[name] for name in RSS_MODELS if name in before}
             rss_repo = repo if args.rss_model == "production" else write_tiny_repo(tmp / "tiny-repo")
             minutes = [float(m) for m in args.minutes.split(",")]
             rss[args.rss_model] = {
@@ -589,8 +607,17 @@ def main() -> None:
                 ),
             }
             results["rss"] = rss
-        out.write_text(json.dumps(results, indent=2))
+        # Read again just before writing: runs of other sections may have finished meanwhile.
+        merged = json.loads(out.read_text()) if out.is_file() else {}
+        out.write_text(json.dumps(merge(merged, results), indent=2))
     print(f"wrote {out}")
+
+
+def merge(old: dict, new: dict) -> dict:
+    """`old` updated with `new`, nested dicts merged, so runs of some engines keep the others' figures."""
+    for key, value in new.items():
+        old[key] = merge(old[key], value) if isinstance(value, dict) and isinstance(old.get(key), dict) else value
+    return old
 
 
 if __name__ == "__main__":

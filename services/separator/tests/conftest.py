@@ -24,6 +24,12 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_repo(tmp_path_factory.mktemp("models"))
 
 
+@pytest.fixture(scope="session")
+def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where workers made by the tests cache exported networks: each tiny model is exported once a session."""
+    return tmp_path_factory.mktemp("exports")
+
+
 @pytest.fixture(autouse=True)
 def one_torch_thread() -> Iterator[None]:
     """Tiny models gain nothing from intra-op threads, and on a busy machine their barriers cost 5x."""

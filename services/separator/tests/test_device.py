@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -37,3 +39,24 @@ def test_a_batch_size_setting_wins() -> None:
 def test_an_unknown_precision_is_refused() -> None:
     with pytest.raises(ValueError):
         settings(precision="int8")
+
+
+def test_the_cpu_default_engine_is_openvino_and_cuda_keeps_torch(tmp_path: Path) -> None:
+    cpu = make_engine(settings(model_repo=tmp_path), "cpu")
+
+    assert cpu.backend == "openvino"
+    assert cpu.export_dir == tmp_path / ".stemflow-export"
+    assert make_engine(settings(), "cuda").backend == "torch"
+
+
+@pytest.mark.parametrize("overrides", [{"precision": "bfloat16"}, {"torch_compile": True}, {"engine": "torch"}])
+def test_torch_runs_on_cpu_where_the_settings_ask_for_it(overrides: dict) -> None:
+    assert make_engine(settings(**overrides), "cpu").backend == "torch"
+
+
+def test_an_explicit_engine_wins_and_is_refused_where_it_cannot_run(tmp_path: Path) -> None:
+    assert make_engine(settings(engine="onnx", export_cache_dir=tmp_path), "cpu").backend == "onnx"
+    with pytest.raises(ValueError, match="runs on cpu"):
+        make_engine(settings(engine="onnx"), "cuda")
+    with pytest.raises(ValueError):
+        settings(engine="tensorrt")

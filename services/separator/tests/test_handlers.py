@@ -52,7 +52,7 @@ SEGMENT_BYTES = 2 * SAMPLERATE * 2 * (1 + 4) * 4
 
 
 @pytest_asyncio.fixture
-async def rig(stack: Any, tiny_repo: Path, tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
+async def rig(stack: Any, tiny_repo: Path, tmp_path: Path, export_dir: Path) -> AsyncIterator[dict[str, Any]]:
     """A separator on its own namespace, and what a test needs to look at its effects."""
     namespace = f"s{uuid.uuid4().hex[:8]}"
     (tmp_path / "work").mkdir()
@@ -64,6 +64,7 @@ async def rig(stack: Any, tiny_repo: Path, tmp_path: Path) -> AsyncIterator[dict
         work_dir=str(tmp_path / "work"),
         cancel_poll_s=0.02,
         progress_interval_s=0.01,
+        export_cache_dir=export_dir,
     )
     broker = await Broker(stack.amqp_url, Names(namespace), "separator").connect()
     client = redis.from_url(stack.redis_url)

@@ -112,7 +112,8 @@ class SegmentEngine:
         self._on_batch = on_batch
         self._compile = compile_models
         self._compiled: dict[int, nn.Module] = {}
-        self._exports = ExportCache(export_dir or default_cache_dir(None)) if backend != "torch" else None
+        self.export_dir = (export_dir or default_cache_dir(None)) if backend != "torch" else None
+        self._exports = ExportCache(self.export_dir) if self.export_dir is not None else None
         # Per model: its network in the backend's runtime, or None where it runs in torch instead.
         self._cores: dict[int, Core | None] = {}
         self._queues: OrderedDict[Hashable, deque[_Item]] = OrderedDict()
