@@ -92,10 +92,11 @@ def _chroma(y: np.ndarray, sr: float) -> tuple[np.ndarray, np.ndarray, np.ndarra
     if peak == 0:
         return np.zeros((0, 12)), np.zeros((0, 12)), np.zeros(0)
     compressed = np.log1p(_COMPRESSION / peak * magnitude)
-    fine = _treble_bank() @ compressed
-    offset = keys.tuning_offset(fine.sum(axis=1))
-    treble = np.roll(fine, _SUB // 2 - offset, axis=0).reshape(12, _SUB, -1).sum(axis=1).T
-    bass = np.roll(_bass_bank() @ compressed, _SUB // 2 - offset, axis=0).reshape(12, _SUB, -1).sum(axis=1).T
+    # The tuning from the mean spectrum; then each bank folded to 12 tuned pitch classes before it meets
+    # every frame (a tenth of the work of folding the fine chroma frame by frame).
+    offset = keys.tuning_offset(_treble_bank() @ compressed.mean(axis=1))
+    treble = (_fold(_treble_bank(), offset) @ compressed).T
+    bass = (_fold(_bass_bank(), offset) @ compressed).T
     times = np.arange(compressed.shape[1]) * _HOP / CHORD_RATE
     return treble, bass, times
 
@@ -209,6 +210,11 @@ def _segments(
         chords.append(Chord(round(float(edges[start]), 3), round(float(edges[i]), 3), label, name, quality, confidence))
         start = i
     return chords
+
+
+def _fold(bank: np.ndarray, offset: int) -> np.ndarray:
+    """(12, bins): a fine chroma bank's rows summed over the semitone-wide window of each tuned pitch class."""
+    return np.roll(bank, _SUB // 2 - offset, axis=0).reshape(12, _SUB, -1).sum(axis=1)
 
 
 @cache
