@@ -339,3 +339,23 @@ def test_the_service_resource_is_the_sdks_hashed_once_and_groups_a_batch_under_o
         "EVALSHA",
         "GET /v1/jobs/{job_id}",
     ]
+
+
+def test_the_spans_of_an_unsampled_job_run_uninstrumented() -> None:
+    """A service consuming an event of an unsampled job (its traceparent says so) builds no instrumentation spans."""
+    exporter = InMemorySpanExporter()
+    provider = provider_of(sampling.ParentBased(sampling.ALWAYS_ON))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = telemetry._UnsampledUninstrumented(provider.get_tracer("test"))
+    seen = {}
+    for flags in ("00", "01"):
+        parent = telemetry.extract_context(
+            {"traceparent": f"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-{flags}"}
+        )
+        with tracer.start_as_current_span("process job.submitted", parent, kind=trace.SpanKind.CONSUMER) as span:
+            seen[flags] = (span.is_recording(), is_instrumentation_enabled())
+        assert is_instrumentation_enabled()
+    with tracer.start_as_current_span("background work"):  # a root: sampled here
+        assert is_instrumentation_enabled()
+    assert seen == {"00": (False, False), "01": (True, True)}
+    assert [s.name for s in exporter.get_finished_spans()] == ["process job.submitted", "background work"]

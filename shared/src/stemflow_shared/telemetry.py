@@ -379,10 +379,35 @@ def name_server_span(method: str, route: str) -> None:
 def tracer(name: str = "stemflow") -> trace.Tracer:
     """The tracer of `name`, made once: the SDK's get_tracer costs tens of microseconds a call.
 
-    Before a provider is installed this is the API's proxy tracer, which switches
+    Before a provider is installed this wraps the API's proxy tracer, which switches
     to the installed provider's tracer by itself.
     """
-    return trace.get_tracer(name)
+    return _UnsampledUninstrumented(trace.get_tracer(name))
+
+
+class _UnsampledUninstrumented(trace.Tracer):
+    """A tracer whose current spans, when their trace is not sampled, run with instrumentation suppressed.
+
+    A job that was not sampled reaches every service in events whose traceparent says
+    so, and its `process` span is a non-recording one; without this, the PyMongo, Redis
+    and httpx instrumentations would still build a (dropped) span for every command of
+    its handlers. HeadSampling spares an unsampled request the same way.
+    """
+
+    def __init__(self, tracer: trace.Tracer) -> None:
+        self._tracer = tracer
+
+    def start_span(self, *args: Any, **kwargs: Any) -> trace.Span:
+        return self._tracer.start_span(*args, **kwargs)
+
+    @contextmanager  # type: ignore[override]
+    def start_as_current_span(self, *args: Any, **kwargs: Any) -> Iterator[trace.Span]:
+        with self._tracer.start_as_current_span(*args, **kwargs) as span:
+            if span.is_recording() or not span.get_span_context().is_valid:
+                yield span
+                return
+            with suppress_instrumentation():
+                yield span
 
 
 def inject_headers(headers: MutableMapping[str, Any]) -> None:
