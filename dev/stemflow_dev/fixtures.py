@@ -155,7 +155,7 @@ async def delete_namespace(amqp_url: str, namespace: str) -> None:
     connection = await aio_pika.connect(amqp_url)
     try:
         queues = [names.queue(q) for q in ALL_QUEUES if not q.per_replica]
-        queues.append(names.dead_letter_queue)
+        queues += [names.dead_letter_queue, names.dead_letter_watch_queue]
         for queue in queues:
             channel = await connection.channel()
             try:
