@@ -13,6 +13,9 @@ counted and kept. The codes are `<stage>_<why>`:
 | `delivery_limit` | the broker gave up after the delivery limit (e.g. a worker that crashes on it) |
 | `dead_lettered` | the broker dead-lettered it for another reason (rejected, expired) |
 | anything else | a permanent error the handler named itself, e.g. `separation_model_unknown` |
+
+A practice mix's work (the `mixer` queue, or a `mix.*` event the gateway could not apply) ends that mix,
+not the job: the mix fails with `mix_<why>`.
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ from stemflow_shared.events import (
     make_event,
 )
 from stemflow_shared.messaging import DeadLetter, PermanentError
-from stemflow_shared.topology import ANALYZER_QUEUE, GATEWAY_QUEUE, INGEST_QUEUE, WEBHOOKS_QUEUE
+from stemflow_shared.topology import ANALYZER_QUEUE, GATEWAY_QUEUE, INGEST_QUEUE, MIXER_QUEUE, WEBHOOKS_QUEUE
 
 from . import lifecycle
 from .jobs import Jobs
+from .mixes import Mixes
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,9 @@ _STAGE_OF_EVENT = {
     "separation.failed": "separation",
     "analysis.completed": "analysis",
     "analysis.failed": "analysis",
+    "mix.progress": "mix",
+    "mix.completed": "mix",
+    "mix.failed": "mix",
 }
 # What the broker says when it dead-letters for reasons of its own (besides the delivery limit).
 BROKER_REASONS = frozenset({"rejected", "expired", "maxlen", "unknown"})
@@ -76,6 +83,8 @@ def stage_of(letter: DeadLetter) -> str | None:
         return "separation"
     if letter.queue == ANALYZER_QUEUE.name:
         return "analysis"
+    if letter.queue == MIXER_QUEUE.name:
+        return "mix"
     if letter.queue == GATEWAY_QUEUE.name:
         spec = SPECS_BY_TYPE.get(letter.event_type or "")
         return _STAGE_OF_EVENT.get(spec.name) if spec is not None else "ingest"
@@ -97,8 +106,9 @@ def failure_code(stage: str, reason: str) -> str:
 
 
 class DeadLetterWatch:
-    def __init__(self, jobs: Jobs) -> None:
+    def __init__(self, jobs: Jobs, mixes: Mixes | None = None) -> None:
         self._jobs = jobs
+        self._mixes = mixes
 
     async def settle(self, letter: DeadLetter) -> None:
         outcome = await self._settle(letter)
@@ -121,6 +131,8 @@ class DeadLetterWatch:
         if stage is None:
             return "not_a_job_stage"
         code = failure_code(stage, letter.reason)
+        if stage == "mix":
+            return await self._settle_mix(letter, code)
         log.warning(
             "job %s: the %s stage's message was dead-lettered (%s: %s)",
             letter.job_id,
@@ -137,3 +149,16 @@ class DeadLetterWatch:
         except PermanentError:
             return "no_job"
         return "job_failed" if ended else "job_ended"
+
+    async def _settle_mix(self, letter: DeadLetter, code: str) -> str:
+        """A mix's work was dead-lettered: that mix fails (the job, finished long ago, stays as it is)."""
+        if self._mixes is None or letter.job_id is None or letter.mix_id is None:
+            return "unattributed"
+        log.warning("job %s: mix %s was dead-lettered (%s)", letter.job_id, letter.mix_id, letter.reason)
+        why = WHY.get(code.removeprefix("mix_"), letter.reason.replace("_", " "))
+        error = ErrorInfo(code=code, message=f"the mix could not be rendered: {why}")
+        try:
+            ended = await self._mixes.fail(letter.job_id, letter.mix_id, error)
+        except PermanentError:
+            return "no_job"
+        return "mix_failed" if ended else "mix_ended"

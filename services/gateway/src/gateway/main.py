@@ -25,7 +25,7 @@ from stemflow_shared.separators import SeparatorRegistry
 from stemflow_shared.storage import make_blob_store
 from stemflow_shared.topology import GATEWAY_QUEUE, Names
 
-from . import batches, downloads, job_routes, models, problems
+from . import batches, downloads, job_routes, mixes, models, problems
 from .cache import GZIP_MIN_BYTES, JobCache
 from .cached_reads import CachedJobReads
 from .deadletters import DeadLetterWatch
@@ -101,6 +101,7 @@ def create_app(settings: Settings) -> FastAPI:
         )
         app.state.settings = settings
         app.state.jobs = jobs
+        app.state.mixes = practice_mixes = mixes.Mixes(jobs)
         app.state.mongo = mongo
         app.state.redis = redis_client
         app.state.api_keys = ApiKeys(database)
@@ -110,8 +111,8 @@ def create_app(settings: Settings) -> FastAPI:
             "redis": redis_client.ping,
             "broker": broker.ready,
         }
-        await broker.consume(GATEWAY_QUEUE, handlers(jobs))
-        await broker.consume_dead_letters(DeadLetterWatch(jobs).settle)
+        await broker.consume(GATEWAY_QUEUE, {**handlers(jobs), **practice_mixes.handlers()})
+        await broker.consume_dead_letters(DeadLetterWatch(jobs, practice_mixes).settle)
         grace = timedelta(seconds=settings.outbox_grace_s)
         background = [
             asyncio.create_task(every(settings.outbox_sweep_interval_s, "outbox sweep", lambda: relay.sweep(grace))),
@@ -151,6 +152,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(models.router)
     app.include_router(downloads.router)
     app.include_router(batches.router)
+    app.include_router(mixes.router)
     add_web_page(app, settings.events_url)
     add_api_docs(app)
     for route in ops_routes(lambda request: request.app.state.checks, with_metrics=False):
