@@ -146,6 +146,13 @@ class Api:
     async def analysis(self, job_id: str) -> dict[str, Any]:
         return await self._json("GET", f"/v1/jobs/{job_id}/analysis")
 
+    async def create_mix(self, job_id: str, options: dict[str, Any]) -> dict[str, Any]:
+        """Ask for a practice mix (POST /v1/jobs/{id}/mixes): the new one, or the same one asked for before."""
+        return await self._json("POST", f"/v1/jobs/{job_id}/mixes", json=options)
+
+    async def mix(self, job_id: str, mix_id: str) -> dict[str, Any]:
+        return await self._json("GET", f"/v1/jobs/{job_id}/mixes/{mix_id}")
+
     async def page_config(self) -> dict[str, Any]:
         """The web page's `/config.json` (where the notifier is), or {} where the gateway serves none."""
         try:

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from . import __version__, commands
 from . import config as config_module
+from . import practice as practice_module
 from .errors import CliError, Exit
 
 JOB_OPTIONS = (
@@ -173,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("models", "the models: stem counts, whether a worker serves each now, queue and estimated wait")
 
+    practice_help = "a practice mix of a finished job (stems muted or louder, tempo, pitch, a looped section, click)"
+    practice_module.add_arguments(
+        sub.add_parser("practice", aliases=["mix"], help=practice_help, description=practice_help, parents=[common]),
+        _positive,
+    )
+
     command("configure", "save the URL, events URL and API key given as flags (asks for the key on a terminal)")
     return parser
 
@@ -221,6 +228,10 @@ def _dispatch(ctx: commands.Context, args: argparse.Namespace) -> Coroutine[Any,
             return commands.watch(ctx, count=args.count, timeout=args.timeout)
         case "models":
             return commands.models(ctx)
+        case "practice" | "mix":
+            return practice_module.practice(
+                ctx, args.job, practice_module.mix_options(args), out=args.out, wait=args.wait, timeout=args.timeout
+            )
         case "configure":
             settings = {k: getattr(args, k, None) for k in config_module.KEYS}
             return commands.configure(ctx, settings, ask_key=sys.stdin.isatty())
