@@ -17,14 +17,15 @@ Use it with `uvicorn.Config(..., http=limited_http(limits), timeout_keep_alive=l
 from __future__ import annotations
 
 import functools
-import json
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .problems import raw_problem
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADERS = 128
@@ -49,26 +50,6 @@ class HttpLimits(BaseSettings):
     http_max_idle_connections: int = Field(
         default=1000, ge=1, description="Idle keep-alive connections kept per process; past it the oldest close"
     )
-
-
-def problem(status: int, reason: str, code: str, detail: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
-    """A whole `connection: close` HTTP/1.1 answer with an RFC 9457 problem+json body."""
-    body = json.dumps(
-        {
-            "type": f"https://stemflow.dev/problems/{code}",
-            "title": reason,
-            "status": status,
-            "detail": detail,
-            "code": code,
-        }
-    ).encode()
-    head = [b"HTTP/1.1 %d %s\r\n" % (status, reason.encode())]
-    head += [name + b": " + value + b"\r\n" for name, value in headers]
-    head.append(
-        b"content-type: application/problem+json\r\nx-content-type-options: nosniff\r\n"
-        b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
-    )
-    return b"".join(head) + body
 
 
 class _Refused(Exception):
@@ -191,7 +172,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._refused = True
         if not self.transport.is_closing():
-            answer = problem(400, "Bad Request", "malformed_request", msg, self.server_state.default_headers)
+            answer = raw_problem(400, "Bad Request", "malformed_request", msg, self.server_state.default_headers)
             self.transport.write(answer)
             self.transport.close()
 
@@ -201,7 +182,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._refused = True
         if not self.transport.is_closing():
-            self.transport.write(problem(431, "Request Header Fields Too Large", "headers_too_large", detail))
+            self.transport.write(raw_problem(431, "Request Header Fields Too Large", "headers_too_large", detail))
             self.transport.close()
 
     def _expect(self, phase: str, timeout_s: float) -> None:
@@ -248,7 +229,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         limit = self.head_timeout_s if self._phase == "head" else self.body_timeout_s
         detail = f"the {what} did not arrive in time ({limit:g} s)"
         self.transport.write(
-            problem(408, "Request Timeout", "request_timeout", detail, self.server_state.default_headers)
+            raw_problem(408, "Request Timeout", "request_timeout", detail, self.server_state.default_headers)
         )
         self.transport.close()
 

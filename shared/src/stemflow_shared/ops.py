@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from . import metrics
 from .httpserver import HttpLimits, server_options
+from .problems import problem_response
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +68,8 @@ async def http_problem(request: Request, exc: Exception) -> Response:
     """Starlette's HTTP errors (404, 405) as RFC 9457 problem+json."""
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    body = {
-        "type": f"https://stemflow.dev/problems/{code}",
-        "title": exc.detail if isinstance(exc.detail, str) else code,
-        "status": exc.status_code,
-        "detail": exc.detail if isinstance(exc.detail, str) else code,
-        "code": code,
-    }
-    headers = {**(exc.headers or {}), "X-Content-Type-Options": "nosniff"}
-    return JSONResponse(body, status_code=exc.status_code, headers=headers, media_type="application/problem+json")
+    detail = exc.detail if isinstance(exc.detail, str) else code
+    return problem_response(exc.status_code, code, detail, detail, headers=exc.headers)
 
 
 PROBLEM_HANDLERS: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {HTTPException: http_problem}

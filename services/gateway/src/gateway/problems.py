@@ -12,10 +12,11 @@ from pymongo.errors import AutoReconnect, ConnectionFailure, ServerSelectionTime
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from stemflow_shared import problems as shared_problems
+
 log = logging.getLogger(__name__)
 
-MEDIA_TYPE = "application/problem+json"
-TYPE_BASE = "https://stemflow.dev/problems/"
+MEDIA_TYPE = shared_problems.MEDIA_TYPE
 
 _STATUS_CODES = {
     400: ("bad_request", "Bad request"),
@@ -59,17 +60,16 @@ class Problem(Exception):
 
 
 def problem_response(problem: Problem, instance: str | None = None) -> JSONResponse:
-    body: dict[str, Any] = {
-        "type": TYPE_BASE + problem.code,
-        "title": problem.title,
-        "status": problem.status,
-        "detail": problem.detail or problem.title,
-        "code": problem.code,
-    }
-    if instance:
-        body["instance"] = instance
-    body.update(problem.extra)
-    return JSONResponse(body, status_code=problem.status, headers=problem.headers, media_type=MEDIA_TYPE)
+    members = {"instance": instance} if instance else {}
+    return shared_problems.problem_response(
+        problem.status,
+        problem.code,
+        problem.title,
+        problem.detail,
+        headers=problem.headers,
+        **members,
+        **problem.extra,
+    )
 
 
 def install(app: FastAPI) -> None:

@@ -47,14 +47,12 @@ from fastapi import WebSocket
 from starlette.responses import JSONResponse
 
 from stemflow_shared.auth import bearer_token
+from stemflow_shared.problems import problem_response
 
 from .gateway_client import GatewayUnavailable
 from .session import Session
 
 log = logging.getLogger(__name__)
-
-PROBLEM = "application/problem+json"
-
 
 async def websocket_route(websocket: WebSocket) -> None:
     token = bearer_token(websocket.headers.get("authorization")) or websocket.query_params.get("token")
@@ -81,11 +79,4 @@ def _unavailable() -> JSONResponse:
 
 
 def _problem(status: int, title: str, code: str, detail: str) -> JSONResponse:
-    body = {
-        "type": f"https://stemflow.dev/problems/{code}",
-        "title": title,
-        "status": status,
-        "detail": detail,
-        "code": code,
-    }
-    return JSONResponse(body, status_code=status, media_type=PROBLEM)
+    return problem_response(status, code, title, detail)
