@@ -29,9 +29,22 @@ def settings_of(request: Request) -> Settings:
     return request.app.state.settings
 
 
-JobsDep = Annotated[Jobs, Depends(jobs_of)]
-LimiterDep = Annotated[RateLimiter, Depends(limiter_of)]
-SettingsDep = Annotated[Settings, Depends(settings_of)]
+# Coroutines, not plain functions: FastAPI runs a plain dependency in a worker thread, a hop per request.
+async def _jobs(request: Request) -> Jobs:
+    return jobs_of(request)
+
+
+async def _limiter(request: Request) -> RateLimiter:
+    return limiter_of(request)
+
+
+async def _settings(request: Request) -> Settings:
+    return settings_of(request)
+
+
+JobsDep = Annotated[Jobs, Depends(_jobs)]
+LimiterDep = Annotated[RateLimiter, Depends(_limiter)]
+SettingsDep = Annotated[Settings, Depends(_settings)]
 
 
 async def authenticated(
