@@ -10,7 +10,7 @@ import pytest
 import pytest_asyncio
 
 from gateway import lifecycle
-from gateway.repository import decode_cursor
+from gateway.repository import NEWEST, STATUS_NEWEST, decode_cursor
 from stemflow_shared.events import JobOptions
 
 OWNERS = ("list-a", "list-b", "list-c")
@@ -56,7 +56,7 @@ async def seeded(app: Any) -> dict[str, list[str]]:
     return {owner: sorted((d["_id"] for d in docs if d["owner"] == owner), reverse=True) for owner in OWNERS}
 
 
-@pytest.mark.parametrize(("status", "index"), [(None, "owner_newest"), ("completed", "owner_status_newest")])
+@pytest.mark.parametrize(("status", "index"), [(None, NEWEST), ("completed", STATUS_NEWEST)])
 @pytest.mark.parametrize("deep", [False, True])
 async def test_pages_are_index_scans_without_sorting(
     app: Any, seeded: dict[str, list[str]], status: str | None, index: str, deep: bool

@@ -5,6 +5,12 @@ older version from MongoDB cannot overwrite a newer one (a version compare in
 one Lua script), so a cached job is always the latest or absent. An entry holds
 the JSON body and, when it is over the GZip threshold, its gzip form too, so a
 hit is served without rendering or compressing anything.
+
+List pages are built from the same entries (`bodies`: only those of the version
+MongoDB has now), and an owner's first pages are cached whole: every write of one
+of the owner's jobs bumps the owner's list generation in the same script, and a
+first page is kept only if the generation it was read under is still current, so
+a page never outlives a change of any job it may show.
 """
 
 from __future__ import annotations
@@ -24,8 +30,14 @@ GZIP_MIN_BYTES = 1024
 # Newer than any real version: what `bury` leaves in place of a deleted job (an empty body reads as a miss).
 TOMBSTONE_VERSION = 2**53 - 1
 
+# KEYS: the job, its owner's list generation, its owner's first pages ('' when not writing: a read-through fill).
 # ARGV: version, owner, body, gzip body ('' for none), TTL.
 _SET_IF_NEWER = """
+if KEYS[2] ~= '' then
+  redis.call('INCR', KEYS[2])
+  redis.call('EXPIRE', KEYS[2], ARGV[5])
+  redis.call('DEL', KEYS[3])
+end
 local current = redis.call('HGET', KEYS[1], 'v')
 if (not current) or tonumber(current) < tonumber(ARGV[1]) then
   redis.call('HSET', KEYS[1], 'v', ARGV[1], 'o', ARGV[2], 'b', ARGV[3])
@@ -51,6 +63,49 @@ return {count, cached[1], cached[2], body, gzipped}
 """
 
 
+# The cached bodies of the jobs KEYS whose cached version is the one ARGV gives ('' where not).
+_BODIES = """
+local bodies = {}
+for i, key in ipairs(KEYS) do
+  local cached = redis.call('HMGET', key, 'v', 'b')
+  if cached[1] == ARGV[i] and cached[2] then bodies[i] = cached[2] else bodies[i] = '' end
+end
+return bodies
+"""
+
+# KEYS: the owner's list generation, the owner's first pages, the caller's rate-limit counter (optional).
+# ARGV: the counter's TTL, the page's field, the field wanted (its gzip form's when accepted).
+# Returns {count, generation, body or false, gzipped}.
+_FIRST_PAGE = """
+local count = 0
+if KEYS[3] then
+  count = redis.call('INCR', KEYS[3])
+  if count == 1 then redis.call('EXPIRE', KEYS[3], ARGV[1]) end
+end
+local generation = redis.call('GET', KEYS[1]) or '0'
+local cached = redis.call('HMGET', KEYS[2], 'g', ARGV[3], ARGV[2])
+if cached[1] ~= generation then return {count, generation, false, 0} end
+if cached[2] and ARGV[3] ~= ARGV[2] then return {count, generation, cached[2], 1} end
+return {count, generation, cached[3], 0}
+"""
+
+# KEYS: the owner's list generation, the owner's first pages. ARGV: the generation the page was read under,
+# the page's field, its body, its gzip field, the gzip body ('' for none), TTL.
+_KEEP_FIRST_PAGE = """
+local generation = redis.call('GET', KEYS[1]) or '0'
+if generation ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[2], 'g') ~= generation then
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[2], 'g', generation)
+end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], ARGV[4], ARGV[5]) end
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+if generation ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[6]) end
+return 1
+"""
+
+
 @dataclass(frozen=True)
 class CachedJob:
     owner: str
@@ -59,19 +114,36 @@ class CachedJob:
     gzipped: bool
 
 
+@dataclass(frozen=True)
+class FirstPage:
+    """An owner's cached first page (`body` None on a miss) and the list generation it was looked up under."""
+
+    generation: bytes
+    body: bytes | None
+    gzipped: bool
+
+
 class JobCache:
     def __init__(self, redis: Any, prefix: str, ttl_s: int, gzip_level: int = 1) -> None:
         self._redis = redis
         self._prefix = f"{prefix}job:"
+        self._lists = f"{prefix}jobs:"
         self._ttl = ttl_s
         self._gzip_level = gzip_level
         self._script = redis.register_script(_SET_IF_NEWER)
         self._get_counting = redis.register_script(_GET_COUNTING)
+        self._bodies = redis.register_script(_BODIES)
+        self._first_page = redis.register_script(_FIRST_PAGE)
+        self._keep_first_page = redis.register_script(_KEEP_FIRST_PAGE)
         self._hits = metrics.CACHE_REQUESTS.labels("job", "hit")
         self._misses = metrics.CACHE_REQUESTS.labels("job", "miss")
 
     def _key(self, job_id: str) -> str:
         return self._prefix + job_id
+
+    def _list_keys(self, owner: str) -> list[str]:
+        """The owner's list generation and first pages."""
+        return [f"{self._lists}{owner}:generation", f"{self._lists}{owner}:first"]
 
     async def get(
         self, job_id: str, *, gzip_ok: bool = False, counter_key: str | None = None, counter_ttl_s: int = 120
@@ -98,25 +170,83 @@ class JobCache:
         """The gzip form of a body over the GZip threshold, else empty."""
         return gzip.compress(body, self._gzip_level, mtime=0) if len(body) >= GZIP_MIN_BYTES else b""
 
-    async def put(self, job_id: str, owner: str, version: int, body: bytes) -> bytes:
-        """Cache a rendered job with its gzip form, which it returns (empty under the GZip threshold)."""
+    async def put(self, job_id: str, owner: str, version: int, body: bytes, *, changed: bool = True) -> bytes:
+        """Cache a rendered job with its gzip form, which it returns (empty under the GZip threshold).
+
+        `changed`: the job was just written (or may have been), so its owner's cached first pages go too;
+        a list's read-through fill of what MongoDB has (`changed=False`) leaves them.
+        """
         compressed = self.compress(body)
-        await self._store(job_id, [version, owner, body, compressed, self._ttl])
+        lists = self._list_keys(owner) if changed else ["", ""]
+        await self._store(job_id, lists, [version, owner, body, compressed, self._ttl])
         return compressed
 
-    async def bury(self, job_id: str) -> None:
+    async def bury(self, job_id: str, owner: str) -> None:
         """Mark a deleted job so that a reader still holding an older copy cannot cache it again."""
-        await self._store(job_id, [TOMBSTONE_VERSION, "", b"", b"", self._ttl])
+        await self._store(job_id, self._list_keys(owner), [TOMBSTONE_VERSION, "", b"", b"", self._ttl])
 
-    async def _store(self, job_id: str, args: list[Any]) -> None:
+    async def _store(self, job_id: str, lists: list[str], args: list[Any]) -> None:
         try:
-            await self._script(keys=[self._key(job_id)], args=args)
+            await self._script(keys=[self._key(job_id), *lists], args=args)
         except RedisError as exc:
             log.warning("job cache write failed, dropping the entry: %s", exc)
-            await self.drop(job_id)
+            await self.drop(job_id, lists)
 
-    async def drop(self, job_id: str) -> None:
+    async def drop(self, job_id: str, lists: list[str] | None = None) -> None:
+        """Forget a job (and the first pages of `lists`, when given); what is gone is read from MongoDB again."""
         try:
-            await self._redis.delete(self._key(job_id))
+            await self._redis.delete(self._key(job_id), *(key for key in lists or [] if key))
         except RedisError as exc:
             log.warning("job cache delete failed: %s", exc)
+
+    async def fill(self, rendered: list[tuple[dict[str, Any], bytes]]) -> None:
+        """Cache jobs a list read from MongoDB (documents and their bodies), in one round trip; no list changes."""
+        if not rendered:
+            return
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for doc, body in rendered:
+                    args = [doc["version"], doc["owner"], body, self.compress(body), self._ttl]
+                    await self._script(keys=[self._key(doc["_id"]), "", ""], args=args, client=pipe)
+                await pipe.execute()
+        except RedisError as exc:
+            log.warning("job cache fill failed: %s", exc)
+
+    async def bodies(self, versions: list[tuple[str, int]]) -> list[bytes | None]:
+        """The cached JSON bodies of (job id, version) pairs, None where the cache lacks that version."""
+        if not versions:
+            return []
+        keys = [self._key(job_id) for job_id, _ in versions]
+        try:
+            found = await self._bodies(keys=keys, args=[version for _, version in versions])
+        except RedisError as exc:
+            log.warning("job cache read failed: %s", exc)
+            return [None] * len(versions)
+        return [body or None for body in found]
+
+    async def first_page(
+        self, owner: str, variant: str, *, gzip_ok: bool, counter_key: str | None, counter_ttl_s: int
+    ) -> tuple[FirstPage, int]:
+        """The owner's cached first page of `variant` (its gzip form when accepted), and the counted requests.
+
+        A Redis outage is a miss under a generation no page can be kept for, and a count of 0.
+        """
+        keys = self._list_keys(owner) + ([counter_key] if counter_key else [])
+        wanted = f"{variant}:z" if gzip_ok else variant
+        try:
+            count, generation, body, gzipped = await self._first_page(keys=keys, args=[counter_ttl_s, variant, wanted])
+        except RedisError as exc:
+            log.warning("list cache read failed: %s", exc)
+            return FirstPage(b"", None, False), 0
+        return FirstPage(generation, body or None, bool(gzipped)), int(count)
+
+    async def keep_first_page(self, owner: str, variant: str, generation: bytes, body: bytes) -> bytes:
+        """Cache a first page read under `generation` unless a job of the owner changed since; its gzip form."""
+        compressed = self.compress(body)
+        if generation:
+            args = [generation, variant, body, f"{variant}:z", compressed, self._ttl]
+            try:
+                await self._keep_first_page(keys=self._list_keys(owner), args=args)
+            except RedisError as exc:
+                log.warning("list cache write failed: %s", exc)
+        return compressed

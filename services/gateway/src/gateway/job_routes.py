@@ -93,20 +93,42 @@ async def get_job(
 
 @router.get("/jobs")
 async def list_jobs(
-    who: Owner,
+    request: Request,
+    who: Caller,
     jobs: JobsDep,
+    limiter: LimiterDep,
     settings: SettingsDep,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
     cursor: str | None = None,
 ) -> Response:
-    """Newest first, keyset pagination."""
+    """Newest first, keyset pagination; a first page from the cache, counted in the same Redis call."""
     try:
         after = decode_cursor(cursor) if cursor else None
     except ValueError as exc:
         raise Problem(422, "validation_failed", "invalid cursor", errors=[{"field": "cursor"}]) from exc
-    page = await jobs.list_page(who.owner, status=status, limit=min(limit, settings.list_max_limit), after=after)
-    return Response(page, media_type="application/json")
+    limit = min(limit, settings.list_max_limit)
+    gzip_ok = "gzip" in request.headers.get("accept-encoding", "")
+    if after is not None:
+        await limiter.check(who)
+        body, gzipped = await jobs.list_page(who.owner, status=status, limit=limit, after=after)
+        return _page_response(body, gzipped)
+    first, count = await jobs.cached_first_page(
+        who.owner, status=status, limit=limit, gzip_ok=gzip_ok, counter_key=limiter.counter_key(who)
+    )
+    limiter.enforce(count)
+    if first.body is not None:
+        return _page_response(first.body, first.gzipped)
+    body, gzipped = await jobs.list_page(
+        who.owner, status=status, limit=limit, after=None, gzip_ok=gzip_ok, generation=first.generation
+    )
+    return _page_response(body, gzipped)
+
+
+def _page_response(body: bytes, gzipped: bool) -> Response:
+    """A page; one already gzipped says so (the GZip middleware then leaves it alone)."""
+    headers = {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"} if gzipped else {}
+    return Response(body, media_type="application/json", headers=headers)
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=200)

@@ -32,7 +32,7 @@ from stemflow_shared.reuse import ResultIndex, SeparationSummary
 from stemflow_shared.storage import BlobInfo, job_prefix
 
 from . import lifecycle, views
-from .cache import CachedJob, JobCache
+from .cache import CachedJob, FirstPage, JobCache
 from .outbox import OutboxRelay
 from .problems import Problem
 from .ratelimit import COUNTER_TTL_S
@@ -95,10 +95,44 @@ class Jobs:
         body = self.render(doc)
         return body, await self.cache.put(doc["_id"], doc["owner"], doc["version"], body)
 
-    async def list_page(self, owner: str, *, status: str | None, limit: int, after: str | None) -> bytes:
-        """A page of the owner's jobs as JSON, rendered from one indexed, projected query."""
-        items, next_cursor = await self.repo.page(owner, status=status, limit=limit, after=after)
-        return orjson.dumps({"items": [self.view(item) for item in items], "next_cursor": next_cursor})
+    async def cached_first_page(
+        self, owner: str, *, status: str | None, limit: int, gzip_ok: bool, counter_key: str | None
+    ) -> tuple[FirstPage, int]:
+        """The owner's cached first page (or a miss, with the generation to keep it under) and the request count."""
+        return await self.cache.first_page(
+            owner, _page_variant(status, limit), gzip_ok=gzip_ok, counter_key=counter_key, counter_ttl_s=COUNTER_TTL_S
+        )
+
+    async def list_page(
+        self,
+        owner: str,
+        *,
+        status: str | None,
+        limit: int,
+        after: str | None,
+        gzip_ok: bool = False,
+        generation: bytes | None = None,
+    ) -> tuple[bytes, bool]:
+        """A page of the owner's jobs as JSON, and whether that is its gzip form.
+
+        Ids and versions come from the index alone; each item is the job cache's body when it holds that
+        version, else rendered from one projected query (and cached): nothing is decoded twice or validated.
+        A first page read under a list `generation` is cached (with its gzip form) unless a job changed since.
+        """
+        versions, next_cursor = await self.repo.page_versions(owner, status=status, limit=limit, after=after)
+        bodies = await self.cache.bodies(versions)
+        missing = [job_id for (job_id, _), body in zip(versions, bodies, strict=True) if body is None]
+        if missing:
+            found = await self.repo.list_items(missing)  # one deleted meanwhile is left out of the page
+            rendered = {doc["_id"]: self.render(doc) for doc in found}
+            await self.cache.fill([(doc, rendered[doc["_id"]]) for doc in found])
+            bodies = [body or rendered.get(job_id) for (job_id, _), body in zip(versions, bodies, strict=True)]
+        items = b",".join(body for body in bodies if body)
+        page = b'{"items":[' + items + b'],"next_cursor":' + orjson.dumps(next_cursor) + b"}"
+        if generation is None:
+            return page, False
+        compressed = await self.cache.keep_first_page(owner, _page_variant(status, limit), generation, page)
+        return (compressed, True) if gzip_ok and compressed else (page, False)
 
     async def submit_once(
         self,
@@ -403,7 +437,7 @@ class Jobs:
         await self._forget_results(doc)
         removed = await self.blobs.delete_prefix(job_prefix(job_id))
         deleted = await self.repo.delete(job_id, owner)
-        await self.cache.bury(job_id)
+        await self.cache.bury(job_id, doc["owner"])
         log.info("deleted job %s and %d blobs", job_id, removed)
         return deleted
 
@@ -440,3 +474,8 @@ class Jobs:
         for job_id in await self.repo.expired(lifecycle.utcnow()):
             count += await self.delete(job_id, None)
         return count
+
+
+def _page_variant(status: str | None, limit: int) -> str:
+    """Which first page of an owner's: its status filter and length."""
+    return f"{status or ''}:{limit}"

@@ -21,11 +21,12 @@ from . import lifecycle
 from .views import ANALYSIS_SUMMARY
 
 JOBS = "jobs"
-# Only what a list item shows (views.public_job): never the outbox, beats, energy curves or audio details.
+# Only what a list item shows (views.public_job) and its version: never the outbox, beats, energy curves or audio.
 LIST_PROJECTION = {
     name: 1
     for name in (
         "owner",
+        "version",
         "status",
         "stages",
         "progress",
@@ -46,6 +47,9 @@ LIST_PROJECTION = {
     )
 }
 MAX_CONFLICT_RETRIES = 20
+VERSIONS = {"_id": 1, "version": 1}
+NEWEST = "owner_newest_version"
+STATUS_NEWEST = "owner_status_newest_version"
 
 
 class IdempotencyConflict(Exception):
@@ -88,7 +92,14 @@ class JobRepository:
     async def ensure_indexes(self) -> None:
         await self.jobs.create_indexes(
             [
-                # Newest-first listing per owner, with and without a status filter (ids sort by time).
+                # Newest-first listing per owner, with and without a status filter (ids sort by time); with the
+                # version, a page's ids and versions come from the index alone (a covered query, no fetch).
+                IndexModel([("owner", ASCENDING), ("_id", DESCENDING), ("version", ASCENDING)], name=NEWEST),
+                IndexModel(
+                    [("owner", ASCENDING), ("status", ASCENDING), ("_id", DESCENDING), ("version", ASCENDING)],
+                    name=STATUS_NEWEST,
+                ),
+                # What gateways before the covered listing hint at; kept so that a rolling update never breaks them.
                 IndexModel([("owner", ASCENDING), ("_id", DESCENDING)], name="owner_newest"),
                 IndexModel(
                     [("owner", ASCENDING), ("status", ASCENDING), ("_id", DESCENDING)], name="owner_status_newest"
@@ -158,15 +169,30 @@ class JobRepository:
         next_cursor = encode_cursor(items[limit - 1]["_id"]) if len(items) > limit else None
         return items[:limit], next_cursor
 
-    def page_cursor(self, owner: str, *, status: str | None, limit: int, after: str | None) -> Any:
+    def page_cursor(
+        self, owner: str, *, status: str | None, limit: int, after: str | None, projection: Any = LIST_PROJECTION
+    ) -> Any:
         """The page query on its compound index (hinted: a rare owner must never fall back to the _id index)."""
         query: dict[str, Any] = {"owner": owner}
         if status is not None:
             query["status"] = status
         if after is not None:
             query["_id"] = {"$lt": after}
-        index = "owner_newest" if status is None else "owner_status_newest"
-        return self.jobs.find(query, LIST_PROJECTION).sort("_id", DESCENDING).hint(index).limit(limit)
+        index = NEWEST if status is None else STATUS_NEWEST
+        return self.jobs.find(query, projection).sort("_id", DESCENDING).hint(index).limit(limit)
+
+    async def page_versions(
+        self, owner: str, *, status: str | None, limit: int, after: str | None
+    ) -> tuple[list[tuple[str, int]], str | None]:
+        """One page's (id, version) pairs, newest first, read from the index alone, and the next page's cursor."""
+        cursor = self.page_cursor(owner, status=status, limit=limit + 1, after=after, projection=VERSIONS)
+        found = [(doc["_id"], doc["version"]) for doc in await cursor.to_list(length=limit + 1)]
+        next_cursor = encode_cursor(found[limit - 1][0]) if len(found) > limit else None
+        return found[:limit], next_cursor
+
+    async def list_items(self, job_ids: list[str]) -> list[dict[str, Any]]:
+        """Jobs by id, projected like list items (those deleted meanwhile are missing)."""
+        return await self.jobs.find({"_id": {"$in": job_ids}}, LIST_PROJECTION).to_list(length=len(job_ids))
 
     async def transition(
         self, job_id: str, decide: Any, now: datetime

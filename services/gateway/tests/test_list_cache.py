@@ -1,0 +1,106 @@
+"""List pages from the caches: a cached first page never outlives a change of the owner's jobs, items are
+the job cache's bodies only at the version MongoDB has, and a page's ids and versions come from the index."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from gateway.repository import VERSIONS
+from stemflow_shared.events import AUDIO_INGESTED, AudioInfo, AudioIngested, JobOptions, SourceInfo, make_event
+
+
+async def listed(client: httpx.AsyncClient, headers: dict[str, str], query: str = "") -> list[tuple[str, str]]:
+    response = await client.get(f"/v1/jobs{query}", headers=headers)
+    assert response.status_code == 200, response.text
+    return [(item["id"], item["status"]) for item in response.json()["items"]]
+
+
+def ingested(job_id: str) -> Any:
+    audio = AudioInfo(blob_key="a", duration_s=1, sample_rate=44100, channels=2, frames=44100, fingerprint="f")
+    data = AudioIngested(
+        job_id=job_id,
+        owner="x",
+        options=JobOptions(),
+        audio=audio,
+        source=SourceInfo(format="WAV", sample_rate=22050, channels=1, duration_s=1),
+    )
+    return make_event(AUDIO_INGESTED, data, source="/t")
+
+
+async def test_every_change_shows_on_the_next_first_page(app: Any, client: httpx.AsyncClient, helpers: Any) -> None:
+    alice = await helpers.new_key(app, "lc-alice")
+    first = (await helpers.submit(client, alice)).json()["id"]
+    assert await listed(client, alice) == [(first, "queued")]
+    assert await listed(client, alice, "?status=queued") == [(first, "queued")]
+    assert await listed(client, alice) == [(first, "queued")]  # now from the cache
+
+    second = (await helpers.submit(client, alice)).json()["id"]  # a new job
+    assert await listed(client, alice) == [(second, "queued"), (first, "queued")]
+
+    await app.state.jobs.apply_event(ingested(first))  # a stage event
+    assert await listed(client, alice) == [(second, "queued"), (first, "processing")]
+    assert await listed(client, alice, "?status=queued") == [(second, "queued")]
+
+    assert (await client.post(f"/v1/jobs/{second}/cancel", headers=alice)).status_code == 200
+    assert await listed(client, alice) == [(second, "cancelled"), (first, "processing")]
+    assert await listed(client, alice, "?status=cancelled&limit=5") == [(second, "cancelled")]
+
+    assert (await client.delete(f"/v1/jobs/{second}", headers=alice)).status_code == 204
+    assert await listed(client, alice) == [(first, "processing")]
+    assert await listed(client, alice, "?status=cancelled&limit=5") == []
+
+
+async def test_a_page_read_before_a_change_is_not_kept(app: Any, client: httpx.AsyncClient, helpers: Any) -> None:
+    jobs = app.state.jobs
+    alice = await helpers.new_key(app, "lc-race")
+    job_id = (await helpers.submit(client, alice)).json()["id"]
+    await listed(client, alice)
+    await app.state.jobs.apply_event(ingested(job_id))
+    # A reader looks the page up (a miss) and reads MongoDB; the job changes before it stores the page.
+    missed, _ = await jobs.cached_first_page("lc-race", status=None, limit=20, gzip_ok=False, counter_key=None)
+    assert missed.body is None
+    assert (await client.post(f"/v1/jobs/{job_id}/cancel", headers=alice)).status_code == 200
+    await jobs.list_page("lc-race", status=None, limit=20, after=None, generation=missed.generation)
+    after, _ = await jobs.cached_first_page("lc-race", status=None, limit=20, gzip_ok=False, counter_key=None)
+    assert after.body is None
+    assert await listed(client, alice) == [(job_id, "cancelled")]
+
+
+async def test_first_pages_are_the_same_gzipped_or_not(app: Any, client: httpx.AsyncClient, helpers: Any) -> None:
+    alice = await helpers.new_key(app, "lc-gzip")
+    for _ in range(3):
+        await helpers.submit(client, alice)
+    plain = await client.get("/v1/jobs", headers={**alice, "Accept-Encoding": "identity"})
+    zipped = await client.get("/v1/jobs", headers={**alice, "Accept-Encoding": "gzip"})
+    again = await client.get("/v1/jobs", headers={**alice, "Accept-Encoding": "gzip"})
+    assert "content-encoding" not in plain.headers
+    assert zipped.headers["content-encoding"] == again.headers["content-encoding"] == "gzip"
+    assert plain.json() == zipped.json() == again.json() and len(plain.json()["items"]) == 3
+
+
+async def test_deep_pages_follow_the_database_not_a_stale_cache(
+    app: Any, client: httpx.AsyncClient, helpers: Any
+) -> None:
+    alice = await helpers.new_key(app, "lc-deep")
+    ids = [(await helpers.submit(client, alice)).json()["id"] for _ in range(3)]
+    page = (await client.get("/v1/jobs?limit=1", headers=alice)).json()
+    assert [item["id"] for item in page["items"]] == [ids[2]]
+    # A write whose cache update was lost: the job cache holds an older version than MongoDB.
+    await app.state.jobs.repo.jobs.update_one({"_id": ids[1]}, {"$set": {"status": "failed"}, "$inc": {"version": 1}})
+    deep = (await client.get(f"/v1/jobs?limit=5&cursor={page['next_cursor']}", headers=alice)).json()
+    assert [(item["id"], item["status"]) for item in deep["items"]] == [(ids[1], "failed"), (ids[0], "queued")]
+    assert deep["next_cursor"] is None
+    # The page cached what it read: a single read now answers the database's version too.
+    assert (await client.get(f"/v1/jobs/{ids[1]}", headers=alice)).json()["status"] == "failed"
+
+
+async def test_a_page_of_ids_and_versions_is_read_from_the_index_alone(app: Any) -> None:
+    repo = app.state.jobs.repo
+    for status in (None, "queued"):
+        cursor = repo.page_cursor("lc-alice", status=status, limit=21, after=None, projection=VERSIONS)
+        explained = await cursor.explain()
+        plan = str(explained["queryPlanner"]["winningPlan"])
+        assert "PROJECTION_COVERED" in plan and "FETCH" not in plan, plan
+        assert explained["executionStats"]["totalDocsExamined"] == 0
