@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from .mongo import mongodb_ready
+
 CHUNK = 1024 * 1024
 _KEY = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$")
 
@@ -288,8 +290,7 @@ class GridFSBlobStore:
         return count
 
     async def ping(self) -> bool:
-        await self._db.command("ping")
-        return True
+        return await mongodb_ready(self._db)
 
 
 def make_blob_store(settings: Any, mongo_database_factory: Callable[[], Any] | None = None) -> BlobStore:

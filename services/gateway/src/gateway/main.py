@@ -18,6 +18,7 @@ from stemflow_shared import telemetry
 from stemflow_shared.auth import ApiKeys
 from stemflow_shared.httpserver import server_options
 from stemflow_shared.messaging import Broker, BrokerOptions
+from stemflow_shared.mongo import mongodb_ready
 from stemflow_shared.ops import ops_routes
 from stemflow_shared.reuse import ResultIndex
 from stemflow_shared.runtime import tune_gc
@@ -107,7 +108,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.api_keys = ApiKeys(database)
         app.state.limiter = RateLimiter(redis_client, settings.redis_prefix, settings.rate_limit_per_minute)
         app.state.checks = {
-            "mongodb": lambda: _ping_mongo(mongo),
+            "mongodb": lambda: mongodb_ready(database),
             "redis": redis_client.ping,
             "broker": broker.ready,
         }
@@ -177,11 +178,6 @@ def create_app(settings: Settings) -> FastAPI:
         limits=settings,
     )
     return app
-
-
-async def _ping_mongo(client: AsyncMongoClient[Any]) -> bool:
-    await client.admin.command("ping")
-    return True
 
 
 def app_from_environment() -> Any:
