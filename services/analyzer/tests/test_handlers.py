@@ -18,6 +18,7 @@ from synth import RATE
 
 from analyzer.handlers import Analyzer, start_worker
 from analyzer.settings import Settings
+from stemflow_shared.cancellation import cancel_flag_key
 from stemflow_shared.events import (
     ANALYSIS_COMPLETED,
     ANALYSIS_FAILED,
@@ -29,7 +30,6 @@ from stemflow_shared.events import (
     SourceInfo,
     make_event,
 )
-from stemflow_shared.idempotency import cancel_flag_key
 from stemflow_shared.storage import FilesystemBlobStore, normalised_key
 
 

@@ -104,7 +104,7 @@ async def test_a_job_that_stops_changing_is_failed_by_the_sweeper_and_announced(
     from datetime import timedelta
 
     from stemflow_shared import metrics
-    from stemflow_shared.idempotency import cancel_flag_key
+    from stemflow_shared.cancellation import cancel_flag_key
 
     alice = await helpers.new_key(app, "stuck")
     stuck = (await helpers.submit(client, alice)).json()

@@ -27,6 +27,7 @@ from separator.models import ModelCache
 from separator.separation import separate
 from separator.settings import Settings
 from stemflow_dev.fixtures import delete_namespace
+from stemflow_shared.cancellation import cancel_flag_key
 from stemflow_shared.events import (
     AUDIO_INGESTED,
     SEPARATION_COMPLETED,
@@ -38,7 +39,6 @@ from stemflow_shared.events import (
     SourceInfo,
     make_event,
 )
-from stemflow_shared.idempotency import cancel_flag_key
 from stemflow_shared.messaging import Broker
 from stemflow_shared.storage import FilesystemBlobStore, normalised_key
 from stemflow_shared.topology import MODEL_HEADER, PRIORITY_HEADER, QUEUE_HEADER, REASON_HEADER, Names, separator_queue

@@ -1,4 +1,4 @@
-"""Remembering which units of work are done, so a redelivered message is not worked twice."""
+"""Remembering which units of work are done, so a redelivered message is not worked twice (cancellation: cancellation.py)."""
 
 from __future__ import annotations
 
@@ -21,12 +21,3 @@ class DoneMarks:
 
     async def mark_done(self, scope: str, key: str) -> None:
         await self._redis.set(self._key(scope, key), b"1", ex=self._ttl)
-
-
-def cancel_flag_key(prefix: str, job_id: str) -> str:
-    """Redis key the gateway sets when a job is cancelled; workers check it between steps."""
-    return f"{prefix}cancel:{job_id}"
-
-
-async def is_cancelled(redis: Any, prefix: str, job_id: str) -> bool:
-    return bool(await redis.exists(cancel_flag_key(prefix, job_id)))

@@ -15,6 +15,7 @@ import soundfile as sf
 from opentelemetry import trace
 
 from stemflow_shared import metrics, telemetry
+from stemflow_shared.cancellation import is_cancelled
 from stemflow_shared.events import (
     ANALYSIS_COMPLETED,
     ANALYSIS_FAILED,
@@ -29,7 +30,6 @@ from stemflow_shared.events import (
     event_id,
     make_event,
 )
-from stemflow_shared.idempotency import is_cancelled
 from stemflow_shared.messaging import Handler
 from stemflow_shared.storage import BlobNotFound
 

@@ -11,6 +11,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from stemflow_shared import metrics
+from stemflow_shared.cancellation import cancel_flag_key
 from stemflow_shared.events import (
     AUDIO_INGESTED,
     JOB_COMPLETED,
@@ -26,7 +27,6 @@ from stemflow_shared.events import (
     StageFailed,
     make_event,
 )
-from stemflow_shared.idempotency import cancel_flag_key
 from stemflow_shared.messaging import PermanentError
 from stemflow_shared.reuse import ResultIndex, SeparationSummary
 from stemflow_shared.storage import BlobInfo, job_prefix

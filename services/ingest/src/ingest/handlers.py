@@ -12,6 +12,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from stemflow_shared import metrics, telemetry
+from stemflow_shared.cancellation import is_cancelled
 from stemflow_shared.events import (
     ANALYSIS_COMPLETED,
     AUDIO_INGESTED,
@@ -32,7 +33,6 @@ from stemflow_shared.events import (
     event_id,
     make_event,
 )
-from stemflow_shared.idempotency import is_cancelled
 from stemflow_shared.messaging import Handler
 from stemflow_shared.reuse import ResultIndex
 from stemflow_shared.storage import BlobNotFound, job_prefix, normalised_key, stem_key

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from stemflow_shared import metrics
+from stemflow_shared.cancellation import is_cancelled
 from stemflow_shared.events import (
     AUDIO_INGESTED,
     SEPARATION_COMPLETED,
@@ -30,7 +31,6 @@ from stemflow_shared.events import (
     event_id,
     make_event,
 )
-from stemflow_shared.idempotency import is_cancelled
 from stemflow_shared.messaging import Handler
 from stemflow_shared.storage import BlobNotFound, stem_key, stems_prefix
 
