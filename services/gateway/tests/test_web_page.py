@@ -36,3 +36,17 @@ async def test_the_page_learns_the_notifier_address_from_config_json(app: Any, c
 async def test_the_page_routes_are_not_part_of_the_api_document(app: Any, client: httpx.AsyncClient) -> None:
     paths = (await client.get("/openapi.json")).json()["paths"]
     assert "/" not in paths and "/config.json" not in paths and "/v1/jobs" in paths
+
+
+async def test_a_jobs_address_serves_the_page_with_its_files_named_from_the_root(
+    app: Any, client: httpx.AsyncClient
+) -> None:
+    page = await client.get("/")
+    job_page = await client.get("/jobs/0190a1b2c3d4e5f60718293a4b5c6d7e")
+    assert job_page.status_code == 200 and job_page.content == page.content
+    assert job_page.headers["content-security-policy"] == page.headers["content-security-policy"]
+    # At /jobs/<id> a relative `app.js` would be /jobs/app.js: the page names its files from the root.
+    assert b'src="/app.js"' in page.content and b'href="/app.css"' in page.content
+    assert (await client.get("/jobs/not a job id!")).status_code == 404
+    assert (await client.get("/jobs/a/b")).status_code == 404
+    assert "/jobs/{job_id}" not in (await client.get("/openapi.json")).json()["paths"]

@@ -1,5 +1,5 @@
-"""The web page at `/`: three static files and `/config.json`, with headers that lock the page down;
-and the API documentation (`/docs`, `/redoc`), whose assets come from a package, not a CDN.
+"""The web page at `/` (and at `/jobs/<id>`, a job's own address on it): three static files and
+`/config.json`, with headers that lock the page down; and the API documentation (`/docs`, `/redoc`), whose assets come from a package, not a CDN.
 
 The files are read once at start and served from memory with an ETag (the GZip middleware
 compresses them); the Content-Security-Policy allows no inline script or style and lets the
@@ -9,6 +9,7 @@ page talk only to this origin and the notifier's WebSocket.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable
 from importlib import resources
 from urllib.parse import urlsplit
@@ -23,6 +24,9 @@ from fastapi.staticfiles import StaticFiles
 FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript", "app.css": "text/css"}
 PATHS = {"/": "index.html", "/index.html": "index.html", "/app.js": "app.js", "/app.css": "app.css"}
 DOCS_ASSETS = "/docs/assets"
+# A job's address on the page: the page itself, which opens the job (ids as events.JOB_ID allows them).
+JOB_PAGE = "/jobs/{job_id}"
+JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def page_headers(events_url: str) -> dict[str, str]:
@@ -62,6 +66,14 @@ def add_web_page(app: FastAPI, events_url: str) -> None:
 
     for path, name in [*PATHS.items(), ("/config.json", "config.json")]:
         app.add_api_route(path, endpoint_for(name), methods=["GET", "HEAD"], include_in_schema=False)
+
+    def job_page(job_id: str, request: Request) -> Response:
+        # Whether the job exists, and whose it is, the page asks the API with the key it holds.
+        if not JOB_ID.match(job_id):
+            return Response("no such page", status_code=404, media_type="text/plain", headers=headers)
+        return serve("index.html", request)
+
+    app.add_api_route(JOB_PAGE, job_page, methods=["GET", "HEAD"], include_in_schema=False)
 
 
 def add_api_docs(app: FastAPI) -> None:
