@@ -17,6 +17,8 @@ SHAPING_CHANGES = {
     "separate": False,
     "residual": True,
     "targets": "htdemucs:4,htdemucs_6s:6",
+    "bit_depth": 16,
+    "sample_rate": 48000,
 }
 NOT_SHAPING_CHANGES = {
     "priority": "high",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from separator.encode import FORMAT_EXTENSIONS, MEDIA_TYPES, StemWriter, encode_stem, subtype
+from separator.encode import FORMAT_EXTENSIONS, MEDIA_TYPES, StemWriter, encode_stem, stem_depth, subtype
 from separator.mp3 import ENCODER_DELAY, LAME_VERSION, SAMPLES_PER_FRAME, FrameHeader, crc16
 
 SAMPLERATE = 44100
@@ -149,3 +149,35 @@ def test_unknown_format_is_refused(tmp_path: Path) -> None:
 def test_every_format_has_an_extension_and_media_type() -> None:
     assert set(FORMAT_EXTENSIONS) == set(MEDIA_TYPES) == {"wav", "flac", "mp3"}
     assert MEDIA_TYPES == {"wav": "audio/wav", "flac": "audio/flac", "mp3": "audio/mpeg"}
+
+
+def test_a_jobs_stems_are_as_deep_as_asked_else_16_for_a_16_bit_source_else_24() -> None:
+    assert [stem_depth(None, source) for source in (None, 16, 24)] == [24, 16, 24]
+    assert [stem_depth(asked, 16) for asked in (16, 24, 32)] == [16, 24, 32]
+
+
+@pytest.mark.parametrize(("fmt", "bits"), [("wav", 24), ("wav", 32), ("flac", 16)])
+@pytest.mark.parametrize("rate", [48000, 96000])
+def test_stems_resampled_as_they_stream_keep_the_duration_and_the_tone(
+    tmp_path: Path, fmt: str, bits: int, rate: int
+) -> None:
+    samples = tone(2, 3 * SAMPLERATE + 77)
+    path = tmp_path / f"s.{fmt}"
+    writer = StemWriter(path, fmt, SAMPLERATE, 2, bits, rate)
+    for start in range(0, samples.shape[1], 4099):
+        assert writer.write(samples[:, start : start + 4099]).shape[1] == min(4099, samples.shape[1] - start)
+    writer.close()
+
+    decoded, samplerate = decode(path)
+    info = sf.info(path)
+    assert samplerate == rate and info.subtype == subtype(fmt, bits)
+    assert abs(decoded.shape[1] - round(samples.shape[1] * rate / SAMPLERATE)) <= 1
+    t = np.arange(decoded.shape[1]) / rate
+    expected = 0.5 * np.sin(2 * np.pi * 440 * t)
+    middle = slice(rate // 10, -rate // 10)  # away from the resampler's edges
+    np.testing.assert_allclose(decoded[0, middle], expected[middle], atol=2e-3)
+
+
+def test_mp3_stems_keep_the_models_rate(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="mp3"):
+        StemWriter(tmp_path / "s.mp3", "mp3", SAMPLERATE, 2, None, 48000)

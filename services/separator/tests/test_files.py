@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import soxr
 
 from separator.engine import SegmentEngine
 from separator.files import separate_file
@@ -178,3 +179,28 @@ def test_a_file_that_is_not_audio_fails_with_a_code(models: ModelCache, tmp_path
     with SegmentEngine() as engine, pytest.raises(SeparationError) as raised:
         separate_file(engine, models.get("htdemucs"), tmp_path / "mix.wav", tmp_path / "out")
     assert raised.value.code == "invalid_audio"
+
+
+def test_stems_at_another_rate_last_as_long_and_still_add_back_up(models: ModelCache, tmp_path: Path) -> None:
+    mix = song(FRAMES + 1001)
+    with SegmentEngine() as engine:
+        _, files = separate_file(
+            engine,
+            models.get("htdemucs"),
+            write_mix(tmp_path / "mix.wav", mix),
+            tmp_path,
+            fmt="flac",
+            bits=24,
+            rate=48000,
+            residual=True,
+        )
+    decoded = {}
+    for stem, (path, _) in files.items():
+        data, samplerate = sf.read(path, dtype="float32", always_2d=True)
+        assert samplerate == 48000 and sf.info(str(path)).subtype == "PCM_24"
+        decoded[stem] = data.T
+    assert {d.shape[1] for d in decoded.values()} == {round(mix.shape[1] * 48000 / SAMPLERATE)}
+    total = sum(d.astype(np.float64) for d in decoded.values())
+    # The mix resampled the same way: resampling is linear, so the stems' sum is the mix at the new rate.
+    reference = soxr.resample(mix.T, SAMPLERATE, 48000, quality="HQ").T
+    assert error_db(total[:, : reference.shape[1]], reference) < -60

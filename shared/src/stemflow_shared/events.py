@@ -154,6 +154,11 @@ class JobOptions(_Data):
     # Several separations of the one upload (each with its own status and result); the first is the
     # primary one, mirrored in `model` and `stems`. Empty: the one separation `model` and `stems` name.
     targets: Annotated[list[Target], SHAPES] = Field(default_factory=list, max_length=MAX_TARGETS)
+    # The stems' sample format (WAV and FLAC only): 16- or 24-bit integers, or 32 = 32-bit float (WAV; "float"
+    # is taken for it). None: the source's integer depth when it is 16, else 24.
+    bit_depth: Annotated[Literal[16, 24, 32] | None, SHAPES] = None
+    # The stems' sample rate (WAV and FLAC only), resampled from the model's; None: the model's (44100).
+    sample_rate: Annotated[Literal[44100, 48000, 88200, 96000] | None, SHAPES] = None
 
     @classmethod
     def shaping_fields(cls) -> tuple[str, ...]:
@@ -176,6 +181,16 @@ class JobOptions(_Data):
     def _stems_from_text(cls, value: Any) -> Any:
         return _int_from_text(value)
 
+    @field_validator("sample_rate", mode="before")
+    @classmethod
+    def _rate_from_text(cls, value: Any) -> Any:
+        return _int_from_text(value)
+
+    @field_validator("bit_depth", mode="before")
+    @classmethod
+    def _depth_from_text(cls, value: Any) -> Any:
+        return 32 if isinstance(value, str) and value.strip().lower() == "float" else _int_from_text(value)
+
     @field_validator("callback_url")
     @classmethod
     def _http_callback(cls, value: str | None) -> str | None:
@@ -184,6 +199,10 @@ class JobOptions(_Data):
 
     @model_validator(mode="after")
     def _consistent(self) -> JobOptions:
+        if self.output_format == "mp3" and (self.bit_depth is not None or self.sample_rate is not None):
+            raise ValueError("bit_depth and sample_rate apply to wav and flac, not mp3")
+        if self.output_format == "flac" and self.bit_depth == 32:
+            raise ValueError("flac has no float samples: bit_depth 16 or 24 (or wav for 32-bit float)")
         if self.trim_start is not None and self.trim_end is not None and self.trim_end <= self.trim_start:
             raise ValueError("trim_end must be greater than trim_start")
         if self.stems == 6 and self.model not in SIX_STEM_MODELS:

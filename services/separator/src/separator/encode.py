@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+import soxr
 
 from .mp3 import Mp3Writer
 
@@ -17,13 +18,22 @@ MP3_BITRATE_KBPS = 320
 MP3_QUALITY = 2
 _PCM_SUBTYPES = {16: "PCM_16", 24: "PCM_24"}
 _BITS = {name: bits for bits, name in _PCM_SUBTYPES.items()}
+# 32-bit float WAV doubles a 16-bit source's size for nothing; 24 bits keep the model's output beyond hearing.
+DEFAULT_BITS = 24
+
+
+def stem_depth(asked: int | None, source_bits: int | None) -> int:
+    """The bit depth of a job's stems: the one asked (32 = float), else 16 for a 16-bit source, else 24."""
+    if asked is not None:
+        return asked
+    return 16 if source_bits == 16 else DEFAULT_BITS
 
 
 def subtype(fmt: str, bits: int | None) -> str | None:
-    """The libsndfile subtype that keeps the input's bit depth where `fmt` allows (None for mp3).
+    """The libsndfile subtype of `bits` (16, 24, or 32 = float) where `fmt` allows it (None for mp3).
 
-    wav: 16- and 24-bit integer inputs stay so, anything else is 32-bit float (lossless for the
-    float mix); flac: 16-bit stays 16, anything else is 24-bit, FLAC's deepest.
+    wav: 16- and 24-bit integers, anything else 32-bit float (lossless for the float mix);
+    flac: 16-bit stays 16, anything else is 24-bit, FLAC's deepest. `stem_depth` picks `bits` for a job.
     """
     if fmt == "wav":
         return _PCM_SUBTYPES.get(bits or 0, "FLOAT")
@@ -42,11 +52,24 @@ def _quantise(block: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class StemWriter:
-    """One stem file, written in (channels, samples) float blocks; close() returns its size."""
+    """One stem file, written in (channels, samples) float blocks; close() returns its size.
 
-    def __init__(self, path: Path, fmt: str, samplerate: int, channels: int, bits: int | None = None) -> None:
+    `rate`: the file's sample rate when it differs from the blocks' (`samplerate`), resampled as it streams.
+    """
+
+    def __init__(
+        self, path: Path, fmt: str, samplerate: int, channels: int, bits: int | None = None, rate: int | None = None
+    ) -> None:
         self.path = path
         self.subtype = subtype(fmt, bits)
+        out_rate = rate or samplerate
+        if out_rate != samplerate and self.subtype is None:
+            raise ValueError("mp3 stems keep the model's sample rate")
+        self._resampler = (
+            soxr.ResampleStream(samplerate, out_rate, channels, dtype="float32", quality="HQ")
+            if out_rate != samplerate
+            else None
+        )
         # Integer samples: the file's depth, or 16 bits for what LAME encodes; None keeps floats.
         self._bits = 16 if self.subtype is None else _BITS.get(self.subtype)
         self._sound: sf.SoundFile | None = None
@@ -54,10 +77,20 @@ class StemWriter:
         if self.subtype is None:
             self._mp3 = Mp3Writer(path, samplerate, channels, MP3_BITRATE_KBPS, MP3_QUALITY)
         else:
-            self._sound = sf.SoundFile(path, "w", samplerate, channels, self.subtype, format=fmt.upper())
+            self._sound = sf.SoundFile(path, "w", out_rate, channels, self.subtype, format=fmt.upper())
 
     def write(self, block: np.ndarray) -> np.ndarray:
-        """Append a block; returns its samples as a decoder reads them (for mp3, before the lossy coding)."""
+        """Append a block; returns its samples as a decoder reads them (for mp3, before the lossy coding).
+
+        Resampled, the block is returned as given: the file holds it at another rate, and resampling is linear,
+        so stems that sum to the mix still do, to within the quantisation.
+        """
+        if self._resampler is not None:
+            self._put(self._resampler.resample_chunk(np.ascontiguousarray(block.T, dtype=np.float32)).T)
+            return block
+        return self._put(block)
+
+    def _put(self, block: np.ndarray) -> np.ndarray:
         if self._bits is None:
             assert self._sound is not None
             self._sound.write(block.T)
@@ -77,6 +110,9 @@ class StemWriter:
         if self._mp3 is not None:
             return self._mp3.close()
         assert self._sound is not None
+        if self._resampler is not None:
+            channels = self._sound.channels
+            self._put(self._resampler.resample_chunk(np.zeros((0, channels), np.float32), last=True).T)
         self._sound.close()
         return self.path.stat().st_size
 

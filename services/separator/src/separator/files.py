@@ -21,6 +21,7 @@ def separate_file(
     *,
     fmt: str = "wav",
     bits: int | None = None,
+    rate: int | None = None,
     quality: str = "fast",
     stems: int = 4,
     residual: bool = False,
@@ -30,13 +31,14 @@ def separate_file(
 ) -> tuple[Separated, dict[str, tuple[Path, int]]]:
     """Separate the audio file `mix` into `out_dir`/<stem>.<ext>; each stem's path and size in bytes.
 
+    `bits` (32 = float) and `rate` (None: the model's) are the files' sample format and rate.
     Streams: memory follows the model's segment, not the song. On any failure or cancellation the
     stem files written so far are removed before the exception propagates.
     """
     source = FileSource(mix)
     extension = FORMAT_EXTENSIONS[fmt]
     writers = {
-        name: StemWriter(out_dir / f"{name}.{extension}", fmt, source.samplerate, source.channels, bits)
+        name: StemWriter(out_dir / f"{name}.{extension}", fmt, source.samplerate, source.channels, bits, rate)
         for name in output_names(model.sources, stems, residual)
     }
     try:

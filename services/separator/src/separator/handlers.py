@@ -34,7 +34,7 @@ from stemflow_shared.events import (
 from stemflow_shared.messaging import Handler
 from stemflow_shared.storage import BlobNotFound, stem_key, stems_prefix
 
-from .encode import FORMAT_EXTENSIONS, MEDIA_TYPES
+from .encode import FORMAT_EXTENSIONS, MEDIA_TYPES, stem_depth
 from .engine import SegmentEngine
 from .files import separate_file
 from .models import ModelCache, ModelError
@@ -128,8 +128,9 @@ class Separator:
                         path,
                         Path(tmp),
                         fmt=job.options.output_format,
-                        # The source's integer bit depth is kept where the format allows.
-                        bits=job.source.bits_per_sample,
+                        # As asked, else the source's 16 bits, else 24 (float only when asked).
+                        bits=stem_depth(job.options.bit_depth, job.source.bits_per_sample),
+                        rate=job.options.sample_rate,
                         quality=job.options.quality,
                         stems=job.options.stems,
                         residual=job.options.residual,
