@@ -14,8 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from stemflow_shared.httpserver import MAX_HEAD_BYTES, HttpLimits
-from stemflow_shared.ops import http_server, listening_socket
+from stemflow_shared.httpserver import MAX_HEAD_BYTES, HttpLimits, http_server, listening_socket
 
 LIMITS = HttpLimits(
     http_head_timeout_s=0.6, http_body_timeout_s=0.8, http_keep_alive_s=1.5, http_max_idle_connections=3

@@ -17,10 +17,12 @@ Use it with `uvicorn.Config(..., http=limited_http(limits), timeout_keep_alive=l
 from __future__ import annotations
 
 import functools
+import socket
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+import uvicorn
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -247,3 +249,36 @@ def limited_http(limits: HttpLimits) -> Callable[..., LimitedHttpToolsProtocol]:
 def server_options(limits: HttpLimits) -> dict[str, Any]:
     """The uvicorn options that apply `limits`: the protocol and the keep-alive time."""
     return {"http": limited_http(limits), "timeout_keep_alive": limits.http_keep_alive_s}
+
+
+def http_server(
+    app: object, host: str, port: int, limits: HttpLimits | None = None, *, lifespan: str = "on"
+) -> uvicorn.Server:
+    """A uvicorn server to run inside the service's own event loop, with the HTTP limits of `limits`
+    (by default read from the environment: HTTP_HEAD_TIMEOUT_S and the others of `HttpLimits`)."""
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan=lifespan,
+        **server_options(limits or HttpLimits()),
+    )
+    server = uvicorn.Server(config)
+    # The service installs its own signal handlers and tells the server when to stop.
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    return server
+
+
+def listening_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket for `uvicorn.Server.serve(sockets=...)`; with `reuse_port`, several processes
+    (the gateway's HTTP_WORKERS) can each serve the same port, the kernel spreading connections among them."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    return sock

@@ -9,8 +9,9 @@ import signal
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from .health import Check, health_app
+from .httpserver import http_server
 from .messaging import Broker, BrokerOptions
-from .ops import Check, http_server, ops_app
 from .storage import BlobStore, make_blob_store
 from .topology import Names
 
@@ -81,7 +82,7 @@ async def serve_worker(
     closers: list[tuple[str, Callable[[], Awaitable[object]]]],
 ) -> None:
     """Serve the ops endpoints until SIGTERM, then stop consuming, drain and close in order."""
-    server = http_server(ops_app({"broker": broker.ready, **checks}), settings.http_host, settings.http_port)
+    server = http_server(health_app({"broker": broker.ready, **checks}), settings.http_host, settings.http_port)
     serving = asyncio.create_task(server.serve())
     log.info("%s ready on port %d", service, settings.http_port)
     await wait_for_stop_signal()

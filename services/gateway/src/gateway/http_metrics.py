@@ -22,8 +22,8 @@ from starlette.applications import Starlette
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stemflow_shared import metrics
-from stemflow_shared.httpserver import READ_TIMEOUT_SCOPE_KEY, HttpLimits
-from stemflow_shared.ops import PROBLEM_HANDLERS, http_server, listening_socket, metrics_routes
+from stemflow_shared.health import PROBLEM_HANDLERS, metrics_routes
+from stemflow_shared.httpserver import READ_TIMEOUT_SCOPE_KEY, HttpLimits, http_server, listening_socket
 
 log = logging.getLogger(__name__)
 

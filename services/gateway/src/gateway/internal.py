@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stemflow_shared import telemetry
 from stemflow_shared.auth import bearer_token
-from stemflow_shared.httpserver import HttpLimits
+from stemflow_shared.httpserver import HttpLimits, http_server, listening_socket
 from stemflow_shared.internal import (
     ID_PATTERN,
     MAX_JOBS,
@@ -34,7 +34,6 @@ from stemflow_shared.internal import (
     Principal,
     PrincipalQuery,
 )
-from stemflow_shared.ops import http_server, listening_socket
 
 from . import problems
 from .deps import jobs_of, not_found

@@ -16,10 +16,10 @@ from pymongo import AsyncMongoClient
 
 from stemflow_shared import telemetry
 from stemflow_shared.auth import ApiKeys
+from stemflow_shared.health import health_routes
 from stemflow_shared.httpserver import server_options
 from stemflow_shared.messaging import Broker, BrokerOptions
 from stemflow_shared.mongo import mongodb_ready
-from stemflow_shared.ops import ops_routes
 from stemflow_shared.reuse import ResultIndex
 from stemflow_shared.runtime import tune_gc
 from stemflow_shared.separators import SeparatorRegistry
@@ -156,7 +156,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(mixes.router)
     add_web_page(app, settings.events_url)
     add_api_docs(app)
-    for route in ops_routes(lambda request: request.app.state.checks, with_metrics=False):
+    for route in health_routes(lambda request: request.app.state.checks, with_metrics=False):
         app.router.routes.append(route)
     app.add_middleware(GZipMiddleware, minimum_size=GZIP_MIN_BYTES, compresslevel=settings.gzip_level)
     app.add_middleware(CachedJobReads)

@@ -13,8 +13,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from stemflow_shared import telemetry
+from stemflow_shared.health import PROBLEM_HANDLERS, health_routes
 from stemflow_shared.httpserver import server_options
-from stemflow_shared.ops import PROBLEM_HANDLERS, ops_routes
 from stemflow_shared.runtime import connect_broker, tune_gc
 from stemflow_shared.topology import NOTIFIER_QUEUE, WEBHOOKS_QUEUE
 
@@ -82,7 +82,7 @@ def create_app(settings: Settings) -> FastAPI:
         openapi_url=None,
     )
     app.add_api_websocket_route("/v1/ws", websocket_route)
-    for route in ops_routes(lambda request: request.app.state.checks):
+    for route in health_routes(lambda request: request.app.state.checks):
         app.router.routes.append(route)
     return app
 
