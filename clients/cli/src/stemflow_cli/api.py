@@ -6,10 +6,10 @@ import contextlib
 import json
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 
@@ -97,11 +97,17 @@ class Api:
     async def submit_file(
         self, path: Path, options: dict[str, Any], on_bytes: Progress | None = None
     ) -> dict[str, Any]:
-        fields = {k: _form_value(v) for k, v in options.items()}
+        """Upload the song as the request body (nothing for the gateway to parse), the options in the query."""
+        params = {k: _form_value(v) for k, v in options.items()}
         with contextlib.ExitStack() as files_open:
-            files = {"file": _file_part(files_open, path, on_bytes)}
-            headers = {"Idempotency-Key": str(uuid.uuid4())}
-            return await self._json("POST", "/v1/jobs", files=files, data=fields, headers=headers)
+            name, fh, content_type = _file_part(files_open, path, on_bytes)
+            headers = {
+                "Idempotency-Key": str(uuid.uuid4()),
+                "Content-Type": content_type,
+                "Content-Disposition": _disposition(name),
+                "Content-Length": str(os.fstat(fh.fileno()).st_size),
+            }
+            return await self._json("POST", "/v1/jobs", params=params, content=_chunks(fh), headers=headers)
 
     async def submit_batch_files(
         self, paths: list[Path], options: dict[str, Any], on_bytes: list[Progress | None] | None = None
@@ -217,6 +223,17 @@ def _file_part(files_open: contextlib.ExitStack, path: Path, on_bytes: Progress 
         raise CliError(f"cannot read {path}: {exc.strerror}", Exit.USAGE) from exc
     upload: Any = _CountingFile(fh, on_bytes) if on_bytes else fh
     return path.name, upload, media_type(path)
+
+
+async def _chunks(fh: Any, size: int = 1024 * 1024) -> AsyncIterator[bytes]:
+    while chunk := fh.read(size):
+        yield chunk
+
+
+def _disposition(name: str) -> str:
+    """A file name as `Content-Disposition` (RFC 6266): an ASCII fallback, then the exact name in UTF-8."""
+    fallback = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in name)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
 
 
 def _form_value(value: Any) -> str:

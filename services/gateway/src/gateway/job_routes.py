@@ -26,7 +26,9 @@ router = APIRouter(prefix="/v1")
         "requestBody": submission.request_body(
             files={"type": "string", "format": "binary"},
             urls=("source_url", {"type": "string", "format": "uri", "maxLength": 2048}),
-        )
+            raw=True,
+        ),
+        "parameters": submission.raw_body_parameters(),
     },
 )
 async def create_job(
@@ -36,7 +38,8 @@ async def create_job(
     settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> Response:
-    """Submit a job: multipart (`file` + option fields) or JSON with `source_url`."""
+    """Submit a job: multipart (`file` + option fields), JSON with `source_url`, or the audio as the body
+    (`audio/*` or `application/octet-stream`) with the options in the query string."""
     submission.check_idempotency_key(idempotency_key)
     asked = await submission.read_job(request, jobs, settings)
     (job_id, input_ref) = asked.inputs[0]

@@ -1,9 +1,10 @@
 """What a submission asks for, read once for single jobs and batches.
 
-The body kinds (multipart with `file` parts, JSON with `source_url`/`source_urls`), the checks of
-each file (declared media type, emptiness, size), the options, the URLs, safe file names and the
-Idempotency-Key rules all live here; `POST /v1/jobs` and `POST /v1/batches` differ only in how
-many songs they take. Uploads stream into the blob store as they arrive, never whole in memory.
+The body kinds (multipart with `file` parts, JSON with `source_url`/`source_urls`, and for one
+job the audio itself as the body, options in the query string), the checks of each file (declared
+media type, emptiness, size), the options, the URLs, safe file names and the Idempotency-Key rules
+all live here; `POST /v1/jobs` and `POST /v1/batches` differ only in how many songs they take.
+Uploads stream into the blob store as they arrive, never whole in memory.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import contextlib
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from email.message import Message
+from email.utils import collapse_rfc2231_value
 from typing import Any
 
 import orjson
@@ -30,6 +33,9 @@ from .settings import Settings
 
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
+OCTET_STREAM = "application/octet-stream"
+# The body kind of a song sent as the request body (`audio/*` or application/octet-stream), in fingerprints.
+RAW = "raw"
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
 # Room for the form's other fields and boundaries on top of the files' own limit.
 FORM_OVERHEAD_BYTES = 64 * 1024
@@ -54,12 +60,15 @@ class Submission:
 
 
 async def read_job(request: Request, jobs: Jobs, settings: Settings) -> Submission:
-    """`POST /v1/jobs`: one `file` part with option fields, or JSON with `source_url` and options."""
+    """`POST /v1/jobs`: one `file` part with option fields, JSON with `source_url` and options, or the audio
+    as the body with options in the query string."""
     kind = _body_kind(request, settings, max_files=1)
     if kind == JSON:
         payload = await read_json_object(request, settings.max_json_body_bytes)
         url = source_url(payload.pop("source_url", None), "source_url")
         return Submission(kind, options_from(payload), [(lifecycle.new_job_id(), InputRef(source_url=url))])
+    if kind == RAW:
+        return await _read_raw(request, jobs, settings)
     job_id = lifecycle.new_job_id()
     upload = MultipartUpload()
     key = upload_key(job_id)
@@ -112,24 +121,63 @@ async def read_batch(request: Request, jobs: Jobs, settings: Settings) -> Submis
 
 
 def _body_kind(request: Request, settings: Settings, *, max_files: int) -> str:
-    """JSON or multipart (415 otherwise); a multipart body declared larger than its files may be is 413 at once."""
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind == MULTIPART:
+    """JSON, multipart or (for one song) RAW, else 415; a body declared larger than its files may be is 413 at once."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()  # none is no body kind
+    raw = max_files == 1 and (kind == OCTET_STREAM or kind.startswith("audio/"))
+    if kind == MULTIPART or raw:
         declared = request.headers.get("content-length", "")
         limit = settings.max_upload_bytes * max_files
-        if declared.isdigit() and int(declared) > limit + FORM_OVERHEAD_BYTES:
+        if declared.isdigit() and int(declared) > limit + (0 if raw else FORM_OVERHEAD_BYTES):
             what = "uploads are" if max_files == 1 else "a batch is"
             raise Problem(413, "payload_too_large", f"{what} limited to {limit} bytes")
-        return kind
+        return RAW if raw else kind
     if kind == JSON:
         return kind
-    wanted = "a file, or JSON with source_url" if max_files == 1 else "files, or JSON with source_urls"
-    raise Problem(415, "unsupported_media_type", f"send multipart/form-data with {wanted}")
+    if max_files == 1:
+        wanted = "the audio as the body (audio/* or application/octet-stream), multipart/form-data with a file"
+        raise Problem(415, "unsupported_media_type", f"send {wanted}, or JSON with source_url")
+    raise Problem(415, "unsupported_media_type", "send multipart/form-data with files, or JSON with source_urls")
+
+
+def _media_type(content_type: str | None) -> str:
+    return (content_type or OCTET_STREAM).split(";")[0].strip().lower()
+
+
+async def _read_raw(request: Request, jobs: Jobs, settings: Settings) -> Submission:
+    """The song as the body: options from the query string (checked before a byte is stored), the file name
+    from `Content-Disposition`; streamed into the blob store, hashed on the way."""
+    declared = _media_type(request.headers.get("content-type"))
+    if declared not in settings.media_types:
+        raise Problem(415, "unsupported_media_type", f"the body: files of type {declared} are not accepted")
+    options = options_from({k: v for k, v in request.query_params.items() if v != ""})
+    part = FilePart(disposition_filename(request.headers.get("content-disposition")), declared)
+    job_id = lifecycle.new_job_id()
+    key = upload_key(job_id)
+    try:
+        info = await jobs.store_upload(key, request.stream(), settings.max_upload_bytes)
+    except TooLarge as exc:
+        raise Problem(413, "payload_too_large", f"uploads are limited to {settings.max_upload_bytes} bytes") from exc
+    try:
+        return Submission(RAW, options, [(job_id, _uploaded(part, info, key, settings, label="the body"))])
+    except BaseException:
+        await jobs.discard_uploads([key])
+        raise
+
+
+def disposition_filename(header: str | None) -> str | None:
+    """The file name a `Content-Disposition` header gives, `filename*=` (RFC 6266's UTF-8 form) first."""
+    if not header:
+        return None
+    message = Message()
+    message["content-disposition"] = header
+    names = [value for key, value in (message.get_params(header="content-disposition") or [])[1:] if key == "filename"]
+    chosen = next((name for name in names if isinstance(name, tuple)), names[0] if names else None)
+    return collapse_rfc2231_value(chosen) if chosen is not None else None
 
 
 def _uploaded(part: FilePart, info: BlobInfo, key: str, settings: Settings, *, label: str) -> InputRef:
     """The input of one uploaded file, once its declared type and its size are acceptable."""
-    declared = (part.content_type or "application/octet-stream").split(";")[0].strip().lower()
+    declared = _media_type(part.content_type)
     if declared not in settings.media_types:
         raise Problem(415, "unsupported_media_type", f"{label}: files of type {declared} are not accepted")
     if info.size == 0:
@@ -305,16 +353,41 @@ def option_properties() -> dict[str, Any]:
     return inline(schema["properties"])
 
 
-def request_body(*, files: dict[str, Any], urls: tuple[str, dict[str, Any]]) -> dict[str, Any]:
+def request_body(*, files: dict[str, Any], urls: tuple[str, dict[str, Any]], raw: bool = False) -> dict[str, Any]:
     """The OpenAPI request body of a submission route (the routes parse their bodies themselves, streaming)."""
     options = option_properties()
     url_field, url_schema = urls
-    return {
-        "required": True,
-        "content": {
-            MULTIPART: {"schema": {"type": "object", "required": ["file"], "properties": {"file": files, **options}}},
-            JSON: {
-                "schema": {"type": "object", "required": [url_field], "properties": {url_field: url_schema, **options}}
-            },
-        },
+    content: dict[str, Any] = {
+        MULTIPART: {"schema": {"type": "object", "required": ["file"], "properties": {"file": files, **options}}},
+        JSON: {"schema": {"type": "object", "required": [url_field], "properties": {url_field: url_schema, **options}}},
     }
+    if raw:
+        song = {"schema": {"type": "string", "format": "binary"}}
+        content.update({"audio/*": song, OCTET_STREAM: song})
+    return {"required": True, "content": content}
+
+
+def raw_body_parameters() -> list[dict[str, Any]]:
+    """The OpenAPI query parameters of a raw-body upload: the job options, and the file name's header."""
+    described = "With the audio as the body (audio/* or application/octet-stream) only: "
+    parameters = [
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "description": described + schema.get("description", f"the job option {name}"),
+            "schema": {"type": "string"} if name == "targets" else schema,
+        }
+        for name, schema in option_properties().items()
+    ]
+    disposition = 'e.g. `attachment; filename="song.flac"`: the name kept for display'
+    parameters.append(
+        {
+            "name": "Content-Disposition",
+            "in": "header",
+            "required": False,
+            "description": described + disposition,
+            "schema": {"type": "string"},
+        }
+    )
+    return parameters
