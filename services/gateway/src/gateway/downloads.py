@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 import zipfile
 from collections.abc import AsyncIterator
+from pathlib import PurePosixPath
 from typing import Annotated, Any
+from urllib.parse import quote, unquote, urlsplit
 
 import orjson
 from fastapi import APIRouter, Header, Query, Response
@@ -43,6 +46,42 @@ async def _finished_job(jobs: Jobs, job_id: str, who: Principal) -> dict[str, An
     return doc
 
 
+# What a file name may not hold on common systems (Windows is the strictest), and control characters.
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f<>:"/\\|?*]+')
+_TITLE_MAX = 100
+EN_DASH = "\u2013"  # between the song and the stem: 'Song \u2013 Vocals.flac'
+
+
+def song_title(doc: dict[str, Any]) -> str:
+    """What people call the song: the uploaded file's name or the URL's last part, without extension; else the id."""
+    source = doc.get("input") or {}
+    name = source.get("filename") or ""
+    if not name and source.get("source_url"):
+        name = unquote(PurePosixPath(urlsplit(source["source_url"]).path).name)
+    stem = PurePosixPath(name.replace("\\", "/")).name
+    title = stem.rsplit(".", 1)[0] if "." in stem.strip(".") else stem
+    title = " ".join(_UNSAFE.sub(" ", unicodedata.normalize("NFC", title)).split()).strip(" .")
+    return title[:_TITLE_MAX].rstrip(" .") or str(doc.get("_id") or doc.get("id"))
+
+
+def stem_filename(doc: dict[str, Any], stem: str, fmt: str, target: str | None = None) -> str:
+    """'Song - Vocals.flac' with an en dash ('Song - Vocals (htdemucs_6s-6).flac' for a target asked by name)."""
+    label = stem.replace("_", " ").capitalize()
+    return f"{song_title(doc)} {EN_DASH} {label}{f' ({target})' if target else ''}.{fmt}"
+
+
+def zip_filename(doc: dict[str, Any], target: str | None = None) -> str:
+    """'Song (stems).zip' ('Song (stems, htdemucs_6s-6).zip' for a target asked by name)."""
+    return f"{song_title(doc)} (stems{f', {target}' if target else ''}).zip"
+
+
+def attachment(filename: str) -> str:
+    """Content-Disposition of RFC 6266: an ASCII fallback for old clients, the UTF-8 name in `filename*`."""
+    fallback = unicodedata.normalize("NFKD", filename.replace(EN_DASH, "-")).encode("ascii", "ignore").decode()
+    fallback = re.sub(r'["\\%]', "", fallback) or "download"
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
 @router.get("/jobs/{job_id}/stems/{stem}")
 async def download_stem(
     job_id: str,
@@ -61,10 +100,9 @@ async def download_stem(
         size = await jobs.blob_size(info["blob_key"])
     except BlobNotFound as exc:
         raise Problem(404, "stem_not_found", f"the file of stem {stem!r} is gone") from exc
-    filename = f"{stem}.{info['format']}"
     headers = {
         "Accept-Ranges": "bytes",
-        "Content-Disposition": f'attachment; filename="{filename}"',
+        "Content-Disposition": attachment(stem_filename(doc, stem, info["format"], target)),
         "ETag": f'"{job_id}-{target or ""}-{stem}-{size}"',
     }
     start, end, status_code = 0, size, 200
@@ -114,7 +152,7 @@ async def download_zip(job_id: str, who: Owner, jobs: JobsDep, target: TargetQue
     return StreamingResponse(
         _zip_stream(jobs, stems),
         media_type="application/zip",
-        headers={"Content-Disposition": f'attachment; filename="{job_id}-stems.zip"'},
+        headers={"Content-Disposition": attachment(zip_filename(doc, target))},
     )
 
 
