@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from rich.console import Console
 
-from stemflow_cli.display import Board, analysis_table, jobs_table, models_table, queue_text, stages_text
+from stemflow_cli.display import (
+    Board,
+    analysis_table,
+    jobs_table,
+    models_table,
+    print_whole,
+    queue_text,
+    stages_text,
+    stems_table,
+)
 
 JOB = {
     "id": "01abc",
@@ -101,3 +111,76 @@ def test_the_models_table_says_what_is_served() -> None:
     assert served.split()[2:8] == ["2,", "4", "yes", "2", "3", "~13"]
     unserved = next(line.strip() for line in lines if line.strip().startswith("htdemucs_6s"))
     assert unserved.split()[1:7] == ["2,", "4,", "6", "no", "0", "0"] and "guitar and piano" in unserved
+
+
+FULL = {
+    **JOB["result"]["analysis"],
+    "tempo_alternatives": [{"bpm": 60.02, "confidence": 0.31}],
+    "key_alternatives": [{"key": "C major", "confidence": 0.22}, {"key": "E minor", "confidence": 0.1}],
+    "key_camelot": "8A",
+    "key_open_key": "1m",
+    "chords": [{"label": "Am", "root": "A"}, {"label": "N", "root": None}, {"label": "F", "root": "F"}],
+}
+
+
+def test_the_analysis_states_its_doubt_and_chords_from_the_full_analysis() -> None:
+    text = render(analysis_table(JOB, FULL))
+    assert "120.0 BPM  (confidence 87%)  or 60.0 BPM (31%)" in text
+    assert "A minor  (confidence 64%)  or C major (22%)" in text and "E minor" not in text
+    assert "Camelot 8A  Open Key 1m" in text and "Am F" in text
+    assert text.count("Tempo") == 1 and text.count("Chords") == 1
+
+
+def test_piped_the_job_list_keeps_whole_names_and_says_why_a_job_failed() -> None:
+    name = "A Very Long Song Title That Would Not Fit (Extended Club Mix).flac"
+    failed = {
+        **JOB,
+        "status": "failed",
+        "input": {"filename": name},
+        "error": {"code": "not_audio", "message": "the file holds no audio stream"},
+        "result": None,
+    }
+    console = Console(width=80, record=True, color_system=None)
+    print_whole(console, jobs_table([failed], fit=False))
+    text = console.export_text()
+    assert name in text and "not_audio: the file holds no audio stream" in text
+    assert "failed: not_audio" not in render(jobs_table([JOB]))
+
+
+STEM = {"format": "flac", "duration": 4.0}
+
+
+def test_the_closing_table_lists_every_file_written_for_every_target(tmp_path: Path) -> None:
+    job = {
+        **JOB,
+        "result": {
+            "stems": [{**STEM, "name": "vocals", "size": 10, "url": "http://g/v1/jobs/j/stems/vocals"}],
+            "targets": {
+                "htdemucs-2": {"stems": [{**STEM, "name": n, "size": 10, "url": f"http://g/{n}?t=2"} for n in ("vocals", "accompaniment")]},
+                "htdemucs-4": {"stems": [{**STEM, "name": n, "size": 10, "url": f"http://g/{n}?t=4"} for n in ("drums", "bass")]},
+            },
+        },
+    }  # fmt: skip
+    files = {}
+    for key in ("htdemucs-2/vocals", "htdemucs-2/accompaniment", "htdemucs-4/drums"):
+        path = tmp_path / key.replace("/", "-")
+        path.write_bytes(b"x" * 1_500_000)
+        files[key] = str(path)
+    text = Console(width=250, record=True, color_system=None)
+    text.print(stems_table(job, files))
+    table = text.export_text()
+    for key, path in files.items():
+        row = next(line for line in table.splitlines() if path in line)
+        assert key.split("/")[0] in row and key.split("/")[1] in row
+        assert "1.5 MB" in row  # as the download bar counts (decimal units), from the file written
+    assert "bass" not in table and "http" not in table
+    links = render(stems_table(job))
+    assert "http://g/bass?t=4" in links and "htdemucs-4" in links
+
+
+def test_a_failed_job_shows_why_on_its_bar() -> None:
+    console = Console(width=160, record=True, color_system=None)
+    board = Board(console, enabled=False)
+    board.add("j", "song.wav")
+    board.update("j", "failed", None, None, "not_audio")
+    assert "not_audio" in str(board._progress.tasks[0].fields["status"])

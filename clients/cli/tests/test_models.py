@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from stemflow_cli.errors import CliError, Exit
-from stemflow_cli.models import check, separations
+from stemflow_cli.models import check, resolve, separations
 
 
 def model(name: str, stems: list[int], served: bool) -> dict[str, Any]:
@@ -68,3 +68,19 @@ def test_an_unknown_model_lists_the_models() -> None:
     error = refused({"targets": ["demucs:4"]})
     assert error.exit_code == Exit.REJECTED
     assert "there is no model demucs" in error.message and "htdemucs, htdemucs_ft, htdemucs_6s" in error.message
+
+
+def test_six_stems_alone_pick_the_six_source_model_served_ones_first() -> None:
+    options, chosen = resolve(CATALOGUE, {"stems": 6})
+    assert options == {"stems": 6, "model": "htdemucs_6s"} and chosen == "6 stems: using the model htdemucs_6s"
+    # Not served in this catalogue: refused before upload, naming the model that would give them.
+    error = refused(options)
+    assert error.exit_code == Exit.MODEL_UNAVAILABLE and "htdemucs_6s" in error.message
+    served = {**CATALOGUE, "models": [*CATALOGUE["models"][:2], model("htdemucs_6s", [2, 4, 6], True)]}
+    check(served, resolve(served, {"stems": 6})[0])
+    # What was named, or what the default gives, is left alone.
+    for asked in ({"stems": 4}, {"stems": 6, "model": "htdemucs"}, {"targets": ["htdemucs:4"], "stems": 6}):
+        assert resolve(CATALOGUE, asked) == (asked, None)
+    # No catalogue (a gateway without /v1/models): the six-source model all the same.
+    assert resolve(None, {"stems": 6})[0]["model"] == "htdemucs_6s"
+    assert resolve(None, {"stems": 2}) == ({"stems": 2}, None)

@@ -14,6 +14,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from .errors import CliError, Exit, problem_error
+from .songs import attachment_name
 
 MEDIA_TYPES = {
     ".wav": "audio/wav",
@@ -169,25 +170,44 @@ class Api:
 
     async def download(self, url: str, dest: Path, on_bytes: Progress | None = None) -> Path:
         """Stream `url` (a link of the job document) to `dest`, via a `.part` file so nothing half-written stays."""
+        return await self.download_to(url, dest.parent, dest.name, on_bytes, named_by_server=False)
+
+    async def download_to(
+        self,
+        url: str,
+        folder: Path,
+        fallback: str,
+        on_bytes: Progress | None = None,
+        *,
+        named_by_server: bool = True,
+    ) -> Path:
+        """Stream `url` into `folder` under the name its `Content-Disposition` gives (the song's and the stem's,
+        as the web page saves it), else `fallback`; via a `.part` file so nothing half-written stays."""
         # The link's path and query (a target's stems are `?target=` of the job's), on the configured gateway.
         path = urlsplit(url)._replace(scheme="", netloc="").geturl() if is_url(url) else url
-        part = dest.with_name(dest.name + ".part")
+        part: Path | None = None
         try:
             async with self._http.stream("GET", path) as response:
                 if response.status_code >= 400:
                     await response.aread()
                     raise error_of(response)
+                given = attachment_name(response.headers.get("content-disposition")) if named_by_server else None
+                dest = folder / (given or fallback)
+                part = dest.with_name(dest.name + ".part")
                 with open(part, "wb") as fh:
                     async for chunk in response.aiter_bytes():
                         fh.write(chunk)
                         if on_bytes:
                             on_bytes(len(chunk))
         except httpx.TransportError as exc:
-            part.unlink(missing_ok=True)
+            if part is not None:
+                part.unlink(missing_ok=True)
             raise unreachable(self.base_url, exc) from exc
         except BaseException:
-            part.unlink(missing_ok=True)
+            if part is not None:
+                part.unlink(missing_ok=True)
             raise
+        assert part is not None
         os.replace(part, dest)
         return dest
 

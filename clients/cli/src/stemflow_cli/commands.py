@@ -8,7 +8,7 @@ import json
 import re
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,9 +20,19 @@ from . import config as config_module
 from . import models as models_module
 from .api import TERMINAL_STATUSES, Api, is_url
 from .config import Config, events_base
-from .display import Board, analysis_table, job_name, job_summary, jobs_table, models_table, stems_table
+from .display import (
+    Board,
+    analysis_table,
+    job_name,
+    job_summary,
+    jobs_table,
+    models_table,
+    print_whole,
+    stems_table,
+)
 from .errors import CliError, Exit
 from .events import JOB_PROGRESS, TERMINAL_EVENTS, EventStream
+from .songs import check_song
 
 # How often a job shown waiting in a queue is read again: no event says when the jobs ahead of it move.
 QUEUE_REFRESH_S = 5.0
@@ -35,6 +45,8 @@ class Context:
     err: Console
     json: bool = False
     quiet: bool = False
+    # (id, song) of every job this command submitted: named again if it is interrupted.
+    submitted: list[tuple[str, str]] = field(default_factory=list)
 
     def api(self) -> Api:
         return Api(self.config.url, self.config.require_key())
@@ -97,14 +109,14 @@ async def submit(
     batch: bool = False,
 ) -> int:
     for song in songs:
-        if not is_url(song) and not Path(song).is_file():
-            raise CliError(f"no such file: {song}", Exit.USAGE, hint="give audio files or http(s) URLs")
+        if not is_url(song):
+            check_song(song)
     if batch and len({is_url(song) for song in songs}) > 1:
         raise CliError("a batch is either all files or all URLs", Exit.USAGE, hint="submit them as two batches")
     outcome = Outcome(ctx)
     jobs: dict[str, dict[str, Any]] = {}
     async with ctx.api() as api:
-        await _check_models(ctx, api, options)
+        options = await _check_models(ctx, api, options)
         with Board(ctx.err, enabled=ctx.live) as board:
             if batch:
                 try:
@@ -114,6 +126,8 @@ async def submit(
                     made = []
                 if made:
                     ctx.say(f"submitted {len(made)} songs as batch [bold]{made[0]['batch_id']}[/]")
+                for doc in made:
+                    _announce(ctx, doc)
             else:
                 made = []
                 for index, song in enumerate(songs):
@@ -121,10 +135,10 @@ async def submit(
                         made.append(await _submit_one(api, board, f"upload-{index}", song, options))
                     except CliError as error:
                         outcome.fail(error)
+                    else:
+                        _announce(ctx, made[-1])
             for doc in made:
                 jobs[doc["id"]] = doc
-                if not wait:
-                    ctx.say(f"submitted {job_name(doc)} as job [bold]{doc['id']}[/] ({doc['status']})")
             if wait and jobs:
                 try:
                     await _follow(ctx, api, jobs, board, timeout)
@@ -133,24 +147,39 @@ async def submit(
                     _emit_all(ctx, jobs.values())
                     return int(outcome.code)
         files = await _finish(ctx, api, jobs, outcome, out) if wait else {}
-    _emit_all(ctx, jobs.values(), files)
+    if wait:
+        _emit_all(ctx, jobs.values(), files)
     if not wait and jobs:
         ctx.say("follow them with [bold]stemflow watch[/], or [bold]stemflow status JOB[/]")
     return int(outcome.code)
 
 
-async def _check_models(ctx: Context, api: Api, options: dict[str, Any]) -> None:
-    """Refuse, before any upload, a model or stem count that the service does not run now."""
+async def _check_models(ctx: Context, api: Api, options: dict[str, Any]) -> dict[str, Any]:
+    """Refuse, before any upload, a model or stem count that the service does not run now; the options to send
+    (`--stems 6` alone names the six-source model)."""
     if options.get("separate") is False:
-        return
+        return options
     try:
         catalogue = await api.models()
     except CliError as error:
         if error.exit_code != Exit.NOT_FOUND:
             raise
         ctx.say("[dim]this gateway does not list its models (no /v1/models): the server checks the options[/]")
-        return
+        return models_module.resolve(None, options)[0]
+    options, chosen = models_module.resolve(catalogue, options)
+    if chosen:
+        ctx.say(chosen)
     models_module.check(catalogue, options)
+    return options
+
+
+def _announce(ctx: Context, doc: dict[str, Any]) -> None:
+    """A job's id as soon as it exists, whatever the mode: scripts get its document on stdout at once."""
+    ctx.submitted.append((doc["id"], job_name(doc)))
+    if ctx.json:
+        ctx.emit(doc)
+    else:
+        ctx.err.print(f"submitted {job_name(doc)} as job [bold]{doc['id']}[/] ({doc['status']})", highlight=False)
 
 
 async def _submit_batch(api: Api, board: Board, songs: list[str], options: dict[str, Any]) -> list[dict[str, Any]]:
@@ -215,7 +244,7 @@ async def _follow(ctx: Context, api: Api, jobs: dict[str, dict[str, Any]], board
     async def settle(job_id: str) -> None:
         doc = await api.job(job_id)
         jobs[job_id] = doc
-        board.update(job_id, doc["status"], doc.get("progress"), doc.get("queue"))
+        board.update(job_id, doc["status"], doc.get("progress"), doc.get("queue"), (doc.get("error") or {}).get("code"))
         if doc["status"] in TERMINAL_STATUSES:
             pending.discard(job_id)
 
@@ -257,7 +286,7 @@ def _show_event(board: Board, job_id: str, data: dict[str, Any], status: str | N
     """A job event on its bar; the queue last read stays until the job's separation starts."""
     progress = data.get("progress")
     queue = data.get("queue") or board.queue_of(job_id, progress)
-    board.update(job_id, status or data.get("status", ""), progress, queue)
+    board.update(job_id, status or data.get("status", ""), progress, queue, (data.get("error") or {}).get("code"))
 
 
 @contextlib.asynccontextmanager
@@ -297,7 +326,11 @@ async def _finish(
                 except CliError as error:
                     outcome.fail(error)
             if not ctx.json:
-                for table in (stems_table(doc, files.get(job_id)), analysis_table(doc)):
+                analysis = await _full_analysis(api, doc)
+                for table in (
+                    stems_table(doc, files.get(job_id) if out is not None else None),
+                    analysis_table(doc, analysis),
+                ):
                     if table is not None:
                         ctx.out.print(table)
         elif doc["status"] == "failed":
@@ -311,6 +344,16 @@ async def _finish(
         else:
             outcome.fail(CliError(f"job {job_id} ({job_name(doc)}) was {doc['status']}", Exit.JOB_FAILED))
     return files
+
+
+async def _full_analysis(api: Api, doc: dict[str, Any]) -> dict[str, Any] | None:
+    """The job's whole analysis (runner-up tempo and key, chords, key codes), when it has one."""
+    if not (doc.get("result") or {}).get("analysis"):
+        return None
+    try:
+        return await api.analysis(doc["id"])
+    except CliError:
+        return None
 
 
 def _folder_name(doc: dict[str, Any], used: set[str]) -> str:
@@ -375,9 +418,11 @@ async def _download_set(
     files: dict[str, str] = {}
     with _transfer_bars(ctx) as bars:
         for stem in stems:
-            dest = folder / f"{stem['name']}.{stem['format']}"
-            task = bars.add_task(dest.name, total=stem["size"] or None)
-            await api.download(stem["url"], dest, lambda n, task=task: bars.advance(task, n))
+            task = bars.add_task(stem["name"], total=stem["size"] or None)
+            # Named as the service names it (the song's and the stem's names), as the web page saves it.
+            dest = await api.download_to(
+                stem["url"], folder, f"{stem['name']}.{stem['format']}", lambda n, task=task: bars.advance(task, n)
+            )
             files[stem["name"]] = str(dest)
     return files
 
@@ -415,15 +460,15 @@ async def download(
         if as_zip:
             folder = out or Path(".")
             folder.mkdir(parents=True, exist_ok=True)
-            url, dest = doc["links"]["stems_zip"], folder / f"{job_id}-stems.zip"
+            url, fallback = doc["links"]["stems_zip"], f"{job_id}-stems.zip"
             if target is not None:
                 targets = (doc.get("result") or {}).get("targets") or {}
                 if not (targets.get(target) or {}).get("stems_zip"):
                     raise CliError(f"job {job_id} has no stems of a target {target}", Exit.NOT_FOUND)
-                url, dest = targets[target]["stems_zip"], folder / f"{job_id}-{target}-stems.zip"
+                url, fallback = targets[target]["stems_zip"], f"{job_id}-{target}-stems.zip"
             with _transfer_bars(ctx) as bars:
-                task = bars.add_task(dest.name, total=None)
-                await api.download(url, dest, lambda n: bars.advance(task, n))
+                task = bars.add_task("zip", total=None)
+                dest = await api.download_to(url, folder, fallback, lambda n: bars.advance(task, n))
             files = {"zip": str(dest)}
         else:
             files = await _download_stems(ctx, api, doc, out or Path(job_id), stems, target)
@@ -446,7 +491,7 @@ async def status(ctx: Context, job_ids: list[str]) -> int:
             if ctx.json:
                 ctx.emit(doc)
             else:
-                ctx.out.print(job_summary(doc))
+                ctx.out.print(job_summary(doc, await _full_analysis(api, doc)))
 
         return await Outcome(ctx).each(job_ids, show)
 
@@ -464,17 +509,37 @@ async def cancel(ctx: Context, job_ids: list[str]) -> int:
         return await Outcome(ctx).each(job_ids, stop)
 
 
-async def delete(ctx: Context, job_ids: list[str]) -> int:
+async def delete(ctx: Context, job_ids: list[str], confirm: Callable[[str], bool] | None = None) -> int:
+    """Delete jobs, naming their songs; `confirm` (on a terminal, without --yes) is asked first with them listed."""
+    outcome = Outcome(ctx)
+    found: dict[str, dict[str, Any]] = {}
+    deleted = 0
     async with ctx.api() as api:
 
-        async def remove(job_id: str) -> None:
-            await api.delete(job_id)
-            if ctx.json:
-                ctx.emit({"id": job_id, "deleted": True})
-            else:
-                ctx.out.print(f"deleted job {job_id} and its files", highlight=False)
+        async def look(job_id: str) -> None:
+            found[job_id] = await api.job(job_id)
 
-        return await Outcome(ctx).each(job_ids, remove)
+        await outcome.each(list(dict.fromkeys(job_ids)), look)
+        if found and confirm is not None:
+            listed = "\n".join(f"  {job_name(doc)}  ({job_id}, {doc['status']})" for job_id, doc in found.items())
+            ctx.err.print(f"delete {len(found)} job(s) and their files:\n{listed}", highlight=False, markup=False)
+            if not confirm("delete them?"):
+                ctx.err.print("nothing was deleted", highlight=False)
+                return int(Exit.USAGE)
+
+        async def remove(job_id: str) -> None:
+            nonlocal deleted
+            await api.delete(job_id)
+            deleted += 1
+            if ctx.json:
+                ctx.emit({"id": job_id, "deleted": True, "name": job_name(found[job_id])})
+            else:
+                ctx.out.print(f"deleted job {job_id} ({job_name(found[job_id])}) and its files", highlight=False)
+
+        await outcome.each(list(found), remove)
+    if not deleted and not ctx.json:
+        ctx.err.print("nothing was deleted", highlight=False)
+    return int(outcome.code)
 
 
 async def list_jobs(ctx: Context, *, status: str | None, limit: int, cursor: str | None, every: bool) -> int:
@@ -489,7 +554,11 @@ async def list_jobs(ctx: Context, *, status: str | None, limit: int, cursor: str
     if ctx.json:
         ctx.emit({"items": items, "next_cursor": cursor})
         return 0
-    ctx.out.print(jobs_table(items))
+    # Piped, nothing is cut to a width: the whole song name, the whole reason a job failed.
+    if ctx.out.is_terminal:
+        ctx.out.print(jobs_table(items))
+    else:
+        print_whole(ctx.out, jobs_table(items, fit=False))
     if cursor:
         ctx.say(f"more: stemflow list --cursor {cursor}")
     return 0

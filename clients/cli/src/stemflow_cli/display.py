@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from rich import box
+from rich import box, filesize
 from rich.console import Console, Group
 from rich.progress import (
     BarColumn,
@@ -154,12 +155,18 @@ class Board:
         return list(self._queues)
 
     def update(
-        self, job_id: str, status: str, progress: dict[str, Any] | None, queue: dict[str, Any] | None = None
+        self,
+        job_id: str,
+        status: str,
+        progress: dict[str, Any] | None,
+        queue: dict[str, Any] | None = None,
+        why: str | None = None,
     ) -> None:
+        """Show a job's state; `why`: the error code of a failed job."""
         task = self._tasks.get(job_id)
         if task is None:
             return
-        fields: dict[str, Any] = {"status": status_text(status)}
+        fields: dict[str, Any] = {"status": status_text(status) + (f" ({why})" if why and status == "failed" else "")}
         queue = None if status in ("completed", "failed", "cancelled") else queue
         if queue is not self._queues.get(job_id):
             fields.update(queue=queue, queue_at=time.monotonic())
@@ -194,24 +201,29 @@ def _duration(seconds: Any) -> str:
 
 
 def _size(size: Any) -> str:
-    value = float(size or 0)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GB"
+    """Bytes as the download bars count them (rich's decimal units: 1 MB = 1,000,000 bytes)."""
+    return filesize.decimal(int(size or 0))
 
 
-def analysis_table(job: dict[str, Any]) -> Table | None:
-    """Tempo, key, loudness and beats of a finished job, with confidences."""
-    analysis = (job.get("result") or {}).get("analysis")
-    if not analysis:
+def analysis_table(job: dict[str, Any], full: dict[str, Any] | None = None) -> Table | None:
+    """Tempo, key (each with its runner-up), key codes, chords, loudness and beats of a finished job.
+
+    `full`: the whole analysis (GET .../analysis); the job document holds only its summary."""
+    summary = (job.get("result") or {}).get("analysis")
+    if not summary:
         return None
+    analysis = {**summary, **(full or {})}
     table = Table(title=f"Analysis of {job_name(job)}", title_justify="left", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
-    table.add_row("Tempo", f"{analysis['tempo_bpm']:.1f} BPM  (confidence {_percent(analysis['tempo_confidence'])})")
-    table.add_row("Key", f"{analysis['key']}  (confidence {_percent(analysis['key_confidence'])})")
+    tempo = f"{analysis['tempo_bpm']:.1f} BPM  (confidence {_percent(analysis['tempo_confidence'])})"
+    others = [f"{t['bpm']:.1f} BPM ({_percent(t['confidence'])})" for t in analysis.get("tempo_alternatives") or []]
+    table.add_row("Tempo", tempo + (f"  or {', '.join(others)}" if others else ""))
+    key = f"{analysis['key']}  (confidence {_percent(analysis['key_confidence'])})"
+    runner_up = (analysis.get("key_alternatives") or [None])[0]
+    if runner_up:
+        key += f"  or {runner_up['key']} ({_percent(runner_up['confidence'])})"
+    table.add_row("Key", key)
     if analysis.get("key_camelot"):
         table.add_row("Key codes", f"Camelot {analysis['key_camelot']}  Open Key {analysis.get('key_open_key') or '-'}")
     if analysis.get("chords"):
@@ -229,23 +241,45 @@ def _chord_line(chords: list[dict[str, Any]], limit: int = 16) -> str:
     return " ".join(labels[:limit]) + (" …" if len(labels) > limit else "")
 
 
+def stem_sets(job: dict[str, Any]) -> list[tuple[str | None, list[dict[str, Any]]]]:
+    """(target or None, stems) of each separation the job made: its targets', or its one set."""
+    result = job.get("result") or {}
+    targets = result.get("targets") or {}
+    if targets:
+        return [(name, t["stems"]) for name, t in targets.items() if t.get("stems")]
+    return [(None, result["stems"])] if result.get("stems") else []
+
+
 def stems_table(job: dict[str, Any], files: dict[str, str] | None = None) -> Table | None:
-    stems = (job.get("result") or {}).get("stems") or []
-    if not stems:
+    """Every stem of every target: with `files` ({stem or target/stem: path}), only the files written, as paths
+    with their size on disk; else as links."""
+    rows = []
+    for target, stems in stem_sets(job):
+        for stem in stems:
+            key = stem["name"] if target is None else f"{target}/{stem['name']}"
+            if files is None:
+                rows.append((target, stem, stem["size"], stem["url"]))
+            elif key in files:
+                path = Path(files[key])
+                rows.append((target, stem, path.stat().st_size if path.exists() else stem["size"], str(path)))
+    if not rows:
         return None
     table = Table(title=f"Stems of {job_name(job)}", title_justify="left")
+    with_targets = any(target for target, *_ in rows)
+    if with_targets:
+        table.add_column("target")
     table.add_column("stem", style="bold")
     table.add_column("format")
     table.add_column("size", justify="right")
     table.add_column("duration", justify="right")
-    table.add_column("file" if files else "url", overflow="fold")
-    for stem in stems:
-        where = (files or {}).get(stem["name"]) or stem["url"]
-        table.add_row(stem["name"], stem["format"], _size(stem["size"]), _duration(stem["duration"]), where)
+    table.add_column("file" if files is not None else "url", overflow="fold")
+    for target, stem, size, where in rows:
+        cells = [stem["name"], stem["format"], _size(size), _duration(stem["duration"]), where]
+        table.add_row(*([target or ""] if with_targets else []), *cells)
     return table
 
 
-def job_summary(job: dict[str, Any]) -> Group:
+def job_summary(job: dict[str, Any], analysis: dict[str, Any] | None = None) -> Group:
     """Everything `stemflow status` shows about one job."""
     table = Table(title=f"Job {job['id']}", title_justify="left", show_header=False)
     table.add_column("what", style="bold")
@@ -270,13 +304,25 @@ def job_summary(job: dict[str, Any]) -> Group:
     if job.get("error"):
         table.add_row("Error", f"[red]{job['error'].get('code')}[/]: {job['error'].get('message', '')}")
     parts: list[Any] = [table]
-    for extra in (stems_table(job), analysis_table(job)):
+    for extra in (stems_table(job), analysis_table(job, analysis)):
         if extra is not None:
             parts.append(extra)
     return Group(*parts)
 
 
-def jobs_table(items: list[dict[str, Any]]) -> Table:
+def print_whole(console: Console, renderable: Any) -> None:
+    """Print as wide as `renderable` needs (for a pipe: nothing cut to a terminal's width)."""
+    needed = console.measure(renderable, options=console.options.update_width(1_000_000)).maximum
+    width = console.width
+    console.width = max(width, needed)
+    try:
+        console.print(renderable, crop=False)
+    finally:
+        console.width = width
+
+
+def jobs_table(items: list[dict[str, Any]], *, fit: bool = True) -> Table:
+    """Jobs, newest first; a failed job with why. `fit`: names give way to a narrow terminal (else all is kept)."""
     table = Table(
         title="Your jobs (newest first)",
         title_justify="left",
@@ -290,7 +336,8 @@ def jobs_table(items: list[dict[str, Any]]) -> Table:
     table.add_column("status", no_wrap=True, min_width=9)
     table.add_column("tempo", justify="right", no_wrap=True, min_width=5)
     table.add_column("key", no_wrap=True, min_width=8)
-    table.add_column("input", overflow="ellipsis", no_wrap=True, max_width=40)
+    table.add_column("input", overflow="ellipsis" if fit else "ignore", no_wrap=True, max_width=40 if fit else None)
+    table.add_column("note", overflow="ellipsis" if fit else "ignore", no_wrap=True)
     for job in items:
         analysis = (job.get("result") or {}).get("analysis") or {}
         tempo = f"{analysis['tempo_bpm']:.1f}" if analysis.get("tempo_bpm") is not None else ""
@@ -306,8 +353,19 @@ def jobs_table(items: list[dict[str, Any]]) -> Table:
             tempo,
             analysis.get("key") or "",
             job_name(job),
+            _note(job),
         )
     return table
+
+
+def _note(job: dict[str, Any]) -> str:
+    """Why a job failed (its error code and message), or that some of its targets did."""
+    error = job.get("error") or {}
+    if job["status"] == "failed" and error:
+        return f"[red]{error.get('code', '?')}[/]: {error.get('message', '')}".rstrip(": ")
+    if job.get("partial"):
+        return "some targets failed"
+    return ""
 
 
 def models_table(catalogue: dict[str, Any]) -> Table:

@@ -17,11 +17,14 @@ from . import config as config_module
 from . import practice as practice_module
 from .errors import CliError, Exit
 
+DEFAULT_FORMAT = "flac"
 JOB_OPTIONS = (
     "stems",
     "model",
     "quality",
     "output_format",
+    "bit_depth",
+    "sample_rate",
     "analyze",
     "separate",
     "residual",
@@ -69,6 +72,14 @@ def _target(text: str) -> str:
             f"expected MODEL:STEMS with STEMS 2, 4 or 6 (`stemflow models` lists the models), not {text!r}"
         )
     return f"{model.strip()}:{stems}"
+
+
+def _bit_depth(text: str) -> int:
+    """'16', '24', or 'float' (sent as 32, the service's name for 32-bit float)."""
+    depths = {"16": 16, "24": 24, "float": 32, "32": 32}
+    if text.strip().lower() not in depths:
+        raise argparse.ArgumentTypeError(f"expected 16, 24 or float, not {text!r}")
+    return depths[text.strip().lower()]
 
 
 def _positive(text: str) -> float:
@@ -126,7 +137,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="one separation of the upload (repeat, up to 4: e.g. --target htdemucs:4 --target htdemucs_6s:6)",
     )
     submit.add_argument("--quality", choices=("fast", "balanced", "best"))
-    submit.add_argument("--format", dest="output_format", choices=("wav", "flac", "mp3"))
+    submit.add_argument(
+        "--format",
+        dest="output_format",
+        choices=("wav", "flac", "mp3"),
+        help=f"the stems' format (default {DEFAULT_FORMAT}, as on the web page)",
+    )
+    submit.add_argument(
+        "--bit-depth",
+        type=_bit_depth,
+        metavar="16|24|float",
+        help="WAV/FLAC samples (default: 16 for a 16-bit song, else 24; float: 32-bit float WAV)",
+    )
+    submit.add_argument(
+        "--sample-rate",
+        type=int,
+        choices=(44100, 48000, 88200, 96000),
+        metavar="HZ",
+        help="WAV/FLAC sample rate: 44100 (default, the model's), 48000, 88200 or 96000",
+    )
     submit.add_argument("--trim", type=_trim, metavar="START:END", help="keep only START..END seconds, e.g. 10:95")
     submit.add_argument(
         "--no-analyze", dest="analyze", action="store_false", default=None, help="skip tempo/key/loudness"
@@ -187,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     """Only the job options given, so the server's defaults apply to the rest."""
     options = {key: getattr(args, key) for key in JOB_OPTIONS if getattr(args, key) is not None}
+    if args.separate is not False:
+        # The web page's default, so a song gives the same files from both.
+        options.setdefault("output_format", DEFAULT_FORMAT)
     if args.targets:
         options["targets"] = args.targets
     if args.trim:
@@ -215,9 +247,8 @@ def _dispatch(ctx: commands.Context, args: argparse.Namespace) -> Coroutine[Any,
         case "cancel":
             return commands.cancel(ctx, args.jobs)
         case "delete":
-            if not args.yes and sys.stdin.isatty() and not _confirm(f"delete {len(args.jobs)} job(s) and their files?"):
-                return int(Exit.USAGE)
-            return commands.delete(ctx, args.jobs)
+            ask = not args.yes and sys.stdin.isatty() and not ctx.json
+            return commands.delete(ctx, args.jobs, _confirm if ask else None)
         case "list":
             return commands.list_jobs(ctx, status=args.status, limit=args.limit, cursor=args.cursor, every=args.every)
         case "download":
@@ -261,8 +292,28 @@ def run(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = N
         ctx.report(error)
         return int(error.exit_code)
     except KeyboardInterrupt:
-        err.print("interrupted; jobs already submitted go on on the server (`stemflow list`)")
+        if args.command == "watch":
+            # Ctrl-C is how `watch` is stopped (its help says so): not a failure.
+            if not as_json:
+                err.print("stopped watching; the jobs go on")
+            return 0
+        interrupted = _interrupted(args.command, ctx.submitted if ctx is not None else [])
+        if ctx is None:
+            ctx = commands.Context(config_module.Config("", None, None, Path()), Console(), err, json=as_json)
+        ctx.report(interrupted)
         return int(Exit.INTERRUPTED)
+
+
+def _interrupted(command: str, submitted: list[tuple[str, str]]) -> CliError:
+    """What Ctrl-C left: the jobs submitted (they go on on the server), named by id and song."""
+    if not submitted:
+        return CliError("interrupted" + ("; nothing was submitted" if command == "submit" else ""), Exit.INTERRUPTED)
+    named = ", ".join(f"{job_id} ({name})" for job_id, name in submitted)
+    return CliError(
+        f"interrupted; job(s) {named} go on on the server",
+        Exit.INTERRUPTED,
+        hint=f"`stemflow status {submitted[0][0]}` shows one; `stemflow watch` follows them",
+    )
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ from typing import Any
 
 from .errors import CliError, Exit
 
+SIX_SOURCE_MODEL = "htdemucs_6s"
 _LIST_HINT = "`stemflow models` lists the models, their stem counts and whether a worker serves them now"
 
 
@@ -21,6 +22,30 @@ def separations(options: dict[str, Any], default_model: str) -> list[tuple[str, 
         return asked
     model = options.get("model") or default_model
     return [(model, options.get("stems"), model if options.get("model") else f"{model} (the default model)")]
+
+
+def resolve(catalogue: dict[str, Any] | None, options: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """The options with a model that gives the stems asked, when no model was named and the default cannot
+    (`--stems 6`: the six-source model, as the web page offers it), and what was chosen; served models first.
+
+    Without a catalogue (a gateway without /v1/models), six stems come from the six-source model."""
+    stems = options.get("stems")
+    if options.get("model") or options.get("targets") or options.get("separate") is False or stems is None:
+        return options, None
+    if catalogue is None:
+        if stems != 6:
+            return options, None
+        able = [SIX_SOURCE_MODEL]
+    else:
+        models = {m["name"]: m for m in catalogue.get("models", [])}
+        default = models.get(str(catalogue.get("default_model") or "htdemucs")) or {}
+        if stems in default.get("stems", []):
+            return options, None
+        able = [name for name, m in models.items() if stems in m.get("stems", [])]
+        able.sort(key=lambda name: not models[name].get("served"))
+    if not able:
+        return options, None
+    return {**options, "model": able[0]}, f"{stems} stems: using the model {able[0]}"
 
 
 def check(catalogue: dict[str, Any], options: dict[str, Any]) -> None:
