@@ -1,41 +1,47 @@
-"""What tracing costs the gateway: throughput with tracing off, on at 100% sampling, sampled at 10%, and at 0%.
+"""What tracing costs: the gateway per request at each sampling setting, and a whole job across the five services.
 
-Three gateway processes run side by side on the real local RabbitMQ, MongoDB and
-Redis (their own namespace, database and blob directory, removed at the end):
+Jobs are traced at the configured ratio (OTEL_TRACES_SAMPLER, parent-based, decided once
+per job at the request that creates it); every other request at its own, much lower
+ratio (STEMFLOW_TRACES_REQUEST_RATIO, default 0.01): docs/runbook.md, "Sampling".
 
-- off:      no OTEL_* variables, so no SDK (the baseline, measured in the same run);
-- always_on: OTEL_TRACES_SAMPLER=always_on, every request traced and exported;
-- ratio_10: OTEL_TRACES_SAMPLER=parentbased_traceidratio, OTEL_TRACES_SAMPLER_ARG=0.1,
-            the default sampler of the production deployment
-            (deploy/k8s/components/tracing). (The SDK's own default,
-            parentbased_always_on, samples every request that arrives without a
-            parent, as client requests do: at the gateway it is always_on.)
-- always_off: the SDK installed and nothing sampled: what each of the nine in ten
-            unsampled requests pays (no goal of its own; it splits ratio_10's cost
-            into the part every request pays and the part of the sampled ones).
+Per request: gateway processes run side by side on the real local RabbitMQ, MongoDB and
+Redis (each with its own namespace, database, blob directory and seeded jobs, removed at
+the end), one per configuration:
 
-The traced gateways run as in production: FastAPI's own server spans, the
-official PyMongo/Redis/httpx instrumentations, the BatchSpanProcessor with the
-OTLP/HTTP exporter (both counting lost spans on /metrics), and HeadSampling (stemflow_shared.telemetry) deciding each
-request before any instrumentation runs.
+- off:       no OTEL_* variables, so no SDK (the baseline);
+- default:   as deployed (deploy/k8s/components/tracing): jobs at 10%
+             (parentbased_traceidratio, OTEL_TRACES_SAMPLER_ARG=0.1), other requests at
+             the default request ratio (1%);
+- jobs_100:  every job traced (parentbased_always_on), other requests at 1%;
+- debug_100: everything traced, polls included (STEMFLOW_TRACES_REQUEST_RATIO=1): the
+             debug mode;
+- previous:  with --baseline-pythonpath, the code found there (the commit before the
+             request ratio) at the deployed setting, which then sampled every request at 10%.
 
-Spans go over OTLP/HTTP to a sink in another process that reads and discards
-them, so the export cost is real but no collector is needed. wrk drives each
-gateway in turn (interleaved rounds, medians) for four calls: a job's GET served
-from the cache (the cheapest and most frequent call: clients poll), the first
-page of the job list, and a job's creation (a 0.25 s WAV uploaded; the request
-whose trace follows the job through every service), and the same with a
-song-sized upload (30 s of WAV, 5.3 MB). The gateway is pinned to one
-CPU, wrk and the sink to another, where the machine has two. Prints req/s, the
-gateway's CPU time per request and the loss against `off`, and the floor: what
-the two spans of a traced cached read cost the SDK with no request around them
-(`span_floor`), against the cached read's own CPU time, and what each part of
-the pipeline adds to it (the SDK's span objects, the batch processor, the OTLP
-encoding, the HTTP send); writes
-bench/results/tracing.json. Goals: at most 10% loss at 100% sampling, 3% with
-the default sampler.
+The traced gateways run as in production: FastAPI's own server spans, the official
+PyMongo/Redis/httpx instrumentations, the BatchSpanProcessor with the OTLP/HTTP exporter
+(both counting lost spans on /metrics), and HeadSampling deciding each request before any
+instrumentation runs. Spans go over OTLP/HTTP to a sink in another process that reads and
+discards them. wrk drives each gateway in turn (interleaved rounds, medians) for: a job's
+GET served from the cache (the cheapest and most frequent call: clients poll), the first
+page of the job list, the model list, a probe, a job's creation (a 0.25 s WAV; the request
+whose trace follows the job through every service) and the same with a song-sized upload
+(30 s of WAV, 5.3 MB). The gateways are pinned to one CPU, wrk and the sink to the other,
+where the machine has two. Prints, per call, the gateway's CPU time per request (steadier
+than req/s on a shared machine) as a ratio against `off` and against `previous`, and the
+floor: what the two spans of a traced cached read cost the SDK with no request around them.
+Goal: `default` within 3% of `off` on every call.
 
-    .venv/bin/python bench/tracing.py [--duration 5] [--rounds 3] [--connections 10] [--jobs 40]
+A whole job (--jobs-per-config N, 0 to skip): the five services, once per configuration
+(off; jobs_100; previous at 100% with --baseline-pythonpath), each job (upload -> completed,
+followed over the WebSocket) run in turn on each set; the CPU time of the five processes
+(from /proc) from the upload until the completion, plus a settling second for the last
+span exports (OTEL_BSP_SCHEDULE_DELAY=200 ms). Goal: jobs_100 within 5% of `off`.
+
+The machine's load (os.getloadavg) is printed and saved with every figure.
+
+    .venv/bin/python bench/tracing.py [--duration 4] [--rounds 3] [--connections 10] [--jobs 40]
+        [--jobs-per-config 4] [--baseline-pythonpath DIR-or-PYTHONPATH] [--out bench/results/tracing.json]
 
 Needs `wrk` (Debian: `apt-get install -y wrk`).
 """
@@ -66,13 +72,17 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # This folder holds a bench named gateway.py: keep it from shadowing the service's package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
+DEPLOYED = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
+JOBS_100 = {"OTEL_TRACES_SAMPLER": "parentbased_always_on"}
 CONFIGS: dict[str, dict[str, str]] = {
     "off": {},
-    "always_on": {"OTEL_TRACES_SAMPLER": "always_on"},
-    "ratio_10": {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"},
-    "always_off": {"OTEL_TRACES_SAMPLER": "always_off"},
+    "default": DEPLOYED,
+    "jobs_100": JOBS_100,
+    "debug_100": {**JOBS_100, "STEMFLOW_TRACES_REQUEST_RATIO": "1"},
 }
-GOALS = {"always_on": 0.10, "ratio_10": 0.03}
+PREVIOUS = "previous"  # the --baseline-pythonpath code, at the deployed setting (per request) or 100% (whole job)
+GOAL_DEFAULT_PER_REQUEST = 0.03  # `default` against `off`, CPU time per request, every call
+GOAL_JOB_100 = 0.05  # a whole job traced at 100% against untraced, CPU time of the five services
 SONG_SECONDS = 30.0  # the song-sized upload: 5.3 MB of WAV
 
 
@@ -251,6 +261,8 @@ def wrk(
         "-t1",
         f"-c{connections}",
         f"-d{duration_s}s",
+        "--timeout",
+        "60s",  # a song-sized upload on a loaded machine takes longer than wrk's default 2 s
         "-H",
         f"Authorization: Bearer {key}",
         *(["-s", str(script)] if script else []),
@@ -266,8 +278,10 @@ def wrk(
 
 
 @contextmanager
-def gateways(args: argparse.Namespace, sink_url: str, cpu: int | None) -> Iterator[dict[str, Any]]:
-    """The three gateways, each with a database, namespace, API key and seeded jobs of its own.
+def gateways(
+    args: argparse.Namespace, configs: dict[str, dict[str, str]], sink_url: str, cpu: int | None
+) -> Iterator[dict[str, Any]]:
+    """One gateway per configuration, each with a database, namespace, API key and seeded jobs of its own.
 
     Nothing is shared, so one gateway's background work (outbox and retention sweeps over the jobs the
     creation runs make) never lands on another's CPU. Everything is removed at the end.
@@ -276,7 +290,7 @@ def gateways(args: argparse.Namespace, sink_url: str, cpu: int | None) -> Iterat
 
     from pymongo import AsyncMongoClient
 
-    from stemflow_dev.fixtures import STATE_DIR, delete_namespace
+    from stemflow_dev.fixtures import STATE_DIR, delete_namespace, delete_namespace_keys
     from stemflow_dev.procs import ProcessGroup, ServiceSpec
     from stemflow_dev.services import Ports, service_env
     from stemflow_dev.stack import ensure_stack
@@ -284,11 +298,10 @@ def gateways(args: argparse.Namespace, sink_url: str, cpu: int | None) -> Iterat
 
     urls = ensure_stack(STATE_DIR)
     run = uuid.uuid4().hex[:6]
-    namespaces = {config: f"bt{run}{config.replace('_', '')}" for config in CONFIGS}
-    databases = {config: f"stemflow_{namespaces[config]}" for config in CONFIGS}
-    ports = {config: Ports.free().gateway for config in CONFIGS}
-    for name in [v for v in os.environ if v.startswith("OTEL_")]:
-        del os.environ[name]  # the baseline must run without any SDK configuration
+    namespaces = {config: f"bt{run}{config.replace('_', '')}" for config in configs}
+    databases = {config: f"stemflow_{namespaces[config]}" for config in configs}
+    ports = {config: Ports.free().gateway for config in configs}
+    clear_tracing_environment()
     with tempfile.TemporaryDirectory() as tmp:
         tracing = {
             "OTEL_EXPORTER_OTLP_ENDPOINT": sink_url,
@@ -296,7 +309,7 @@ def gateways(args: argparse.Namespace, sink_url: str, cpu: int | None) -> Iterat
             **SDK_METRICS,  # as deployed (deploy/k8s/components/tracing)
         }
         specs = []
-        for config, extra in CONFIGS.items():
+        for config, extra in configs.items():
             env = service_env(
                 urls,
                 namespace=namespaces[config],
@@ -326,12 +339,14 @@ def gateways(args: argparse.Namespace, sink_url: str, cpu: int | None) -> Iterat
             async def create_keys() -> dict[str, str]:
                 client: AsyncMongoClient[Any] = AsyncMongoClient(urls.mongodb_url)
                 try:
-                    return {c: await ApiKeys(client[databases[c]]).create("bench-tracing") for c in CONFIGS}
+                    for config in configs:
+                        await announce_models(urls.redis_url, namespaces[config])
+                    return {c: await ApiKeys(client[databases[c]]).create("bench-tracing") for c in configs}
                 finally:
                     await client.close()
 
             keys = asyncio.run(create_keys())
-            job_ids = {c: seed(f"http://127.0.0.1:{ports[c]}", keys[c], args.jobs) for c in CONFIGS}
+            job_ids = {c: seed(f"http://127.0.0.1:{ports[c]}", keys[c], args.jobs) for c in configs}
             yield {
                 "scripts": {
                     "create_job": create_script(Path(tmp), "create", 0.25),
@@ -340,19 +355,40 @@ def gateways(args: argparse.Namespace, sink_url: str, cpu: int | None) -> Iterat
                 "ports": ports,
                 "keys": keys,
                 "job_ids": job_ids,
-                "pids": {c: group.pid(f"gateway-{c}") for c in CONFIGS},
+                "pids": {c: group.pid(f"gateway-{c}") for c in configs},
             }
         finally:
             group.stop()
 
             async def clean() -> None:
+                import redis.asyncio as redis_async
+
                 client: AsyncMongoClient[Any] = AsyncMongoClient(urls.mongodb_url)
-                for config in CONFIGS:
+                keys = redis_async.from_url(urls.redis_url)
+                for config in configs:
                     await client.drop_database(databases[config])
                     await delete_namespace(urls.amqp_url, namespaces[config])
+                    await delete_namespace_keys(keys, namespaces[config])
                 await client.close()
+                await keys.aclose()
 
             asyncio.run(clean())
+
+
+async def announce_models(redis_url: str, namespace: str) -> None:
+    """Every model served in the namespace, as a separator pool announces them: the gateway takes uploads only
+    for a model some separator serves, and these gateways run without one."""
+    import redis.asyncio as redis_async
+
+    from stemflow_shared.separators import CATALOGUE, Announcement, SeparatorRegistry, ServedModel
+
+    client = redis_async.from_url(redis_url)
+    try:
+        served = [ServedModel(name=name, sources=entry.sources) for name, entry in CATALOGUE.items()]
+        announcement = Announcement(replica="bench", models=served, slots=1, mean_job_s=60.0)
+        await SeparatorRegistry(client, f"{namespace}:").announce(announcement, ttl_s=3600)
+    finally:
+        await client.aclose()
 
 
 def wav(seconds: float = 0.25) -> bytes:
@@ -396,52 +432,83 @@ def seed(base_url: str, key: str, jobs: int) -> str:
     with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
         for _ in range(jobs):
             response = client.post("/v1/jobs", files={"file": ("s.wav", song, "audio/wav")})
-            response.raise_for_status()
+            if response.is_error:
+                raise RuntimeError(f"{base_url} refused a job: {response.status_code} {response.text}")
             job_id = response.json()["id"]
         assert client.get(f"/v1/jobs/{job_id}").status_code == 200
         assert len(client.get("/v1/jobs").json()["items"]) == min(jobs, 20)
     return job_id
 
 
+SCENARIOS = {
+    "get_cached": ("/v1/jobs/{job_id}", None),
+    "list_first_page": ("/v1/jobs", None),
+    "models": ("/v1/models", None),
+    "healthz": ("/healthz", None),
+    "create_job": ("/v1/jobs", "create_job"),
+    "create_song": ("/v1/jobs", "create_song"),
+}
+
+
+def clear_tracing_environment() -> None:
+    """No OTEL_* or STEMFLOW_TRACES_* variable of this shell reaches the services: each configuration sets its own."""
+    for name in [v for v in os.environ if v.startswith(("OTEL_", "STEMFLOW_TRACES_"))]:
+        del os.environ[name]
+
+
+def load() -> list[float]:
+    """The machine's load averages (1, 5, 15 min), saved with every figure: this machine is shared."""
+    return [round(v, 2) for v in os.getloadavg()]
+
+
 def measure(args: argparse.Namespace, ctx: dict[str, Any], cpus: tuple[int | None, int | None]) -> dict[str, Any]:
-    scenarios = {
-        "get_cached": "/v1/jobs/{job_id}",
-        "list_first_page": "/v1/jobs",
-        "create_job": "/v1/jobs",
-        "create_song": "/v1/jobs",
-    }
+    configs = list(ctx["pids"])
     scripts = ctx["scripts"]
     _, load_cpu = cpus
-    samples: dict[str, dict[str, list[dict[str, float]]]] = {s: {c: [] for c in CONFIGS} for s in scenarios}
+    samples: dict[str, dict[str, list[dict[str, Any]]]] = {s: {c: [] for c in configs} for s in SCENARIOS}
 
     def url(config: str, path: str) -> str:
         return f"http://127.0.0.1:{ctx['ports'][config]}{path.format(job_id=ctx['job_ids'][config])}"
 
-    for config in CONFIGS:  # warm up every process and path once
-        for scenario, path in scenarios.items():
-            wrk(url(config, path), ctx["keys"][config], args.connections, 1, load_cpu, scripts.get(scenario))
+    for config in configs:  # warm up every process and path once
+        for path, script in SCENARIOS.values():
+            wrk(url(config, path), ctx["keys"][config], args.connections, 1, load_cpu, scripts.get(script))
     for round_index in range(args.rounds):
-        order = list(CONFIGS)[round_index % len(CONFIGS) :] + list(CONFIGS)[: round_index % len(CONFIGS)]
-        for scenario, path in scenarios.items():
+        order = configs[round_index % len(configs) :] + configs[: round_index % len(configs)]
+        for scenario, (path, script) in SCENARIOS.items():
             for config in order:
                 pid = ctx["pids"][config]
                 cpu_before = process_cpu_s(pid)
-                run = wrk(
+                run: dict[str, Any] = wrk(
                     url(config, path),
                     ctx["keys"][config],
                     args.connections,
                     args.duration,
                     load_cpu,
-                    scripts.get(scenario),
+                    scripts.get(script),
                 )
                 run["cpu_ms_per_request"] = 1000 * (process_cpu_s(pid) - cpu_before) / max(run["requests"], 1)
+                run["load"] = load()
                 samples[scenario][config].append(run)
                 print(
                     f"  round {round_index + 1} {scenario:>15} {config:>9}: {run['rps']:9.0f} req/s "
-                    f"{run['cpu_ms_per_request']:.3f} ms CPU/req",
+                    f"{run['cpu_ms_per_request']:.3f} ms CPU/req  (load {run['load'][0]:.1f})",
                     flush=True,
                 )
     return samples
+
+
+def ratios(row: dict[str, Any], key: str, against: str) -> None:
+    """Each configuration's median `key` as a ratio against configuration `against`, and the per-round spread."""
+    if against not in row:
+        return
+    base = row[against]
+    for config, entry in row.items():
+        if config != against:
+            entry[f"cpu_ratio_vs_{against}"] = round(entry[key] / base[key], 4)
+            entry[f"cpu_ratio_vs_{against}_per_round"] = [
+                round(mine / theirs, 4) for mine, theirs in zip(entry[f"{key}_runs"], base[f"{key}_runs"], strict=True)
+            ]
 
 
 def summarise(samples: dict[str, Any]) -> dict[str, Any]:
@@ -453,29 +520,167 @@ def summarise(samples: dict[str, Any]) -> dict[str, Any]:
                 "rps_median": round(statistics.median(r["rps"] for r in runs), 1),
                 "rps_runs": [round(r["rps"], 1) for r in runs],
                 "cpu_ms_per_request": round(statistics.median(r["cpu_ms_per_request"] for r in runs), 4),
+                "cpu_ms_per_request_runs": [round(r["cpu_ms_per_request"], 4) for r in runs],
+                "load_1min_runs": [r["load"][0] for r in runs],
             }
-        base = row["off"]
-        for config in CONFIGS:
-            if config == "off":
-                continue
-            row[config]["throughput_ratio_vs_off"] = round(row[config]["rps_median"] / base["rps_median"], 4)
-            row[config]["throughput_loss"] = round(1 - row[config]["throughput_ratio_vs_off"], 4)
-            row[config]["cpu_ratio_vs_off"] = round(row[config]["cpu_ms_per_request"] / base["cpu_ms_per_request"], 4)
-            # The loss a CPU-bound gateway would see from CPU time alone: steadier than req/s on a shared machine.
-            row[config]["throughput_loss_from_cpu"] = round(1 - 1 / row[config]["cpu_ratio_vs_off"], 4)
-            if config in GOALS:
-                row[config]["goal_max_loss"] = GOALS[config]
-                row[config]["meets_goal"] = row[config]["throughput_loss"] <= GOALS[config]
+        ratios(row, "cpu_ms_per_request", "off")
+        ratios(row, "cpu_ms_per_request", PREVIOUS)
+        goal = row["default"]
+        goal["goal_max_cpu_increase_vs_off"] = GOAL_DEFAULT_PER_REQUEST
+        goal["meets_goal"] = goal["cpu_ratio_vs_off"] <= 1 + GOAL_DEFAULT_PER_REQUEST
         results[scenario] = row
     return results
 
 
+# --- a whole job through the five services -------------------------------------------------------
+
+
+def pipeline_configs(baseline: str | None) -> dict[str, dict[str, str]]:
+    configs = {"off": {}, "jobs_100": JOBS_100}
+    if baseline:
+        configs[PREVIOUS] = {**JOBS_100, "PYTHONPATH": baseline}
+    return configs
+
+
+async def whole_jobs(args: argparse.Namespace, sink_url: str, baseline: str | None) -> dict[str, Any]:
+    """CPU time of the five services per job (upload -> completed), one set of services per configuration."""
+    import asyncio
+
+    from pymongo import AsyncMongoClient
+
+    from stemflow_dev import demo_song
+    from stemflow_dev.client import StemflowClient
+    from stemflow_dev.fixtures import STATE_DIR, delete_namespace
+    from stemflow_dev.models import make_tiny_repo
+    from stemflow_dev.procs import ProcessGroup
+    from stemflow_dev.services import Ports, service_env, service_specs
+    from stemflow_dev.stack import ensure_stack
+    from stemflow_shared.auth import ApiKeys
+
+    configs = pipeline_configs(baseline)
+    urls = ensure_stack(STATE_DIR)
+    run = uuid.uuid4().hex[:6]
+    clear_tracing_environment()
+    tracing = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": sink_url,
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_BSP_SCHEDULE_DELAY": "200",  # the job's spans exported within its settling second
+        **SDK_METRICS,
+    }
+    mongo: AsyncMongoClient[Any] = AsyncMongoClient(urls.mongodb_url)
+    groups: dict[str, ProcessGroup] = {}
+    sets: dict[str, Any] = {}
+    samples: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = make_tiny_repo(Path(tmp) / "models")
+        try:
+            for config, extra in configs.items():
+                namespace = f"bp{run}{config.replace('_', '')}"
+                ports = Ports.free()
+                env = service_env(
+                    urls,
+                    namespace=namespace,
+                    mongodb_db=f"stemflow_{namespace}",
+                    blob_dir=Path(tmp) / config / "blobs",
+                    model_repo=repo,
+                    ports=ports,
+                    extra={
+                        "MODELS": "htdemucs",
+                        "TORCH_THREADS": "1",
+                        "LOG_LEVEL": "WARNING",
+                        "RATE_LIMIT_PER_MINUTE": "0",
+                        "REUSE_RESULTS": "false",  # the same song each time: every job runs every stage
+                        **(tracing if extra else {}),
+                        **extra,
+                    },
+                )
+                groups[config] = ProcessGroup()
+                groups[config].start(service_specs(env, ports), Path(tmp) / config / "logs")
+                sets[config] = {"namespace": namespace, "ports": ports}
+            for group in groups.values():
+                await asyncio.to_thread(group.wait_ready, 300)
+            song = demo_song.write(Path(tmp) / "song.wav", seconds=args.job_seconds)
+            for config, entry in sets.items():
+                key = await ApiKeys(mongo[f"stemflow_{entry['namespace']}"]).create("bench-tracing")
+                ports = entry["ports"]
+                entry["client"] = StemflowClient(
+                    f"http://127.0.0.1:{ports.gateway}", f"ws://127.0.0.1:{ports.notifier}/v1/ws", key
+                )
+                entry["pids"] = [groups[config].pid(name) for name in SERVICES]
+
+            async def one_job(config: str) -> dict[str, Any]:
+                entry = sets[config]
+                before = sum(process_cpu_s(pid) for pid in entry["pids"])
+                started = time.perf_counter()
+                job = await entry["client"].submit(song, stems=2, quality="fast")
+                await entry["client"].follow(job["id"], timeout_s=600)
+                assert (await entry["client"].job(job["id"]))["status"] == "completed"
+                wall = time.perf_counter() - started
+                await asyncio.sleep(1.0)  # the settling second: background work and the last exports
+                cpu = sum(process_cpu_s(pid) for pid in entry["pids"]) - before
+                return {"cpu_s": cpu, "wall_s": wall, "load": load()}
+
+            for config in configs:  # warm up: models loaded, connections open, code paths run once
+                await one_job(config)
+            names = list(configs)
+            for round_index in range(args.jobs_per_config):
+                for config in names[round_index % len(names) :] + names[: round_index % len(names)]:
+                    result = await one_job(config)
+                    samples[config].append(result)
+                    print(
+                        f"  job {round_index + 1} {config:>9}: {result['cpu_s']:.3f} s CPU (five services), "
+                        f"{result['wall_s']:.2f} s  (load {result['load'][0]:.1f})",
+                        flush=True,
+                    )
+        finally:
+            for entry in sets.values():
+                if "client" in entry:
+                    await entry["client"].aclose()
+            for group in groups.values():
+                await asyncio.to_thread(group.stop)
+            for entry in sets.values():
+                await mongo.drop_database(f"stemflow_{entry['namespace']}")
+                await delete_namespace(urls.amqp_url, entry["namespace"])
+            await mongo.close()
+    row: dict[str, Any] = {}
+    for config, runs in samples.items():
+        row[config] = {
+            "cpu_s_per_job": round(statistics.median(r["cpu_s"] for r in runs), 4),
+            "cpu_s_per_job_runs": [round(r["cpu_s"], 4) for r in runs],
+            "wall_s_median": round(statistics.median(r["wall_s"] for r in runs), 3),
+            "load_1min_runs": [r["load"][0] for r in runs],
+        }
+    ratios(row, "cpu_s_per_job", "off")
+    ratios(row, "cpu_s_per_job", PREVIOUS)
+    row["jobs_100"]["goal_max_cpu_increase_vs_off"] = GOAL_JOB_100
+    row["jobs_100"]["meets_goal"] = row["jobs_100"]["cpu_ratio_vs_off"] <= 1 + GOAL_JOB_100
+    return {"song_seconds": args.job_seconds, "stems": 2, "quality": "fast", "model": "htdemucs (tiny)", **row}
+
+
+SERVICES = ("gateway", "notifier", "ingest", "separator", "analyzer")
+
+
+def baseline_pythonpath(value: str | None) -> str | None:
+    """A checkout's root (its shared/src and services/*/src) or a PYTHONPATH as it is."""
+    if not value:
+        return None
+    root = Path(value)
+    if (root / "shared" / "src").is_dir():
+        return os.pathsep.join(str(root / part) for part in ("shared/src", *(f"services/{s}/src" for s in SERVICES)))
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=int, default=5, help="seconds of each wrk run")
+    parser.add_argument("--duration", type=int, default=4, help="seconds of each wrk run")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per configuration")
     parser.add_argument("--connections", type=int, default=10)
     parser.add_argument("--jobs", type=int, default=40, help="jobs seeded for the list")
+    parser.add_argument("--jobs-per-config", type=int, default=4, help="whole jobs per configuration (0: none)")
+    parser.add_argument("--job-seconds", type=float, default=5.0, help="length of the whole jobs' song")
+    parser.add_argument("--no-requests", action="store_true", help="only the whole jobs")
+    parser.add_argument("--baseline-pythonpath", help="the previous code: a checkout's root or a PYTHONPATH")
+    parser.add_argument("--out", type=Path, default=RESULTS / "tracing.json")
     parser.add_argument("--sink", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--floor", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -487,14 +692,27 @@ def main() -> None:
         return
     if shutil.which("wrk") is None:
         sys.exit("bench/tracing.py needs wrk: apt-get install -y wrk")
+    import asyncio
 
     from stemflow_dev.services import Ports
 
+    baseline = baseline_pythonpath(args.baseline_pythonpath)
+    configs = {**CONFIGS, **({PREVIOUS: {**DEPLOYED, "PYTHONPATH": baseline}} if baseline else {})}
     available = sorted(os.sched_getaffinity(0))
     cpus = (available[0], available[1]) if len(available) >= 2 and shutil.which("taskset") else (None, None)
     sink_port = Ports.free().gateway
     sink = subprocess.Popen(pinned(cpus[1], [sys.executable, __file__, "--sink", str(sink_port)]))
     sink_url = f"http://127.0.0.1:{sink_port}"
+    report: dict[str, Any] = {
+        "what": "CPU time per request of the gateway, and per whole job of the five services, by sampling setting",
+        "configs": {name: {k: v for k, v in env.items() if k != "PYTHONPATH"} for name, env in configs.items()},
+        "previous": {"pythonpath": baseline} if baseline else None,
+        "duration_s": args.duration,
+        "rounds": args.rounds,
+        "connections": args.connections,
+        "pinned_cpus": {"gateway": cpus[0], "wrk_and_sink": cpus[1]},
+        "load_at_start": load(),
+    }
     try:
         deadline = time.monotonic() + 30
         while True:  # another process: its readiness can only be polled
@@ -505,66 +723,79 @@ def main() -> None:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
-        with gateways(args, sink_url, cpus[0]) as ctx:
-            samples = measure(args, ctx, cpus)
-        floor = json.loads(
-            subprocess.run(
-                pinned(cpus[0], [sys.executable, __file__, "--floor", sink_url]),
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-        )
-        exported = httpx.get(f"{sink_url}/stats", timeout=5).json()
+        if not args.no_requests:
+            with gateways(args, configs, sink_url, cpus[0]) as ctx:
+                samples = measure(args, ctx, cpus)
+            report["scenarios"] = summarise(samples)
+            floor = json.loads(
+                subprocess.run(
+                    pinned(cpus[0], [sys.executable, __file__, "--floor", sink_url]),
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout
+            )
+            cached_read_ms = report["scenarios"]["get_cached"]["off"]["cpu_ms_per_request"]
+            floor["share_of_cached_read_off"] = round(floor["cpu_ms_per_pair"] / cached_read_ms, 4)
+            floor["stages_share_of_cached_read_off"] = {
+                stage: round(ms / cached_read_ms, 4) for stage, ms in floor["stages_cpu_ms_per_pair"].items()
+            }
+            report["floor_two_spans"] = floor
+        if args.jobs_per_config:
+            report["whole_job"] = asyncio.run(whole_jobs(args, sink_url, baseline))
+        report["exported_to_sink"] = httpx.get(f"{sink_url}/stats", timeout=5).json()
     finally:
         sink.terminate()
         sink.wait()
+    report["load_at_end"] = load()
+    print_report(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
 
-    report = {
-        "what": "gateway throughput with tracing off, always_on (100%), parentbased_traceidratio 0.1 and always_off",
-        "baseline": "the `off` gateway, same run, same wrk settings, interleaved rounds",
-        "default_sampler_measured": "parentbased_traceidratio, OTEL_TRACES_SAMPLER_ARG=0.1",
-        "duration_s": args.duration,
-        "rounds": args.rounds,
-        "connections": args.connections,
-        "pinned_cpus": {"gateway": cpus[0], "wrk_and_sink": cpus[1]},
-        "exported_to_sink": exported,
-        "scenarios": summarise(samples),
-        "floor_two_spans": floor,
-    }
-    cached_read_ms = report["scenarios"]["get_cached"]["off"]["cpu_ms_per_request"]
-    floor["share_of_cached_read_off"] = round(floor["cpu_ms_per_pair"] / cached_read_ms, 4)
-    floor["stages_share_of_cached_read_off"] = {
-        stage: round(ms / cached_read_ms, 4) for stage, ms in floor["stages_cpu_ms_per_pair"].items()
-    }
-    print()
-    for scenario, row in report["scenarios"].items():
-        print(
-            f"{scenario}: off {row['off']['rps_median']:.0f} req/s, {row['off']['cpu_ms_per_request']:.3f} ms CPU/req"
-        )
-        for config in ("always_on", "ratio_10", "always_off"):
-            r = row[config]
-            goal = (
-                f"goal <= {100 * r['goal_max_loss']:.0f}%: {'meets' if r['meets_goal'] else 'MISSES'}"
-                if config in GOALS
-                else "no goal: the unsampled requests' share"
+
+def print_report(report: dict[str, Any]) -> None:
+    print(f"\nload (1, 5, 15 min): {report['load_at_start']} at the start, {report['load_at_end']} at the end")
+    for scenario, row in report.get("scenarios", {}).items():
+        off = row["off"]
+        print(f"{scenario}: off {off['rps_median']:.0f} req/s, {off['cpu_ms_per_request']:.3f} ms CPU/req")
+        for config, r in row.items():
+            if config == "off":
+                continue
+            against_previous = (
+                f", x{r['cpu_ratio_vs_previous']:.3f} vs previous" if "cpu_ratio_vs_previous" in r else ""
             )
+            goal = ""
+            if "meets_goal" in r:
+                goal = f"  goal <= x{1 + r['goal_max_cpu_increase_vs_off']:.2f}: {'meets' if r['meets_goal'] else 'MISSES'}"
             print(
-                f"  {config:>10}: {r['rps_median']:.0f} req/s, ratio {r['throughput_ratio_vs_off']:.3f} "
-                f"(loss {100 * r['throughput_loss']:.1f}%, {goal}), "
-                f"CPU/req x{r['cpu_ratio_vs_off']:.2f} (loss from CPU time {100 * r['throughput_loss_from_cpu']:.1f}%)"
+                f"  {config:>10}: {r['cpu_ms_per_request']:.3f} ms CPU/req, x{r['cpu_ratio_vs_off']:.3f} vs off "
+                f"(rounds {r['cpu_ratio_vs_off_per_round']}){against_previous}, {r['rps_median']:.0f} req/s{goal}"
             )
-    print(
-        f"floor: a server span and a Redis span, batched and exported, with no request around them: "
-        f"{floor['cpu_ms_per_pair']:.3f} ms CPU, {100 * floor['share_of_cached_read_off']:.0f}% of a cached read's "
-        f"CPU time with tracing off (the 100% goal allows 10%)"
-    )
-    for stage, ms in floor["stages_cpu_ms_per_pair"].items():
-        share = floor["stages_share_of_cached_read_off"][stage]
-        print(f"  {stage:>10}: {ms:.3f} ms CPU, {100 * share:.0f}% of a cached read")
-    print(f"exported to the sink: {exported['exports']} requests, {exported['bytes']} bytes")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "tracing.json").write_text(json.dumps(report, indent=2) + "\n")
+    if "floor_two_spans" in report:
+        floor = report["floor_two_spans"]
+        print(
+            f"floor: a server span and a Redis span, batched and exported, with no request around them: "
+            f"{floor['cpu_ms_per_pair']:.3f} ms CPU, {100 * floor['share_of_cached_read_off']:.0f}% of a cached "
+            f"read's CPU time with tracing off"
+        )
+        for stage, ms in floor["stages_cpu_ms_per_pair"].items():
+            print(f"  {stage:>10}: {ms:.3f} ms CPU, {100 * floor['stages_share_of_cached_read_off'][stage]:.0f}%")
+    if "whole_job" in report:
+        job = report["whole_job"]
+        print(f"whole job ({job['song_seconds']} s song, five services): off {job['off']['cpu_s_per_job']:.3f} s CPU")
+        for config in ("jobs_100", PREVIOUS):
+            if config in job:
+                r = job[config]
+                goal = (
+                    f"  goal <= x{1 + GOAL_JOB_100:.2f}: {'meets' if r['meets_goal'] else 'MISSES'}"
+                    if "meets_goal" in r
+                    else ""
+                )
+                print(
+                    f"  {config:>10}: {r['cpu_s_per_job']:.3f} s CPU, x{r['cpu_ratio_vs_off']:.3f} vs off "
+                    f"(rounds {r['cpu_ratio_vs_off_per_round']}){goal}"
+                )
+    print(f"exported to the sink: {report['exported_to_sink']}")
 
 
 if __name__ == "__main__":
