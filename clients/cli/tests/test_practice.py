@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from stemflow_cli.main import build_parser, run
-from stemflow_cli.practice import mix_options
+from stemflow_cli.practice import destination, mix_options
 
 
 def options(*argv: str) -> dict[str, object]:
@@ -56,3 +56,12 @@ def test_an_unreachable_gateway_exits_8(tmp_path: Path, capsys: pytest.CaptureFi
     environ = {"STEMFLOW_CONFIG": str(tmp_path / "none.toml"), "STEMFLOW_API_KEY": "k"}
     assert run(["practice", "JOB", "--tempo", "0.8", "--url", "http://127.0.0.1:9"], environ) == 8
     assert "127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_out_is_a_file_or_a_folder(tmp_path: Path) -> None:
+    mix = {"id": "5f2a9c0e7b1d4a6c8e3f0a2b", "file": {"format": "flac"}}
+    assert destination(None, "J", mix) == Path("J-mix-5f2a9c0e.flac")
+    assert destination(str(tmp_path / "mixes") + "/", "J", mix) == tmp_path / "mixes" / "J-mix-5f2a9c0e.flac"
+    assert destination(str(tmp_path / "folder"), "J", mix) == tmp_path / "folder" / "J-mix-5f2a9c0e.flac"
+    assert destination(str(tmp_path / "out" / "take.flac"), "J", mix) == tmp_path / "out" / "take.flac"
+    assert (tmp_path / "out").is_dir()

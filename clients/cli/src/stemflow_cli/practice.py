@@ -70,7 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser, positive: Any) -> None:
     parser.add_argument("--bit-depth", type=int, choices=(16, 24, 32), help="WAV 16/24/32 (float), FLAC 16/24")
     parser.add_argument("--quality", choices=("fast", "balanced", "best"), help="time-stretch engine (best: slowest)")
     parser.add_argument("--target", metavar="NAME", help="the stems of this target of a multi-target job")
-    parser.add_argument("--out", type=Path, metavar="PATH", help="file or folder to write (default: ./JOB-mix-ID.EXT)")
+    parser.add_argument(
+        "--out", metavar="PATH", help="a file, or a folder (existing, or ending in /, or without an extension)"
+    )
     parser.add_argument("--no-wait", dest="wait", action="store_false", help="ask for the mix and exit")
     parser.add_argument("--timeout", type=positive, metavar="SECONDS", help="give up waiting after SECONDS (exit 9)")
 
@@ -107,7 +109,7 @@ def mix_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def practice(
-    ctx: Any, job_id: str, options: dict[str, Any], *, out: Path | None, wait: bool, timeout: float | None
+    ctx: Any, job_id: str, options: dict[str, Any], *, out: str | None, wait: bool, timeout: float | None
 ) -> int:
     async with ctx.api() as api:
         if not wait:
@@ -128,7 +130,7 @@ async def practice(
             raise CliError(
                 f"mix {mix['id']} of job {job_id} failed: {error.get('code')}: {error.get('message')}", Exit.JOB_FAILED
             )
-        dest = _destination(out, job_id, mix)
+        dest = destination(out, job_id, mix)
         await api.download(mix["links"]["file"], dest)
         if ctx.json:
             ctx.emit({**mix, "path": str(dest)})
@@ -171,12 +173,14 @@ def _announce(ctx: Any, job_id: str, mix: dict[str, Any]) -> None:
     ctx.say(f"mix [bold]{mix['id']}[/] of job {job_id}: {mix['status']}{again}")
 
 
-def _destination(out: Path | None, job_id: str, mix: dict[str, Any]) -> Path:
+def destination(out: str | None, job_id: str, mix: dict[str, Any]) -> Path:
+    """Where the mix is written: `out` as a file, or in `out` as a folder, or `./JOB-mix-ID.EXT`."""
     name = f"{job_id}-mix-{mix['id'][:8]}.{mix['file']['format']}"
     if out is None:
         return Path(name)
-    if out.is_dir() or str(out).endswith("/"):
-        out.mkdir(parents=True, exist_ok=True)
-        return out / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out
+    path = Path(out)
+    if path.is_dir() or out.endswith(("/", "\\")) or not path.suffix:
+        path.mkdir(parents=True, exist_ok=True)
+        return path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
