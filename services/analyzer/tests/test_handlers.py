@@ -122,10 +122,20 @@ async def test_only_the_primary_copy_of_a_multi_target_job_is_analysed(rig: dict
 
 
 async def test_a_missing_blob_fails_the_analysis(rig: dict[str, Any], tmp_path: Path) -> None:
+    from stemflow_shared.metrics import REGISTRY
+
+    def counted() -> float:
+        return (
+            REGISTRY.get_sample_value("stemflow_stage_failures_total", {"stage": "analysis", "code": "audio_missing"})
+            or 0.0
+        )
+
+    before = counted()
     [failed] = await rig["analyzer"].on_ingested(await ingested(rig, tmp_path, store=False))
 
     assert failed.spec is ANALYSIS_FAILED
     assert failed.data.error.code == "audio_missing"
+    assert counted() == before + 1  # counted like every other stage failure
 
 
 async def test_a_cancelled_job_is_not_analysed(rig: dict[str, Any], tmp_path: Path) -> None:

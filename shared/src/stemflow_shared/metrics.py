@@ -152,6 +152,36 @@ REALTIME_FACTOR = Histogram(
 STAGE_FAILURES = Counter(
     "stemflow_stage_failures_total", "Stage failures by code.", ["stage", "code"], registry=REGISTRY
 )
+class StageRun:
+    """One job's run of a worker stage, timed from its creation: the stage metrics, recorded one way everywhere.
+
+    A completed run records its duration, the audio seconds and the real-time factor; a failed one its
+    duration and the failure's code. Every worker handler (ingest, separation, analysis, mixes) uses it.
+    """
+
+    __slots__ = ("_model", "_stage", "_started")
+
+    def __init__(self, stage: str, model: str = "") -> None:
+        self._stage = stage
+        self._model = model
+        self._started = time.perf_counter()
+
+    def completed(self, audio_seconds: float) -> float:
+        """Record a completed run; its seconds."""
+        elapsed = time.perf_counter() - self._started
+        STAGE_DURATION.labels(self._stage, self._model, "completed").observe(elapsed)
+        AUDIO_SECONDS.labels(self._stage).inc(audio_seconds)
+        REALTIME_FACTOR.labels(self._stage).observe(audio_seconds / max(elapsed, 1e-6))
+        return elapsed
+
+    def failed(self, code: str) -> float:
+        """Record a failed run with its stable code; its seconds."""
+        elapsed = time.perf_counter() - self._started
+        STAGE_FAILURES.labels(self._stage, code).inc()
+        STAGE_DURATION.labels(self._stage, self._model, "failed").observe(elapsed)
+        return elapsed
+
+
 JOBS_ACTIVE = Gauge(
     "stemflow_jobs_active", "Unfinished jobs by status (sampled by the gateway).", ["status"], registry=REGISTRY
 )

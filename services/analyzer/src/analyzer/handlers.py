@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import logging
 import os
-import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -84,7 +83,7 @@ class Analyzer:
             return []
         if await is_cancelled(self._redis, self._settings.redis_prefix, job.job_id):
             return []
-        started = time.perf_counter()
+        run = metrics.StageRun("analysis")
         loop = asyncio.get_running_loop()
         try:
             async with self._blobs.local_path(job.audio.blob_key) as path:
@@ -92,11 +91,12 @@ class Analyzer:
             record_steps(steps, job.audio.duration_s)
             result = AnalysisResult(**facts, source="mix")
         except BlobNotFound:
+            run.failed("audio_missing")
             return [self._failed(job.job_id, "audio_missing", "the normalised audio is gone")]
         except (ValueError, sf.LibsndfileError) as exc:
-            metrics.STAGE_FAILURES.labels("analysis", "analysis_error").inc()
+            run.failed("analysis_error")
             return [self._failed(job.job_id, "analysis_error", str(exc)[:500])]
-        elapsed = time.perf_counter() - started
+        elapsed = run.completed(job.audio.duration_s)
         log.info(
             "analysed %.1f s of audio in %.2f s: %.1f BPM, %s",
             job.audio.duration_s,
@@ -104,9 +104,6 @@ class Analyzer:
             result.tempo_bpm,
             result.key,
         )
-        metrics.STAGE_DURATION.labels("analysis", "", "completed").observe(elapsed)
-        metrics.AUDIO_SECONDS.labels("analysis").inc(job.audio.duration_s)
-        metrics.REALTIME_FACTOR.labels("analysis").observe(job.audio.duration_s / max(elapsed, 1e-6))
         data = AnalysisCompleted(job_id=job.job_id, analysis=result)
         return [make_event(ANALYSIS_COMPLETED, data, source=SOURCE, id=event_id(job.job_id, ANALYSIS_COMPLETED.name))]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
-import time
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -69,14 +68,13 @@ class Ingest:
         if await is_cancelled(self._redis, self._settings.redis_prefix, job.job_id):
             log.info("job was cancelled before ingest")
             return []
-        started = time.perf_counter()
+        run = metrics.StageRun("ingest")
         with tempfile.TemporaryDirectory(prefix="stemflow-ingest-", dir=self._settings.work_dir) as tmp:
             dst = Path(tmp) / "normalised.wav"
             try:
                 audio = await self._normalise(job, Path(tmp), dst)
             except AudioError as exc:
-                metrics.STAGE_FAILURES.labels("ingest", exc.code).inc()
-                metrics.STAGE_DURATION.labels("ingest", "", "failed").observe(time.perf_counter() - started)
+                run.failed(exc.code)
                 failed = StageFailed(job_id=job.job_id, error=ErrorInfo(code=exc.code, message=str(exc)))
                 return [make_event(INGEST_FAILED, failed, source=SOURCE, id=event_id(job.job_id, INGEST_FAILED.name))]
             info = self._audio_info(job, audio)
@@ -85,7 +83,7 @@ class Ingest:
                 log.info("reused the results of an identical earlier job (%.1f s of audio)", audio.duration_s)
                 return reused
             await self._blobs.put_file(info.audio.blob_key, dst)
-        elapsed = time.perf_counter() - started
+        elapsed = run.completed(audio.duration_s)
         log.info(
             "ingested %.1f s of %s audio (%d Hz, %d ch) in %.2f s",
             audio.duration_s,
@@ -94,9 +92,6 @@ class Ingest:
             audio.source_channels,
             elapsed,
         )
-        metrics.STAGE_DURATION.labels("ingest", "", "completed").observe(elapsed)
-        metrics.AUDIO_SECONDS.labels("ingest").inc(audio.duration_s)
-        metrics.REALTIME_FACTOR.labels("ingest").observe(audio.duration_s / max(elapsed, 1e-6))
         return self._ingested_events(job, info)
 
     @staticmethod

@@ -69,8 +69,8 @@ class Separator:
             return []
         if await is_cancelled(self._redis, self._settings.redis_prefix, job.job_id):
             return []
-        started = time.perf_counter()
         model_name = job.options.model
+        run = metrics.StageRun("separation", model_name)
         try:
             stems, separated = await self._separate(job)
         except SeparationCancelled:
@@ -79,15 +79,14 @@ class Separator:
             return []
         except (ModelError, SeparationError, BlobNotFound) as exc:
             code = getattr(exc, "code", "audio_missing")
-            metrics.STAGE_FAILURES.labels("separation", code).inc()
-            metrics.STAGE_DURATION.labels("separation", model_name, "failed").observe(time.perf_counter() - started)
+            run.failed(code)
             await self._remove_stems(job)
             failed = StageFailed(job_id=job.job_id, target=job.target, error=ErrorInfo(code=code, message=str(exc)))
             return [make_event(SEPARATION_FAILED, failed, source=SOURCE, id=_event_id(job, "separation.failed"))]
         except BaseException:
             await self._remove_stems(job)
             raise
-        elapsed = time.perf_counter() - started
+        elapsed = run.completed(job.audio.duration_s)
         log.info(
             "separated %.1f s of audio with %s on %s in %.2f s (%d stems)",
             job.audio.duration_s,
@@ -96,10 +95,7 @@ class Separator:
             elapsed,
             len(stems),
         )
-        metrics.STAGE_DURATION.labels("separation", model_name, "completed").observe(elapsed)
         self.mean_job_s = elapsed if self.mean_job_s is None else 0.8 * self.mean_job_s + 0.2 * elapsed
-        metrics.AUDIO_SECONDS.labels("separation").inc(job.audio.duration_s)
-        metrics.REALTIME_FACTOR.labels("separation").observe(job.audio.duration_s / max(elapsed, 1e-6))
         loaded = self._models.get(model_name)
         data = SeparationCompleted(
             job_id=job.job_id,
