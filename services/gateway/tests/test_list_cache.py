@@ -104,3 +104,16 @@ async def test_a_page_of_ids_and_versions_is_read_from_the_index_alone(app: Any)
         plan = str(explained["queryPlanner"]["winningPlan"])
         assert "PROJECTION_COVERED" in plan and "FETCH" not in plan, plan
         assert explained["executionStats"]["totalDocsExamined"] == 0
+
+
+async def test_first_and_later_pages_count_against_the_rate_limit(base_env: dict[str, str], helpers: Any) -> None:
+    async with helpers.running_app(base_env, rate_limit_per_minute=3) as app, helpers.http_client(app) as client:
+        alice = await helpers.new_key(app, "lc-limited")
+        ids = [(await helpers.submit(client, alice)).json()["id"] for _ in range(2)]
+        page = (await client.get("/v1/jobs?limit=1", headers=alice)).json()
+        assert page["items"][0]["id"] == ids[1] and page["next_cursor"]
+        # Cached first pages and later pages both count: each kind alone soon runs into the limit
+        # (within two windows, should a minute end meanwhile).
+        for query in ("?limit=1", f"?limit=1&cursor={page['next_cursor']}"):
+            answers = [(await client.get(f"/v1/jobs{query}", headers=alice)).status_code for _ in range(8)]
+            assert 429 in answers and set(answers) <= {200, 429}, answers

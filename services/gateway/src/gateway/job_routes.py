@@ -105,7 +105,8 @@ async def list_jobs(
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
     cursor: str | None = None,
 ) -> Response:
-    """Newest first, keyset pagination; a first page from the cache, counted in the same Redis call."""
+    """Newest first, keyset pagination; counted in the same Redis call as the cached first page, or as the
+    cached items of a later page."""
     try:
         after = decode_cursor(cursor) if cursor else None
     except ValueError as exc:
@@ -113,8 +114,14 @@ async def list_jobs(
     limit = min(limit, settings.list_max_limit)
     gzip_ok = "gzip" in request.headers.get("accept-encoding", "")
     if after is not None:
-        await limiter.check(who)
-        body, gzipped = await jobs.list_page(who.owner, status=status, limit=limit, after=after)
+        body, gzipped = await jobs.list_page(
+            who.owner,
+            status=status,
+            limit=limit,
+            after=after,
+            counter_key=limiter.counter_key(who),
+            enforce=limiter.enforce,
+        )
         return _page_response(body, gzipped)
     first, count = await jobs.cached_first_page(
         who.owner, status=status, limit=limit, gzip_ok=gzip_ok, counter_key=limiter.counter_key(who)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -112,15 +112,21 @@ class Jobs:
         after: str | None,
         gzip_ok: bool = False,
         generation: bytes | None = None,
+        counter_key: str | None = None,
+        enforce: Callable[[int], None] | None = None,
     ) -> tuple[bytes, bool]:
         """A page of the owner's jobs as JSON, and whether that is its gzip form.
 
         Ids and versions come from the index alone; each item is the job cache's body when it holds that
         version, else rendered from one projected query (and cached): nothing is decoded twice or validated.
-        A first page read under a list `generation` is cached (with its gzip form) unless a job changed since.
+        The request is counted against `counter_key` in the same Redis call as the items, and `enforce(count)`
+        runs before anything is rendered. A first page read under a list `generation` is cached (with its gzip
+        form) unless a job changed since.
         """
         versions, next_cursor = await self.repo.page_versions(owner, status=status, limit=limit, after=after)
-        bodies = await self.cache.bodies(versions)
+        bodies, count = await self.cache.bodies(versions, counter_key=counter_key, counter_ttl_s=COUNTER_TTL_S)
+        if enforce is not None:
+            enforce(count)
         missing = [job_id for (job_id, _), body in zip(versions, bodies, strict=True) if body is None]
         if missing:
             found = await self.repo.list_items(missing)  # one deleted meanwhile is left out of the page
