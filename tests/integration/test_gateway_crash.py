@@ -1,6 +1,6 @@
 """An accepted job is never lost between the MongoDB write and the broker publish.
 
-A gateway accepts jobs while its relay is held back (`OUTBOX_RELAY_DELAY_S`, a
+A gateway accepts jobs while its relay is held back (`STEMFLOW_TEST_OUTBOX_RELAY_DELAY_S`, a
 test/ops knob), so every job is in MongoDB with its `job.submitted` still in the
 outbox and nothing on the broker; it is then killed with SIGKILL. A restarted
 gateway's outbox sweeper publishes them, and ingest's queue on the real broker
@@ -33,8 +33,8 @@ from stemflow_shared.topology import INGEST_QUEUE, Names
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "integration" / "gateway-crash"
 JOBS = 6
-HELD_BACK = {"OUTBOX_RELAY_DELAY_S": "3600", "OUTBOX_GRACE_S": "3600"}
-RELAYING = {"OUTBOX_RELAY_DELAY_S": "0", "OUTBOX_GRACE_S": "0", "OUTBOX_SWEEP_INTERVAL_S": "0.2"}
+HELD_BACK = {"STEMFLOW_TEST_OUTBOX_RELAY_DELAY_S": "3600", "OUTBOX_GRACE_S": "3600"}
+RELAYING = {"STEMFLOW_TEST_OUTBOX_RELAY_DELAY_S": "0", "OUTBOX_GRACE_S": "0", "OUTBOX_SWEEP_INTERVAL_S": "0.2"}
 
 
 class Gateway:

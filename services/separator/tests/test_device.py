@@ -5,6 +5,7 @@ import torch
 
 from separator.device import make_engine, pick_device, pick_precision
 from separator.settings import Settings
+from stemflow_shared.settings import HarnessKnobs
 
 
 def settings(**overrides: object) -> Settings:
@@ -25,7 +26,7 @@ def test_explicit_devices_are_kept_and_auto_follows_cuda() -> None:
 
 @pytest.mark.parametrize(("device", "batch"), [("cpu", 1), ("cuda", 8)])
 def test_the_engine_follows_the_settings(device: str, batch: int) -> None:
-    engine = make_engine(settings(simulated_device_memory_mb=1.5, batch_wait_ms=20), device)
+    engine = make_engine(settings(batch_wait_ms=20), device, knobs=HarnessKnobs(simulated_device_memory_mb=1.5))
 
     assert (engine.device.type, engine.max_batch, engine.precision) == (device, batch, pick_precision("auto", device))
     assert engine.memory_budget_bytes == 3 * 2**19

@@ -40,6 +40,7 @@ from stemflow_shared.events import (
     make_event,
 )
 from stemflow_shared.messaging import Broker
+from stemflow_shared.settings import HarnessKnobs
 from stemflow_shared.storage import FilesystemBlobStore, normalised_key
 from stemflow_shared.topology import MODEL_HEADER, PRIORITY_HEADER, QUEUE_HEADER, REASON_HEADER, Names, separator_queue
 
@@ -247,11 +248,10 @@ async def test_a_simulated_memory_budget_splits_batches_and_every_job_completes(
     rig: dict[str, Any], tmp_path: Path
 ) -> None:
     # Room for a segment and a half: batches of 4 and 2 run out of memory, single segments fit.
-    settings = rig["settings"].model_copy(
-        update={"max_batch": 4, "simulated_device_memory_mb": 1.5 * SEGMENT_BYTES / 2**20}
-    )
+    settings = rig["settings"].model_copy(update={"max_batch": 4})
     reports: list[BatchReport] = []
-    engine = make_engine(settings, "cpu", reports.append)
+    knobs = HarnessKnobs(simulated_device_memory_mb=1.5 * SEGMENT_BYTES / 2**20)
+    engine = make_engine(settings, "cpu", reports.append, knobs=knobs)
     models = rig["separator"]._models
     separator = Separator(models, engine, rig["blobs"], rig["redis"], rig["broker"], settings)
     events = [await ingested(rig["blobs"], tmp_path, 6.0, output_format="wav", quality="fast") for _ in range(2)]

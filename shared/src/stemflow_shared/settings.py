@@ -31,6 +31,20 @@ class ServiceSettings(BaseSettings):
         return f"{self.stemflow_namespace}:"
 
 
+class HarnessKnobs(BaseSettings):
+    """Knobs only tests and benchmarks turn, read from `STEMFLOW_TEST_*` variables and named nowhere in the
+    deployment files (tests/deploy keeps it so): they widen race windows or fake hardware limits."""
+
+    model_config = SettingsConfigDict(env_prefix="STEMFLOW_TEST_", extra="ignore", frozen=True)
+
+    outbox_relay_delay_s: float = Field(
+        default=0.0, ge=0, description="gateway: hold back the relaying of new events (the sweeper still publishes)"
+    )
+    simulated_device_memory_mb: float = Field(
+        default=0.0, ge=0, description="separator: pretend the device has this much memory (OOM handling); 0 = off"
+    )
+
+
 class BlobSettings(BaseSettings):
     """The blob store: the filesystem (a shared volume) or MongoDB GridFS."""
 

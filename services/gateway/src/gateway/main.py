@@ -23,6 +23,7 @@ from stemflow_shared.mongo import mongodb_ready
 from stemflow_shared.reuse import ResultIndex
 from stemflow_shared.runtime import tune_gc
 from stemflow_shared.separators import SeparatorRegistry
+from stemflow_shared.settings import HarnessKnobs
 from stemflow_shared.storage import make_blob_store
 from stemflow_shared.topology import GATEWAY_QUEUE, Names
 
@@ -81,7 +82,7 @@ def create_app(settings: Settings) -> FastAPI:
         repo = JobRepository(database)
         await repo.ensure_indexes()
         blobs = make_blob_store(settings, lambda: database)
-        relay = OutboxRelay(repo, broker, delay_s=settings.outbox_relay_delay_s)
+        relay = OutboxRelay(repo, broker, delay_s=HarnessKnobs().outbox_relay_delay_s)
         results = (
             ResultIndex(redis_client, settings.redis_prefix, settings.result_reuse_ttl_s)
             if settings.result_reuse_ttl_s

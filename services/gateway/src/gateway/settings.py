@@ -57,11 +57,6 @@ class Settings(ServiceSettings, BlobSettings, RedisSettings, HttpLimits):
         default=7 * 24 * 3600, ge=0, description="How long finished results stay reusable by fingerprint; 0 = off"
     )
     gzip_level: int = Field(default=1, ge=1, le=9, description="Compression level of responses over 1 KB")
-    outbox_relay_delay_s: float = Field(
-        default=0.0,
-        ge=0,
-        description="Test/ops knob: delay background relaying of new events (the sweeper still publishes them)",
-    )
 
     @property
     def media_types(self) -> frozenset[str]:

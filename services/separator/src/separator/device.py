@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import torch
 
+from stemflow_shared.settings import HarnessKnobs
+
 from .engine import BatchReport, SegmentEngine
 from .export import default_cache_dir, usable_cache_dir
 from .runtimes import available
@@ -46,9 +48,13 @@ def pick_engine(wanted: str, device: str, precision: str, compile_models: bool) 
 
 
 def make_engine(
-    settings: Settings, device: str, on_batch: Callable[[BatchReport], None] | None = None
+    settings: Settings,
+    device: str,
+    on_batch: Callable[[BatchReport], None] | None = None,
+    knobs: HarnessKnobs | None = None,
 ) -> SegmentEngine:
-    """The engine the settings describe; not started."""
+    """The engine the settings describe (and, in tests, the knobs: a simulated memory budget); not started."""
+    knobs = knobs or HarnessKnobs()
     max_batch = settings.max_batch or (CUDA_MAX_BATCH if device == "cuda" else 1)
     precision = pick_precision(settings.precision, device)
     backend = pick_engine(settings.engine, device, precision, settings.torch_compile)
@@ -60,7 +66,7 @@ def make_engine(
         max_batch=max_batch,
         batch_wait_s=settings.batch_wait_ms / 1000,
         precision=precision,
-        memory_budget_bytes=int(settings.simulated_device_memory_mb * 2**20),
+        memory_budget_bytes=int(knobs.simulated_device_memory_mb * 2**20),
         compile_models=settings.torch_compile,
         on_batch=on_batch,
         backend=backend,

@@ -36,9 +36,6 @@ class Settings(ServiceSettings, BlobSettings, RedisSettings):
     torch_compile: bool = Field(
         default=False, description="torch.compile each model at start (minutes per model, then faster segments)"
     )
-    simulated_device_memory_mb: float = Field(
-        default=0, ge=0, description="Pretend the device has this much memory (testing OOM handling); 0 = off"
-    )
     progress_interval_s: float = Field(default=0.25, gt=0, description="At most one progress event per interval")
     cancel_poll_s: float = Field(default=0.5, gt=0)
     work_dir: str | None = None
