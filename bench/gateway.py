@@ -5,7 +5,8 @@ Redis (each in its own namespace, database and blob directory, all removed at
 the end), seeds it with jobs shaped like `lifecycle.new_job` makes them over four
 owners, and drives it with wrk (10 and 100 connections) for: get (cache hit,
 cache miss), list the first page and a deep cursor page (90% down the owner's
-jobs), and create with a 5 MB upload.
+jobs), and create with a 5 MB upload, as a multipart form and as the raw body
+(`Content-Type: audio/wav`, options in the query string).
 Sizes are measured interleaved, scenario by scenario, so that the load of a
 shared machine drifting over minutes hits every size alike.
 
@@ -14,10 +15,19 @@ is `GET /healthz` (the HTTP stack alone); every scenario is also given as a
 ratio to it. With `--baseline-pythonpath` (e.g. an older checkout's
 services/gateway/src) the same sizes are also served by that code, interleaved
 too, and compared. Prints p50/p95/p99, req/s and the gateway's CPU time per
-request, the list p95 ratio 100k/1k, the RSS growth of a 500 MB upload and the
-issue's reference peer figures; writes bench/results/gateway.json.
+request, the list p95 ratio 100k/1k, the RSS growth of a 500 MB upload (both
+body kinds) and the issue's reference peer figures, with the machine's load
+average before and after; writes bench/results/gateway.json. `--scenarios`
+picks scenarios; `--profile DIR` records each scenario's gateway with py-spy
+(collapsed stacks) and prints where its CPU went.
 
     .venv/bin/python bench/gateway.py [--sizes 1000,10000,100000] [--duration 5] [--connections 10,100]
+    .venv/bin/python bench/gateway.py --scenarios list_first,list_deep \
+        --current-pythonpath NEW/services/gateway/src:NEW/shared/src \
+        --baseline-pythonpath OLD/services/gateway/src:OLD/shared/src
+
+(OLD and NEW: `git archive <commit> services/gateway/src shared/src` of the two commits, so that both run
+committed code and the shared library of their own commit.)
 
 Needs `wrk` (Debian: `apt-get install -y wrk`; installed automatically when run as root).
 """
@@ -55,7 +65,8 @@ PAGE = 20
 UPLOAD_MB = 5
 BIG_UPLOAD_MB = 500
 RSS_LIMIT_MB = 64
-SCENARIOS = ("healthz", "get_hit", "get_miss", "list_first", "list_deep", "create_5mb")
+SCENARIOS = ("healthz", "get_hit", "get_miss", "list_first", "list_deep", "create_5mb", "create_5mb_raw")
+UPLOADS = ("create_5mb", "create_5mb_raw")
 # Run once over a list of distinct requests (each a cache miss), instead of repeating them for the duration.
 ONCE = ("get_miss",)
 # The issue's reference: a FastAPI + PostgreSQL peer (offset pagination with a full count), 10 connections, 1,000 jobs.
@@ -77,6 +88,15 @@ GOALS = {
     "list_rps_c10": 1000.0,
     "upload_5mb_p50_ms": 30.0,
     "upload_500mb_rss_growth_mb": float(RSS_LIMIT_MB),
+}
+# Issue 23's goals (10 connections, every size of the run).
+GOALS_23 = {
+    "list_rps_c10": 1500.0,
+    "list_p95_ms": 10.0,
+    "list_cpu_ms_per_page": 0.5,
+    "list_p95_ratio_100k_1k": 1.3,
+    "upload_raw_cpu_ms": 6.0,
+    "upload_multipart_cpu_ms": 10.0,
 }
 
 LUA = r"""
@@ -200,6 +220,8 @@ class Target:
     keys: dict[str, str] = field(default_factory=dict)
     lines: dict[str, list[str]] = field(default_factory=dict)
     warm: dict[str, list[str]] = field(default_factory=dict)
+    # Scenarios this code cannot serve (an older commit without the raw-body route).
+    unsupported: set[str] = field(default_factory=set)
 
     @property
     def auth(self) -> str:
@@ -209,19 +231,22 @@ class Target:
 class Wrk:
     """Runs one wrk scenario against a gateway and reads its figures, with the gateway's CPU time."""
 
-    def __init__(self, executable: str, work: Path, duration_s: float, upload: tuple[Path, str]) -> None:
+    def __init__(
+        self, executable: str, work: Path, duration_s: float, uploads: dict[str, tuple[Path, str]], profile: Path | None
+    ) -> None:
         self.executable = executable
         self.work = work
         self.duration_s = duration_s
-        self.upload_body, self.upload_type = upload
+        self.uploads = uploads
+        self.profile = profile
 
     def run(self, target: Target, scenario: str, connections: int) -> dict[str, Any]:
         threads = min(2, connections)
         once = scenario in ONCE
         seconds = self.duration_s
         body, content_type = None, ""
-        if scenario == "create_5mb":
-            body, content_type = self.upload_body, self.upload_type
+        if scenario in UPLOADS:
+            body, content_type = self.uploads[scenario]
             # Each upload holds its connection for a while: at 100 connections a short run completes few.
             seconds = max(seconds, connections / 10)
         name = f"{target.variant}-{target.size}-{scenario}-{connections}"
@@ -239,9 +264,12 @@ class Wrk:
             }
         )
         argv = [self.executable, f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "30s"]
+        spy = self._spy(target, f"{name}.txt", seconds)
         cpu_before = process_cpu_s(target.pid)
         out = subprocess.run([*argv, "-s", str(script), target.base_url], capture_output=True, text=True, check=True)
         cpu = process_cpu_s(target.pid) - cpu_before
+        if spy is not None:
+            spy.wait()
         raw = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("BENCHJSON "))[10:])
         requests = max(raw["requests"], 1)
         return {
@@ -255,6 +283,16 @@ class Wrk:
             "gateway_cpu_us_per_request": round(cpu * 1e6 / requests, 1),
             "errors": {k: v for k, v in raw["errors"].items() if v},
         }
+
+    def _spy(self, target: Target, name: str, seconds: float) -> subprocess.Popen[bytes] | None:
+        """py-spy recording the gateway's processes for the scenario (collapsed stacks), when profiling."""
+        if self.profile is None:
+            return None
+        self.profile.mkdir(parents=True, exist_ok=True)
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        argv = [spy, "record", "--pid", str(target.pid), "--subprocesses", "--nonblocking", "--format", "raw"]
+        argv += ["--rate", "250", "--duration", str(max(1, int(seconds))), "--output", str(self.profile / name)]
+        return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 # --- seeding ------------------------------------------------------------------------
@@ -336,6 +374,13 @@ def seed(jobs: Any, count: int, base: float) -> None:
         jobs.insert_many(batch, ordered=False)
 
 
+def raw_body(path: Path, megabytes: int) -> str:
+    """A `megabytes` file written to `path` for the raw-body route; returns its content type."""
+    with open(path, "wb") as fh:
+        fh.write(os.urandom(megabytes * 1024 * 1024))
+    return "audio/wav"
+
+
 def multipart_body(path: Path, megabytes: int) -> str:
     """A multipart form with a `megabytes` file written to `path`; returns its content type."""
     boundary = "stemflowbench" + uuid.uuid4().hex
@@ -366,6 +411,7 @@ def plan_requests(target: Target) -> None:
         "list_first": [f"GET\t/v1/jobs?limit={PAGE}\t{auth}"],
         "list_deep": [f"GET\t/v1/jobs?limit={PAGE}&cursor={deep}\t{auth}"],
         "create_5mb": [f"POST\t/v1/jobs\tBearer {target.keys[UPLOADER]}"],
+        "create_5mb_raw": [f"POST\t/v1/jobs?stems=4\tBearer {target.keys[UPLOADER]}"],
     }
     target.warm = {"get_hit": mine[:100]}
 
@@ -381,7 +427,7 @@ def measure(wrk: Wrk, redis: Any, target: Target, scenario: str, connections: in
         for job_id in target.warm.get(scenario, []):
             http.get(f"/v1/jobs/{job_id}").raise_for_status()
     figures = wrk.run(target, scenario, connections)
-    if scenario == "create_5mb":
+    if scenario in UPLOADS:
         drop_uploads(target)
     return figures
 
@@ -398,7 +444,7 @@ def drop_uploads(target: Target) -> None:
     shutil.rmtree(target.blob_dir / "jobs", ignore_errors=True)
 
 
-def big_upload(target: Target) -> dict[str, Any]:
+def big_upload(target: Target, *, raw: bool = False) -> dict[str, Any]:
     """Stream a 500 MB upload and measure the gateway's peak RSS growth (VmHWM after a reset, and sampled)."""
     boundary = "stemflowbig" + uuid.uuid4().hex
     head = (
@@ -406,6 +452,9 @@ def big_upload(target: Target) -> dict[str, Any]:
         "Content-Type: audio/wav\r\n\r\n"
     ).encode()
     tail = f"\r\n--{boundary}--\r\n".encode()
+    content_type = f"multipart/form-data; boundary={boundary}"
+    if raw:
+        head, tail, content_type = b"", b"", "audio/wav"
     chunk = os.urandom(1024 * 1024)
 
     def body() -> Iterator[bytes]:
@@ -430,7 +479,7 @@ def big_upload(target: Target) -> dict[str, Any]:
     started = time.perf_counter()
     headers = {
         "Authorization": f"Bearer {target.keys[UPLOADER]}",
-        "Content-Type": f"multipart/form-data; boundary={boundary}",
+        "Content-Type": content_type,
         "Content-Length": str(len(head) + BIG_UPLOAD_MB * len(chunk) + len(tail)),
     }
     try:
@@ -443,6 +492,7 @@ def big_upload(target: Target) -> dict[str, Any]:
     peak = max(rss_kb(target.pid, "VmHWM"), *samples)
     drop_uploads(target)
     return {
+        "body": "raw" if raw else "multipart",
         "megabytes": BIG_UPLOAD_MB,
         "seconds": round(seconds, 2),
         "rss_before_mb": round(before / 1024, 1),
@@ -458,9 +508,9 @@ def add_ratios(variant: dict[str, Any]) -> None:
     """Each scenario against the same run's /healthz; list p95 at the largest size against the smallest."""
     for per_size in variant["sizes"].values():
         for row in per_size["figures"].values():
-            floor = row["healthz"]
+            floor = row.get("healthz")
             for name, fig in row.items():
-                if name != "healthz":
+                if name != "healthz" and floor is not None:
                     fig["p50_vs_healthz"] = round(fig["p50_ms"] / max(floor["p50_ms"], 1e-3), 2)
                     fig["rps_vs_healthz"] = round(fig["rps"] / max(floor["rps"], 1e-3), 3)
     sizes = sorted(variant["sizes"], key=int)
@@ -469,6 +519,7 @@ def add_ratios(variant: dict[str, Any]) -> None:
         conns: {
             scenario: round(last[conns][scenario]["p95_ms"] / max(first[conns][scenario]["p95_ms"], 1e-3), 2)
             for scenario in ("list_first", "list_deep")
+            if scenario in first[conns]
         }
         for conns in first
     }
@@ -476,38 +527,41 @@ def add_ratios(variant: dict[str, Any]) -> None:
 
 
 def against_baseline(results: dict[str, Any]) -> dict[str, Any]:
-    """req/s and CPU per request of the current code divided by the baseline code's, measured interleaved."""
+    """Current code over baseline code, measured interleaved: req/s, p50, p95 and CPU per request.
+
+    The raw-body upload, which older code lacks, is set against the baseline's multipart upload.
+    """
     current, baseline = results["current"]["sizes"], results["baseline"]["sizes"]
-    return {
-        size: {
-            conns: {
-                name: {
-                    "rps": round(fig["rps"] / max(baseline[size]["figures"][conns][name]["rps"], 1e-3), 2),
+    ratios: dict[str, Any] = {}
+    for size, per_size in current.items():
+        for conns, row in per_size["figures"].items():
+            theirs = baseline[size]["figures"][conns]
+            for name, fig in row.items():
+                base = theirs.get(name) or (theirs.get("create_5mb") if name == "create_5mb_raw" else None)
+                if base is None:
+                    continue
+                ratios.setdefault(size, {}).setdefault(conns, {})[name] = {
+                    "rps": round(fig["rps"] / max(base["rps"], 1e-3), 2),
+                    "p50": round(fig["p50_ms"] / max(base["p50_ms"], 1e-3), 2),
+                    "p95": round(fig["p95_ms"] / max(base["p95_ms"], 1e-3), 2),
                     "cpu_per_request": round(
-                        fig["gateway_cpu_us_per_request"]
-                        / max(baseline[size]["figures"][conns][name]["gateway_cpu_us_per_request"], 1e-3),
-                        2,
+                        fig["gateway_cpu_us_per_request"] / max(base["gateway_cpu_us_per_request"], 1e-3), 2
                     ),
                 }
-                for name, fig in row.items()
-            }
-            for conns, row in per_size["figures"].items()
-        }
-        for size, per_size in current.items()
-    }
+    return ratios
 
 
 def print_variant(label: str, variant: dict[str, Any]) -> None:
     for size, per_size in variant["sizes"].items():
         print(f"\n== {label}: {int(size):,} jobs ({per_size['owner_jobs']:,} for the measured owner)")
-        header = f"{'scenario':<12}{'conns':>6}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'req/s':>10}"
+        header = f"{'scenario':<15}{'conns':>6}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'req/s':>10}"
         print(header + f"{'cpu µs/req':>12}{'vs healthz':>12}")
         for row in per_size["figures"].values():
             for name, fig in row.items():
-                ratio = f"{fig['rps_vs_healthz']:.2f}x" if "rps_vs_healthz" in fig else "baseline"
+                ratio = f"{fig['rps_vs_healthz']:.2f}x" if "rps_vs_healthz" in fig else "-"
                 errors = f"  errors {fig['errors']}" if fig["errors"] else ""
                 print(
-                    f"{name:<12}{fig['connections']:>6}{fig['p50_ms']:>9.2f}{fig['p95_ms']:>9.2f}{fig['p99_ms']:>9.2f}"
+                    f"{name:<15}{fig['connections']:>6}{fig['p50_ms']:>9.2f}{fig['p95_ms']:>9.2f}{fig['p99_ms']:>9.2f}"
                     f"{fig['rps']:>10.0f}{fig['gateway_cpu_us_per_request']:>12.0f}{ratio:>12}{errors}"
                 )
     print(f"\nlist p95 ratio {variant['list_p95_ratio_sizes']}: {variant['list_p95_ratio']}")
@@ -517,57 +571,115 @@ def print_report(results: dict[str, Any]) -> None:
     if "baseline" in results:
         print_variant("baseline code", results["baseline"])
     print_variant("current code", results["current"])
-    big = results["upload_500mb"]
-    print(f"500 MB upload: {big['seconds']} s, gateway RSS +{big['rss_growth_mb']} MB (limit {RSS_LIMIT_MB} MB)")
+    for big in results.get("upload_500mb", []):
+        print(f"500 MB {big['body']} upload: {big['seconds']} s, gateway RSS +{big['rss_growth_mb']} MB")
     if "current_vs_baseline" in results:
-        print("\ncurrent / baseline code (req/s ratio, CPU-per-request ratio), measured interleaved:")
+        print("\ncurrent / baseline code (req/s, p50, p95, CPU per request), measured interleaved:")
         for size, per_size in results["current_vs_baseline"].items():
             for conns, row in per_size.items():
-                cells = "  ".join(f"{n} {r['rps']:.2f}/{r['cpu_per_request']:.2f}" for n, r in row.items())
-                print(f"  {int(size):>7,} {conns:>4}  {cells}")
-    print("\nagainst the issue's peer (10 connections) and goals:")
+                for name, r in row.items():
+                    print(
+                        f"  {int(size):>7,} {conns:>4}  {name:<15} req/s {r['rps']:.2f}  p50 {r['p50']:.2f}"
+                        f"  p95 {r['p95']:.2f}  cpu {r['cpu_per_request']:.2f}"
+                    )
+    if results["profiles"]:
+        print("\nwhere the gateway's CPU went (py-spy: share of busy samples per package, then per function):")
+        for name, top in results["profiles"].items():
+            print(f"  {name}: " + ", ".join(f"{frame} {share:.0%}" for frame, share in top))
+    print("\nagainst the goals (10 connections):")
     for line in results["comparison"]:
         print("  " + line)
 
 
-def compare(current: dict[str, Any], big: dict[str, Any]) -> list[str]:
+def compare(current: dict[str, Any], bigs: list[dict[str, Any]]) -> list[str]:
+    """Each goal of the gateway issue and of issue 23 with this run's figure (the worst size where sizes differ)."""
     sizes = sorted(current["sizes"], key=int)
-    small = current["sizes"][sizes[0]]["figures"]["c10"]
-    mid_size = sizes[min(1, len(sizes) - 1)]
-    mid = current["sizes"][mid_size]["figures"]["c10"]
-    worst_list_p95 = max(
-        current["sizes"][s]["figures"]["c10"][n]["p95_ms"] for s in sizes for n in ("list_first", "list_deep")
-    )
-    rows = [
-        ("list p50 ms", small["list_first"]["p50_ms"], PEER["list_p50_ms"], None),
-        ("list p95 ms (worst size)", worst_list_p95, PEER["list_p95_ms"], GOALS["list_p95_ms"]),
-        ("list req/s", small["list_first"]["rps"], PEER["list_rps"], GOALS["list_rps_c10"]),
-        (f"list p50 ms at {int(mid_size):,}", mid["list_first"]["p50_ms"], PEER["list_p50_ms_10k"], None),
-        (
-            "list p95 ratio (first, deep)",
-            max(current["list_p95_ratio"]["c10"].values()),
-            None,
-            GOALS["list_p95_ratio_100k_1k"],
-        ),
-        ("get hit p50 ms", small["get_hit"]["p50_ms"], None, GOALS["get_hit_p50_ms"]),
-        ("get hit p99 ms", small["get_hit"]["p99_ms"], PEER["get_p99_ms"], GOALS["get_hit_p99_ms"]),
-        ("get hit req/s", small["get_hit"]["rps"], PEER["get_rps"], GOALS["get_hit_rps_c10"]),
-        ("5 MB upload p50 ms", small["create_5mb"]["p50_ms"], PEER["upload_5mb_p50_ms"], GOALS["upload_5mb_p50_ms"]),
-        ("500 MB upload RSS MB", big["rss_growth_mb"], None, GOALS["upload_500mb_rss_growth_mb"]),
-    ]
+    rows: list[tuple[str, float, float, bool]] = []
+
+    def worst(scenario: str, key: str, higher_better: bool) -> float | None:
+        found = [
+            current["sizes"][s]["figures"]["c10"][scenario][key]
+            for s in sizes
+            if scenario in current["sizes"][s]["figures"].get("c10", {})
+        ]
+        if not found:
+            return None
+        return min(found) if higher_better else max(found)
+
+    def goal(label: str, value: float | None, target: float, higher_better: bool = False) -> None:
+        if value is not None:
+            rows.append((label, value, target, higher_better))
+
+    for scenario in ("list_first", "list_deep"):
+        goal(f"{scenario} req/s (worst size)", worst(scenario, "rps", True), GOALS_23["list_rps_c10"], True)
+        goal(f"{scenario} p95 ms (worst size)", worst(scenario, "p95_ms", False), GOALS_23["list_p95_ms"])
+        cpu = worst(scenario, "gateway_cpu_us_per_request", False)
+        goal(f"{scenario} CPU ms/page", cpu / 1000 if cpu is not None else None, GOALS_23["list_cpu_ms_per_page"])
+        ratio = current["list_p95_ratio"].get("c10", {}).get(scenario)
+        goal(f"{scenario} p95 {current['list_p95_ratio_sizes']}", ratio, GOALS_23["list_p95_ratio_100k_1k"])
+    for scenario, key in (("create_5mb_raw", "upload_raw_cpu_ms"), ("create_5mb", "upload_multipart_cpu_ms")):
+        cpu = worst(scenario, "gateway_cpu_us_per_request", False)
+        goal(f"{scenario} CPU ms", cpu / 1000 if cpu is not None else None, GOALS_23[key])
+        goal(f"{scenario} p50 ms", worst(scenario, "p50_ms", False), GOALS["upload_5mb_p50_ms"])
+    goal("get_hit p50 ms", worst("get_hit", "p50_ms", False), GOALS["get_hit_p50_ms"])
+    goal("get_hit req/s", worst("get_hit", "rps", True), GOALS["get_hit_rps_c10"], True)
+    for big in bigs:
+        goal(f"500 MB {big['body']} upload RSS MB", big["rss_growth_mb"], GOALS["upload_500mb_rss_growth_mb"])
     lines = []
-    for label, ours, peer, goal in rows:
-        higher_better = "req/s" in label
-        text = f"{label:<32}{ours:>10.2f}"
-        if peer is not None:
-            factor = ours / peer if higher_better else peer / max(ours, 1e-3)
-            verdict = f"{factor:.1f}x better" if factor >= 1 else f"{1 / factor:.1f}x worse"
-            text += f"   peer {peer:>7g} ({verdict})"
-        if goal is not None:
-            met = ours >= goal if higher_better else ours <= goal
-            text += f"   goal {'>=' if higher_better else '<='} {goal:g}: {'met' if met else 'MISSED'}"
-        lines.append(text)
+    for label, ours, target, higher_better in rows:
+        met = ours >= target if higher_better else ours <= target
+        sign = ">=" if higher_better else "<="
+        lines.append(f"{label:<36}{ours:>10.2f}   goal {sign} {target:g}: {'met' if met else 'MISSED'}")
     return lines
+
+
+def profile_summary(path: Path, top: int = 12) -> list[tuple[str, float]]:
+    """Where a py-spy raw (collapsed) profile's busy samples were: per package (the innermost frame of one
+    of PACKAGES), then the functions running (self time), each as a share of the busy samples."""
+    packages: dict[str, int] = {}
+    leaves: dict[str, int] = {}
+    busy = 0
+    for line in path.read_text().splitlines():
+        stack, _, number = line.rpartition(" ")
+        frames = stack.split(";")
+        if not number.isdigit() or any(idle in frames[-1] for idle in IDLE):
+            continue
+        busy += int(number)
+        leaf = _frame_name(frames[-1])
+        leaves[leaf] = leaves.get(leaf, 0) + int(number)
+        package = next((p for f in reversed(frames) for p in PACKAGES if f"({p}/" in f or f"/{p}/" in f), "other")
+        packages[package] = packages.get(package, 0) + int(number)
+    by_package = sorted(((n / max(busy, 1), f"[{p}]") for p, n in packages.items()), reverse=True)
+    by_leaf = sorted(((n / max(busy, 1), f) for f, n in leaves.items()), reverse=True)[:top]
+    return [(name, share) for share, name in by_package + by_leaf]
+
+
+PACKAGES = (
+    "gateway",
+    "stemflow_shared",
+    "pymongo",
+    "bson",
+    "redis",
+    "aio_pika",
+    "aiormq",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "python_multipart",
+    "anyio",
+    "pydantic",
+    "opentelemetry",
+    "prometheus_client",
+    "asyncio",
+)
+# A thread waiting for work, or the event loop waiting for events: not CPU.
+IDLE = ("Condition.wait", "Queue.get", "_worker (thread.py", "select (selectors.py")
+
+
+def _frame_name(frame: str) -> str:
+    """`function (path/file.py:line)` as `function (file.py)`."""
+    function, _, where = frame.partition(" (")
+    return f"{function} ({where.split(':')[0].rsplit('/', 1)[-1].rstrip(')')})" if where else function
 
 
 # --- main ---------------------------------------------------------------------------
@@ -589,6 +701,7 @@ class Bench:
         self.urls = ensure_stack(STATE_DIR)
         self.mongo: Any = MongoClient(self.urls.mongodb_url, tz_aware=True)
         self.redis = redis_sync.from_url(self.urls.redis_url)
+        self.redis_url = self.urls.redis_url
         self.group = ProcessGroup()
         self.targets: list[Target] = []
 
@@ -627,10 +740,19 @@ class Bench:
         self.group.wait_ready(timeout=120)
         target.pid = self.group.pid(spec.name)
         target.keys = {o: create_key(self.urls.mongodb_url, f"stemflow_{namespace}", o) for o in (*OWNERS, UPLOADER)}
+        asyncio.run(announce_models(self.redis_url, namespace))
         started = time.perf_counter()
         seed(target.jobs, size, time.time())
         print(f"{variant}: seeded {size:,} jobs in {time.perf_counter() - started:.1f} s", flush=True)
         plan_requests(target)
+        # Older code has no raw-body route: it answers 415 where ours refuses the empty body (422).
+        probe = httpx.post(
+            f"{target.base_url}/v1/jobs",
+            content=b"",
+            headers={"Authorization": f"Bearer {target.keys[UPLOADER]}", "Content-Type": "audio/wav"},
+        )
+        if probe.status_code == 415:
+            target.unsupported.add("create_5mb_raw")
         return target
 
     def close(self) -> None:
@@ -649,14 +771,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     executable = require_wrk()
     sizes = [int(s) for s in args.sizes.split(",")]
     connections = [int(c) for c in args.connections.split(",")]
-    variants = [("current", None)] + ([("baseline", args.baseline_pythonpath)] if args.baseline_pythonpath else [])
+    scenarios = [s for s in SCENARIOS if s in args.scenarios.split(",")]
+    variants = [("current", args.current_pythonpath)]
+    variants += [("baseline", args.baseline_pythonpath)] if args.baseline_pythonpath else []
     with tempfile.TemporaryDirectory(prefix="stemflow-bench-") as tmp:
         work = Path(tmp)
         bench = Bench(args, work)
         try:
             targets = [bench.start(variant, size, path) for variant, path in variants for size in sizes]
-            upload = work / "upload.bin"
-            wrk = Wrk(executable, work, args.duration, (upload, multipart_body(upload, UPLOAD_MB)))
+            uploads = {
+                "create_5mb": (work / "upload.bin", multipart_body(work / "upload.bin", UPLOAD_MB)),
+                "create_5mb_raw": (work / "upload.raw", raw_body(work / "upload.raw", UPLOAD_MB)),
+            }
+            profile = Path(args.profile).resolve() if args.profile else None
+            wrk = Wrk(executable, work, args.duration, uploads, profile)
             results: dict[str, Any] = {
                 variant: {"sizes": {str(t.size): {"figures": {}} for t in targets if t.variant == variant}}
                 for variant, _ in variants
@@ -665,9 +793,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 results[target.variant]["sizes"][str(target.size)]["owner_jobs"] = len(target.lines["get_miss"]) // 4
             for round_ in range(args.rounds):
                 for conns in connections:
-                    for scenario in SCENARIOS:
+                    for scenario in scenarios:
                         # Innermost: every size and variant one after the other, so drifting load hits all alike.
                         for target in targets:
+                            if scenario in target.unsupported:
+                                continue
                             figures = measure(wrk, bench.redis, target, scenario, conns)
                             row = results[target.variant]["sizes"][str(target.size)]["figures"]
                             row.setdefault(f"c{conns}", {}).setdefault(scenario, []).append(figures)
@@ -677,7 +807,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     for row in per_size["figures"].values():
                         for name, runs in row.items():
                             row[name] = median_figures(runs)
-            results["upload_500mb"] = big_upload(targets[0])
+            results["upload_500mb"] = [big_upload(targets[0], raw=raw) for raw in (False, True) if args.big_upload]
+            results["profiles"] = (
+                {path.stem: profile_summary(path) for path in sorted(profile.glob("*.txt"))} if profile else {}
+            )
             return results
         finally:
             bench.close()
@@ -693,6 +826,21 @@ def median_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
             merged[key] = statistics.median(r[key] for r in runs)
     merged["rounds"] = len(runs)
     return merged
+
+
+async def announce_models(redis_url: str, namespace: str) -> None:
+    """Every model served in the namespace for the run, as a separator pool announces them (uploads need one)."""
+    import redis.asyncio as redis_async
+
+    from stemflow_shared.separators import CATALOGUE, Announcement, SeparatorRegistry, ServedModel
+
+    client = redis_async.from_url(redis_url)
+    try:
+        served = [ServedModel(name=name, sources=entry.sources) for name, entry in CATALOGUE.items()]
+        announcement = Announcement(replica="bench", models=served, slots=1, mean_job_s=60.0)
+        await SeparatorRegistry(client, f"{namespace}:").announce(announcement, ttl_s=24 * 3600)
+    finally:
+        await client.aclose()
 
 
 def create_key(mongodb_url: str, database: str, owner: str) -> str:
@@ -718,8 +866,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="repeat every scenario; medians are reported")
     parser.add_argument("--env", action="append", default=[], help="extra gateway setting, NAME=value")
     parser.add_argument("--baseline-pythonpath", help="also run the gateway from this code (first on PYTHONPATH)")
+    parser.add_argument("--current-pythonpath", help="run the current gateway from this code instead of the checkout")
     parser.add_argument("--name", default="gateway", help="results file name under bench/results/")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, of {', '.join(SCENARIOS)}")
+    parser.add_argument("--no-big-upload", dest="big_upload", action="store_false", help="skip the 500 MB uploads")
+    parser.add_argument("--profile", help="record each scenario with py-spy into this folder (slows the runs)")
     args = parser.parse_args()
+    load_before = os.getloadavg()
     results = run(args)
     for variant in ("current", "baseline"):
         if variant in results:
@@ -731,6 +884,7 @@ def main() -> None:
             "benchmark": "gateway",
             "machine": {
                 "cpus": os.cpu_count(),
+                "load_average_at_start": load_before,
                 "load_average_at_end": os.getloadavg(),
                 "python": platform.python_version(),
                 "platform": platform.platform(),
@@ -740,11 +894,12 @@ def main() -> None:
             "in_run_baseline": "GET /healthz on the same gateway process, same wrk settings, same run",
             "baseline_code": args.baseline_pythonpath,
             "peer_reference": PEER,
-            "goals": GOALS,
+            "goals": {**GOALS, "issue_23": GOALS_23},
             "comparison": compare(results["current"], results["upload_500mb"]),
         }
     )
     print_report(results)
+    print(f"\nload average (1, 5, 15 min) at start {load_before}, at end {results['machine']['load_average_at_end']}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{args.name}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
