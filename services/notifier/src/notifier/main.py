@@ -28,7 +28,7 @@ from .settings import Settings
 from .webhooks import Policy, Webhooks
 from .websocket import websocket_route
 
-log = logging.getLogger("notifier")
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings) -> FastAPI:

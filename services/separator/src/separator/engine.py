@@ -37,7 +37,7 @@ from .runtimes import RUNTIMES
 PRECISIONS = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BACKENDS = ("torch", *RUNTIMES)
 
-log = logging.getLogger("separator.engine")
+log = logging.getLogger(__name__)
 
 
 class EngineClosed(RuntimeError):

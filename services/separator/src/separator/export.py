@@ -23,7 +23,7 @@ from torch import nn
 
 from .core import HTDemucsCore, prepare, training_length
 
-log = logging.getLogger("separator.export")
+log = logging.getLogger(__name__)
 
 # Bump when HTDemucsCore or the export options change what a file holds.
 EXPORT_FORMAT = 1

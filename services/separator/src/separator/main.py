@@ -21,7 +21,7 @@ from .models import ModelCache, ModelError
 from .plan import submodels
 from .settings import Settings
 
-log = logging.getLogger("separator")
+log = logging.getLogger(__name__)
 
 
 def _count_batch(report: BatchReport) -> None:
