@@ -51,5 +51,5 @@ def test_no_server_errors_and_problem_details_everywhere(system: Any, api_key: s
 
         check()
         checked.append(operation.label)
-    # Every operation of the contract (../shared/ARCHITECTURE.md, "HTTP API") was fuzzed.
+    # Every operation of the contract (docs/api.md, "HTTP API") was fuzzed.
     assert set(checked) >= CONTRACT, sorted(CONTRACT - set(checked))
