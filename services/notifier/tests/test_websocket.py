@@ -36,6 +36,23 @@ async def test_the_key_may_come_as_a_token_query_parameter(kit: Any, notifier: A
         assert (await kit.subscribe(ws))["type"] == "subscribed"
 
 
+async def test_a_browser_sends_the_key_as_a_subprotocol_and_gets_the_plain_one_back(
+    kit: Any, notifier: Any, feed: Any
+) -> None:
+    key = await feed.key("browser-owner")
+    offered = ["stemflow", f"stemflow.bearer.{key}"]
+    async with websockets.connect(notifier.url, subprotocols=offered) as ws:  # type: ignore[arg-type]
+        # The answer names the plain subprotocol: the key is never echoed back.
+        assert ws.subprotocol == "stemflow"
+        assert ws.response is not None and ws.response.headers["Sec-WebSocket-Protocol"] == "stemflow"
+        assert (await kit.subscribe(ws))["type"] == "subscribed"
+    with pytest.raises(InvalidStatus) as refused:
+        async with websockets.connect(notifier.url, subprotocols=["stemflow", "stemflow.bearer.sfk_wrong"]):  # type: ignore[list-item]
+            pass
+    assert refused.value.response.status_code == 401
+    assert json.loads(refused.value.response.body)["code"] == "unauthorized"
+
+
 async def test_subscribing_sends_the_jobs_current_state_first(kit: Any, notifier: Any, feed: Any) -> None:
     key = await feed.key("alice")
     job = await feed.job("alice")

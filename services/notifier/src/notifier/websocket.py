@@ -1,9 +1,14 @@
 """`GET /v1/ws`: job events pushed to a client in batches.
 
-Authentication: `Authorization: Bearer <api key>`, or `?token=<api key>` for
-browsers. Without a valid key the handshake is refused with HTTP 401 (a
-problem+json body); no WebSocket is opened. When the key cannot be checked
-(the gateway, which owns the keys, does not answer) it is refused with 503.
+Authentication: `Authorization: Bearer <api key>`; from a browser, which cannot
+set headers on a WebSocket, the subprotocols `stemflow` and
+`stemflow.bearer.<api key>` (`new WebSocket(url, ["stemflow", "stemflow.bearer." + key])`):
+the key travels in the `Sec-WebSocket-Protocol` header, not in the URL (which
+proxies, access logs and browser history keep), and the handshake answers with
+the plain `stemflow` subprotocol, never the one holding the key. `?token=<api key>`
+still works for existing clients. Without a valid key the handshake is refused
+with HTTP 401 (a problem+json body); no WebSocket is opened. When the key cannot
+be checked (the gateway, which owns the keys, does not answer) it is refused with 503.
 
 Client messages (JSON objects):
   {"type": "subscribe", "job_id": ID?, "last_event_id": ID?}   no job_id: all of the key's jobs
@@ -54,8 +59,17 @@ from .session import Session
 
 log = logging.getLogger(__name__)
 
+SUBPROTOCOL = "stemflow"
+BEARER_SUBPROTOCOL = "stemflow.bearer."
+
+
 async def websocket_route(websocket: WebSocket) -> None:
-    token = bearer_token(websocket.headers.get("authorization")) or websocket.query_params.get("token")
+    offered = offered_subprotocols(websocket.headers.get("sec-websocket-protocol"))
+    token = (
+        bearer_token(websocket.headers.get("authorization"))
+        or subprotocol_token(offered)
+        or websocket.query_params.get("token")
+    )
     try:
         principal = await websocket.app.state.gateway.principal(token)
     except GatewayUnavailable as exc:
@@ -65,12 +79,28 @@ async def websocket_route(websocket: WebSocket) -> None:
     if principal is None:
         await websocket.send_denial_response(_unauthorized())
         return
-    await websocket.accept()
+    await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
     await Session(websocket, token or "", principal.owner).run()
 
 
+def offered_subprotocols(header: str | None) -> list[str]:
+    """The subprotocols a client offers (`Sec-WebSocket-Protocol`, comma-separated, possibly repeated)."""
+    return [name.strip() for name in (header or "").split(",") if name.strip()]
+
+
+def subprotocol_token(offered: list[str]) -> str | None:
+    """The API key a browser sends as the subprotocol `stemflow.bearer.<key>`, if any."""
+    for name in offered:
+        if name.startswith(BEARER_SUBPROTOCOL) and len(name) > len(BEARER_SUBPROTOCOL):
+            return name[len(BEARER_SUBPROTOCOL) :]
+    return None
+
+
 def _unauthorized() -> JSONResponse:
-    detail = "a valid API key is required (Authorization: Bearer <key>, or ?token=<key>)"
+    detail = (
+        "a valid API key is required (Authorization: Bearer <key>, the subprotocols "
+        "stemflow and stemflow.bearer.<key>, or ?token=<key>)"
+    )
     return _problem(401, "Unauthorized", "unauthorized", detail)
 
 
