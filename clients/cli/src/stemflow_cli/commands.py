@@ -179,7 +179,9 @@ def _announce(ctx: Context, doc: dict[str, Any]) -> None:
     if ctx.json:
         ctx.emit(doc)
     else:
-        ctx.err.print(f"submitted {job_name(doc)} as job [bold]{doc['id']}[/] ({doc['status']})", highlight=False)
+        ctx.err.print(
+            f"submitted {job_name(doc)} as job [bold]{doc['id']}[/] ({doc['status']})", highlight=False, soft_wrap=True
+        )
 
 
 async def _submit_batch(api: Api, board: Board, songs: list[str], options: dict[str, Any]) -> list[dict[str, Any]]:
@@ -534,7 +536,9 @@ async def delete(ctx: Context, job_ids: list[str], confirm: Callable[[str], bool
             if ctx.json:
                 ctx.emit({"id": job_id, "deleted": True, "name": job_name(found[job_id])})
             else:
-                ctx.out.print(f"deleted job {job_id} ({job_name(found[job_id])}) and its files", highlight=False)
+                ctx.out.print(
+                    f"deleted job {job_id} ({job_name(found[job_id])}) and its files", highlight=False, soft_wrap=True
+                )
 
         await outcome.each(list(found), remove)
     if not deleted and not ctx.json:
