@@ -17,6 +17,7 @@ from stemflow_shared.topology import (
     ANALYZER_QUEUE,
     GATEWAY_QUEUE,
     INGEST_QUEUE,
+    MIXER_QUEUE,
     MODELS,
     NOTIFIER_QUEUE,
     PRIORITIES,
@@ -46,7 +47,7 @@ UNSCALED = {
     ),
     NAMES.dead_letter_queue: "drained by people, not workers (docs/runbook.md); an alert fires while it is not empty",
 }
-QUEUE_WORKERS = {INGEST_QUEUE.name: "ingest", ANALYZER_QUEUE.name: "analyzer"}
+QUEUE_WORKERS = {INGEST_QUEUE.name: "ingest", ANALYZER_QUEUE.name: "analyzer", MIXER_QUEUE.name: "analyzer"}
 SCALED_ON_CPU = ("gateway", "notifier")
 
 
