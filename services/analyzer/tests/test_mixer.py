@@ -1,5 +1,5 @@
 """The mix handler: `mix.requested` in, a file in the blob store and `mix.completed` (or `.failed`) out,
-rendered in a warm worker process with its progress carried out through a managed queue."""
+rendered in a worker process that reports its progress on the pool's queue, as `main` starts them."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from analyzer.mixer import Mixer
+from analyzer.mixer import Mixer, ProgressRelay, start_mix_worker
 from stemflow_shared.events import (
     MIX_COMPLETED,
     MIX_FAILED,
@@ -32,15 +32,22 @@ SR = 44100
 
 
 @pytest.fixture(scope="module")
-def pool() -> Iterator[ProcessPoolExecutor]:
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as workers:
-        yield workers
+def relay() -> Iterator[ProgressRelay]:
+    progress = ProgressRelay(multiprocessing.get_context("spawn").Queue())
+    yield progress
+    progress.close()
 
 
 @pytest.fixture(scope="module")
-def manager() -> Iterator[Any]:
-    with multiprocessing.get_context("spawn").Manager() as started:
-        yield started
+def pool(relay: ProgressRelay) -> Iterator[ProcessPoolExecutor]:
+    context = multiprocessing.get_context("spawn")
+    initargs = (relay.queue, _nothing)
+    with ProcessPoolExecutor(1, mp_context=context, initializer=start_mix_worker, initargs=initargs) as workers:
+        yield workers
+
+
+def _nothing() -> None:
+    return None
 
 
 class Published:
@@ -85,11 +92,11 @@ def _requested(job_id: str, stems: list[MixStem], **options: Any) -> Event[MixRe
     return make_event(MIX_REQUESTED, data, source="/test")
 
 
-async def test_a_mix_is_rendered_stored_and_reported(pool, manager, tmp_path):
+async def test_a_mix_is_rendered_stored_and_reported(pool, relay, tmp_path):
     blobs = FilesystemBlobStore(tmp_path / "blobs")
     job_id, stems = await _job(blobs, tmp_path)
     published = Published()
-    mixer = Mixer(pool, blobs, published, manager=manager, progress_interval_s=0.0)
+    mixer = Mixer(pool, blobs, published, relay=relay, progress_interval_s=0.0)
     event = _requested(job_id, stems, tempo=0.8, semitones=-2, click=True, format="flac", bit_depth=16)
     (completed,) = await mixer.on_requested(event)
     assert completed.spec is MIX_COMPLETED

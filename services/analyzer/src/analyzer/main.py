@@ -14,16 +14,21 @@ from stemflow_shared.runtime import connect_broker, open_blob_store, serve_worke
 from stemflow_shared.topology import ANALYZER_QUEUE, MIXER_QUEUE
 
 from .handlers import Analyzer, start_worker
-from .mixer import Mixer
+from .mixer import Mixer, ProgressRelay, start_mix_worker
 from .settings import Settings
 
 
 async def run(settings: Settings) -> None:
     # spawn: forked children would inherit the event loop and the broker's sockets.
     context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=settings.workers, mp_context=context, initializer=start_worker)
-    # Carries the mixes' progress out of the worker processes (one queue per mix).
-    manager = context.Manager()
+    # The workers' practice mixes report their progress on one queue, read by a thread of this process.
+    relay = ProgressRelay(context.Queue())
+    pool = ProcessPoolExecutor(
+        max_workers=settings.workers,
+        mp_context=context,
+        initializer=start_mix_worker,
+        initargs=(relay.queue, start_worker),
+    )
     # Start and warm every worker before taking messages, so no job pays the compilation.
     loop = asyncio.get_running_loop()
     await asyncio.gather(*(loop.run_in_executor(pool, _ping) for _ in range(settings.workers)))
@@ -34,11 +39,11 @@ async def run(settings: Settings) -> None:
     await broker.consume(
         ANALYZER_QUEUE, Analyzer(pool, blobs, redis_client, settings).handlers(), done_marks=done_marks
     )
-    await broker.consume(MIXER_QUEUE, Mixer(pool, blobs, broker, manager=manager).handlers(), done_marks=done_marks)
+    await broker.consume(MIXER_QUEUE, Mixer(pool, blobs, broker, relay=relay).handlers(), done_marks=done_marks)
 
     async def close_pool() -> None:
         await asyncio.to_thread(pool.shutdown, True, cancel_futures=True)
-        await asyncio.to_thread(manager.shutdown)
+        await asyncio.to_thread(relay.close)
 
     await serve_worker(
         settings,

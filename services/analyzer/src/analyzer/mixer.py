@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import queue
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -46,16 +47,65 @@ SOURCE = "/stemflow/analyzer"
 PROGRESS_STEP = 5.0  # percent between two reports from a worker process
 
 
-def render_mix(plan: MixPlan, out_path: str, progress: Any | None = None) -> Rendered:
-    """Runs in a worker process: render, reporting the percent on `progress` (a managed queue) as it goes."""
+# In a worker process: the queue its renders report their percent on (set by `start_mix_worker`).
+_progress: Any = None
+
+
+def start_mix_worker(progress: Any, initializer: Callable[[], None]) -> None:
+    """Process initialiser: keep the pool's progress queue, then the worker's own initialiser."""
+    global _progress
+    _progress = progress
+    initializer()
+
+
+def render_mix(plan: MixPlan, out_path: str, mix_id: str | None = None) -> Rendered:
+    """Runs in a worker process: render, reporting (mix_id, percent) on the pool's progress queue as it goes."""
     last = [-PROGRESS_STEP]
 
     def report(percent: float) -> None:
-        if progress is not None and percent - last[0] >= PROGRESS_STEP and percent < 100.0:
+        if _progress is not None and mix_id and percent - last[0] >= PROGRESS_STEP and percent < 100.0:
             last[0] = percent
-            progress.put(percent)
+            _progress.put((mix_id, percent))
 
     return render(plan, out_path, report)
+
+
+class ProgressRelay:
+    """Reads the worker processes' progress queue on a thread and hands each report to the mix waiting for it."""
+
+    def __init__(self, progress: Any) -> None:
+        self.queue = progress
+        self._waiting: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[float]]] = {}
+        self._thread = threading.Thread(target=self._run, name="mix-progress", daemon=True)
+        self._thread.start()
+
+    @contextlib.contextmanager
+    def watch(self, mix_id: str) -> Iterator[asyncio.Queue[float]]:
+        """The percents reported for `mix_id` while the block runs."""
+        reports: asyncio.Queue[float] = asyncio.Queue()
+        self._waiting[mix_id] = (asyncio.get_running_loop(), reports)
+        try:
+            yield reports
+        finally:
+            self._waiting.pop(mix_id, None)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                item = self.queue.get()
+            except (EOFError, OSError):
+                return
+            if item is None:
+                return
+            mix_id, percent = item
+            found = self._waiting.get(mix_id)
+            if found is not None:
+                loop, reports = found
+                loop.call_soon_threadsafe(reports.put_nowait, percent)
 
 
 def plan_of(request: MixRequested, stems: list[tuple[str, float]], original: str) -> MixPlan:
@@ -86,13 +136,13 @@ class Mixer:
         blobs: Any,
         broker: Any,
         *,
-        manager: Any | None = None,
+        relay: ProgressRelay | None = None,
         progress_interval_s: float = 0.5,
     ) -> None:
         self._pool = pool
         self._blobs = blobs
         self._broker = broker
-        self._manager = manager  # a multiprocessing Manager whose queues carry progress out of the pool
+        self._relay = relay  # carries the renders' percent out of the pool (None: only start and end)
         self._interval = progress_interval_s
 
     def handlers(self) -> dict[EventSpec[Any], Handler]:
@@ -149,17 +199,21 @@ class Mixer:
 
     async def _render(self, request: MixRequested, plan: MixPlan, out: Path) -> Rendered:
         loop = asyncio.get_running_loop()
-        progress = self._manager.Queue() if self._manager is not None else None
-        future = loop.run_in_executor(self._pool, render_mix, plan, str(out), progress)
-        if progress is None:
+        if self._relay is None:
+            return await loop.run_in_executor(self._pool, render_mix, plan, str(out))
+        with self._relay.watch(request.mix_id) as reports:
+            future = loop.run_in_executor(self._pool, render_mix, plan, str(out), request.mix_id)
+            last_sent = time.monotonic()
+            while not future.done():
+                waiting = asyncio.ensure_future(reports.get())
+                await asyncio.wait({future, waiting}, return_when=asyncio.FIRST_COMPLETED)
+                if not waiting.done():
+                    waiting.cancel()
+                    continue
+                if time.monotonic() - last_sent >= self._interval:
+                    last_sent = time.monotonic()
+                    await self._progress(request, waiting.result())
             return await future
-        last_sent = time.monotonic()
-        while not future.done():
-            percent = await asyncio.to_thread(_next, progress, 0.2)
-            if percent is not None and time.monotonic() - last_sent >= self._interval:
-                last_sent = time.monotonic()
-                await self._progress(request, percent)
-        return await future
 
     async def _progress(self, request: MixRequested, percent: float) -> None:
         """Best effort: a lost progress event changes nothing that the terminal event does not say."""
@@ -178,12 +232,3 @@ class Mixer:
 def _id(request: MixRequested, name: str) -> str:
     """Stable per mix and attempt, so a redelivery republishes the same event."""
     return event_id(request.job_id, request.mix_id, str(request.attempt), name)
-
-
-def _next(progress: Any, timeout_s: float) -> float | None:
-    try:
-        return float(progress.get(timeout=timeout_s))
-    except queue.Empty:
-        return None
-    except (EOFError, OSError):  # the manager is shutting down
-        return None
