@@ -205,14 +205,16 @@ async def test_a_callers_traceparent_decides_and_probes_are_never_traced() -> No
     assert telemetry.fastapi_telemetry()["exclude"]({"path": "/healthz"}) is True
 
 
-def test_a_server_span_no_head_judged_is_a_request_and_other_roots_follow_the_job_ratio() -> None:
-    """The gateway's internal API (no HeadSampling) gets the request ratio; a consumer of a job.submitted
-    published without a trace context, and background work, the configured one."""
+def test_roots_no_head_judged_are_requests_unless_they_are_messages() -> None:
+    """The gateway's internal API (no HeadSampling) and background work's commands get the request ratio; the
+    consumer of a job.submitted published without a trace context starts a job's trace at the job ratio."""
     sampler = telemetry.JobSampling(sampling.ParentBased(sampling.ALWAYS_ON), sampling.ALWAYS_OFF)
     decide = functools.partial(sampler.should_sample, None, 0x0AF7651916CD43DD8448EB211C80319C, "span")
     assert not decide(trace.SpanKind.SERVER).decision.is_sampled()
+    assert not decide(trace.SpanKind.CLIENT).decision.is_sampled()
+    assert not decide(trace.SpanKind.INTERNAL).decision.is_sampled()
     assert decide(trace.SpanKind.CONSUMER).decision.is_sampled()
-    assert decide(trace.SpanKind.CLIENT).decision.is_sampled()
+    assert decide(trace.SpanKind.PRODUCER).decision.is_sampled()
     assert "requests:AlwaysOffSampler" in sampler.get_description()
 
 
@@ -355,7 +357,5 @@ def test_the_spans_of_an_unsampled_job_run_uninstrumented() -> None:
         with tracer.start_as_current_span("process job.submitted", parent, kind=trace.SpanKind.CONSUMER) as span:
             seen[flags] = (span.is_recording(), is_instrumentation_enabled())
         assert is_instrumentation_enabled()
-    with tracer.start_as_current_span("background work"):  # a root: sampled here
-        assert is_instrumentation_enabled()
     assert seen == {"00": (False, False), "01": (True, True)}
-    assert [s.name for s in exporter.get_finished_spans()] == ["process job.submitted", "background work"]
+    assert [s.name for s in exporter.get_finished_spans()] == ["process job.submitted"]

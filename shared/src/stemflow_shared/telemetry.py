@@ -215,17 +215,21 @@ def request_ratio(environ: Mapping[str, str] = os.environ) -> float:
     return ratio
 
 
+_MESSAGES = frozenset({trace.SpanKind.PRODUCER, trace.SpanKind.CONSUMER})
+
+
 class JobSampling(Sampler):
     """One trace per job at the configured ratio; requests outside a job's pipeline at a ratio of their own.
 
     - `pipelines`, the sampler OTEL_TRACES_SAMPLER names (read as the SDK reads it; deployed:
       parentbased_traceidratio at OTEL_TRACES_SAMPLER_ARG), judges every span with a parent
       (a job's events carry its decision to every service), the requests that create jobs
-      (HeadSampling asks it) and other roots: a `job.submitted` another service published with
-      no trace context, background work.
-    - `requests`, TraceIdRatioBased at STEMFLOW_TRACES_REQUEST_RATIO, judges the other requests:
-      HeadSampling asks it before any span exists, and a server span with no parent that no
-      HeadSampling judged (the gateway's internal API) gets it here.
+      (HeadSampling asks it) and messages without a trace context (a `job.submitted` another
+      service published: its `process` span is the root of the job's trace).
+    - `requests`, TraceIdRatioBased at STEMFLOW_TRACES_REQUEST_RATIO, judges the other requests
+      (HeadSampling asks it before any span exists) and the other roots: a server span no
+      HeadSampling judged (the gateway's internal API), the MongoDB and Redis commands of
+      background work (sweeps, watches, the separators' announcements).
     - The spans of a trace HeadSampling judged sampled, at either ratio, are sampled.
     """
 
@@ -252,7 +256,7 @@ class JobSampling(Sampler):
             return sampling.SamplingResult(
                 sampling.Decision.RECORD_AND_SAMPLE, attributes, parent.trace_state if parent.is_valid else None
             )
-        if kind is trace.SpanKind.SERVER and not trace.get_current_span(parent_context).get_span_context().is_valid:
+        if kind not in _MESSAGES and not trace.get_current_span(parent_context).get_span_context().is_valid:
             return self.requests.should_sample(parent_context, trace_id, name, kind, attributes, links)
         return self.pipelines.should_sample(parent_context, trace_id, name, kind, attributes, links)
 
