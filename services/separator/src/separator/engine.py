@@ -256,7 +256,7 @@ class SegmentEngine:
                 raise
             return
         self._report(items, out_of_memory=False, seconds=time.perf_counter() - started)
-        _trace_batch(items, started_ns, str(self.device), self.precision)
+        _trace_batch(items, started_ns, str(self.device), self.precision, self.backend)
         for item, output in zip(items, outputs, strict=True):
             item.future.set_result(output)
 
@@ -342,7 +342,7 @@ class SegmentEngine:
             self._on_batch(report)
 
 
-def _trace_batch(items: list[_Item], start_ns: int, device: str, precision: str) -> None:
+def _trace_batch(items: list[_Item], start_ns: int, device: str, precision: str, backend: str = "torch") -> None:
     """One `separator.batch` span per job in the batch, under that job's span (nothing when tracing is off)."""
     by_job: dict[Hashable, list[_Item]] = {}
     for item in items:
@@ -362,6 +362,7 @@ def _trace_batch(items: list[_Item], start_ns: int, device: str, precision: str)
                 "stemflow.model": first.model_name,
                 "stemflow.device": device,
                 "stemflow.precision": precision,
+                "stemflow.engine": backend,
                 "stemflow.batch.size": len(items),
                 "stemflow.batch.jobs": jobs,
                 "stemflow.batch.segments_of_job": len(mine),

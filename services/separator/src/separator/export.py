@@ -6,6 +6,10 @@ EXPORT_FORMAT. Changed weights or another torch are another name, so they export
 same weights' file from another exporter is removed then. A file is written whole under
 a temporary name and renamed, so a worker killed mid-export leaves nothing that looks cached;
 a file that fails to load is exported again (`ExportCache.path(..., refresh=True)`).
+
+Tracing and constant folding hold several copies of the weights: a production htdemucs export
+peaks at several GB. A large model is therefore exported in a child process, so that the
+worker's own memory stays what separating needs.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import os
 import tempfile
 import threading
 import warnings
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -30,6 +36,8 @@ EXPORT_FORMAT = 1
 OPSET = 17
 SUFFIX = ".onnx"
 CACHE_FOLDER = ".stemflow-export"
+# Models with more parameters than this are exported in a child process (tiny test models are not).
+ISOLATE_PARAMETERS = 1_000_000
 
 
 def model_hash(model: nn.Module) -> str:
@@ -100,25 +108,34 @@ class ExportCache:
     def _export(self, model: nn.Module, path: Path) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         log.info("exporting %s to %s (once per weights and exporter)", type(model).__name__, path)
-        core = HTDemucsCore(model).eval()
-        padded, _, mag = prepare(model, torch.zeros(1, model.audio_channels, training_length(model)))
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".part", dir=self.directory)
-        os.close(fd)
-        try:
-            # With grad enabled: without it, attention takes torch's fused fast path, which ONNX cannot express.
-            with warnings.catch_warnings(), torch.inference_mode(False), torch.enable_grad():
-                # The tracer warns about Python conditions on shapes: segments have one fixed shape.
-                warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    core,
-                    (mag, padded),
-                    tmp,
-                    input_names=["mag", "mix"],
-                    output_names=["spec", "wave"],
-                    opset_version=OPSET,
-                    dynamo=False,
-                )
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        if sum(parameter.numel() for parameter in model.parameters()) > ISOLATE_PARAMETERS:
+            with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as child:
+                child.submit(export_onnx, model, path).result()
+        else:
+            export_onnx(model, path)
         self.exports += 1
+
+
+def export_onnx(model: nn.Module, path: Path) -> None:
+    """Write the network of `model` to `path` as ONNX, whole or not at all."""
+    core = HTDemucsCore(model).eval()
+    padded, _, mag = prepare(model, torch.zeros(1, model.audio_channels, training_length(model)))
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        # With grad enabled: without it, attention takes torch's fused fast path, which ONNX cannot express.
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.enable_grad():
+            # The tracer warns about Python conditions on shapes: segments have one fixed shape.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                core,
+                (mag, padded),
+                tmp,
+                input_names=["mag", "mix"],
+                output_names=["spec", "wave"],
+                opset_version=OPSET,
+                dynamo=False,
+            )
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
