@@ -430,7 +430,10 @@ def bench_rss(
         command = [sys.executable, __file__, "--child", *args, "--repo", str(repo), "--threads", str(threads)]
         command += ["--compile"] if compiled else []
         command += ["--engine", backend]
-        return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        done = subprocess.run(command, check=False, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}): {done.stderr[-2000:]}")
+        return json.loads(done.stdout.splitlines()[-1])
 
     baseline = child("apply_model", str(write_song(tmp / "rss-baseline.wav", 60)))
     print(

@@ -136,6 +136,8 @@ def export_onnx(model: nn.Module, path: Path) -> None:
                 opset_version=OPSET,
                 dynamo=False,
             )
+        # mkstemp's file is private; workers running as another user share the cache.
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
