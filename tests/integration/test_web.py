@@ -80,8 +80,13 @@ async def signed_in_page(
 
 
 @pytest_asyncio.fixture(scope="module")
-async def finished_job(system: Any, api_key: str, song: Path) -> dict[str, Any]:
-    """A completed four-stem job of the six-second demo song, analysed (beats, chords), for the player tests."""
+async def finished_job(system: Any, api_key: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A completed four-stem job of a six-second demo song, analysed (beats, chords), for the player tests.
+
+    A song of its own (another seed): one that other tests send too would have its results reused.
+    """
+    song = tmp_path_factory.mktemp("practice") / "groove.wav"
+    sf.write(song, demo_song.render(6.0, bpm=120.0, seed=11), 44100, subtype="PCM_16")
     client = StemflowClient(system.gateway_url, system.events_url, api_key)
     try:
         job = await client.submit(song, stems=4, quality="fast", output_format="wav")

@@ -72,6 +72,7 @@ const state = {
   jobs: new Map(), // id -> job document, newest first by insertion
   rows: new Map(), // id -> the job's entry in the library, kept and updated in place
   batches: new Map(), // batch id -> its group in the library
+  batchOrder: new Map(), // batch id -> its job ids in submission order (ids made in one millisecond do not sort)
   files: new Map(), // id -> the File uploaded from this page (to run it again without choosing it again)
   cursor: null,
   current: null, // the id of the job shown
@@ -243,6 +244,7 @@ function resetLibrary() {
   state.jobs = new Map();
   state.rows.clear();
   state.batches.clear();
+  state.batchOrder.clear();
   state.files.clear();
   state.cursor = null;
   state.lastEventId = null;
@@ -393,6 +395,7 @@ async function send(files, url, options) {
   const made = files.length ? await upload(files, options) : await postJson("/jobs", { source_url: url, ...options });
   // A batch answers with its jobs in the files' order; remembered oldest first, so the list shows that order.
   const jobs = made.jobs || [made];
+  if (made.jobs) state.batchOrder.set(made.id, jobs.map((one) => one.id));
   jobs.forEach((one, i) => { if (files[i]) state.files.set(one.id, files[i]); });
   for (const one of [...jobs].reverse()) remember(one);
   renderJobs();
@@ -528,11 +531,27 @@ function groupedEntries() {
     const group = job.batch_id && members.get(job.batch_id);
     if (!group || group.length < 2) { entries.push({ job }); continue; }
     if (seen.has(job.batch_id)) continue;
-    const entry = { batch: job.batch_id, jobs: [...group].sort((a, b) => (a.id < b.id ? -1 : 1)) };
+    const entry = { batch: job.batch_id, jobs: inBatchOrder(job.batch_id, group) };
     seen.set(job.batch_id, entry);
     entries.push(entry);
   }
   return entries;
+}
+
+// A batch's songs in the order they were sent: the batch document's, read once; by id until it is known.
+function inBatchOrder(batchId, jobs) {
+  const order = state.batchOrder.get(batchId);
+  if (!order) {
+    state.batchOrder.set(batchId, []);
+    getJson(`/batches/${batchId}`)
+      .then((batch) => { state.batchOrder.set(batchId, batch.jobs.map((j) => j.id)); renderJobs(); })
+      .catch(() => {}); // the order by id stays
+  }
+  const place = (job) => {
+    const i = (order || []).indexOf(job.id);
+    return i < 0 ? Number.MAX_SAFE_INTEGER : i;
+  };
+  return [...jobs].sort((a, b) => place(a) - place(b) || (a.id < b.id ? -1 : 1));
 }
 
 function renderJobs() {
