@@ -50,6 +50,10 @@ async def test_a_second_identical_upload_reuses_the_results(
     second_stems = await client.download_stems(second_done, tmp_path / "second")
     assert [p.read_bytes() for p in first_stems] == [p.read_bytes() for p in second_stems]
 
+    # The reusing job has its own normalised audio (a practice mix of it reads it).
+    blobs = Path(system.env["BLOB_DIR"])  # type: ignore[attr-defined]
+    assert (blobs / "jobs" / second["id"] / "audio.wav").stat().st_size > 4 * 44100 * 2 * 4
+
     # Deleting the first job leaves the second whole.
     assert (await client.http.delete(f"/v1/jobs/{first['id']}")).status_code == 204
     again = await client.download_stems(second_done, tmp_path / "again")

@@ -78,11 +78,12 @@ class Ingest:
                 failed = StageFailed(job_id=job.job_id, error=ErrorInfo(code=exc.code, message=str(exc)))
                 return [make_event(INGEST_FAILED, failed, source=SOURCE, id=event_id(job.job_id, INGEST_FAILED.name))]
             info = self._audio_info(job, audio)
+            # Stored even when the results are reused: later work on the job (practice mixes) reads it.
+            await self._blobs.put_file(info.audio.blob_key, dst)
             reused = await self._reuse(job, info)
             if reused is not None:
                 log.info("reused the results of an identical earlier job (%.1f s of audio)", audio.duration_s)
                 return reused
-            await self._blobs.put_file(info.audio.blob_key, dst)
         elapsed = run.completed(audio.duration_s)
         log.info(
             "ingested %.1f s of %s audio (%d Hz, %d ch) in %.2f s",
