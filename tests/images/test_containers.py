@@ -37,7 +37,9 @@ def test_every_service_runs_as_the_app_user_on_a_read_only_root(containers: Any)
 async def test_a_song_goes_through_the_images_to_stems_and_analysis(
     containers: Any, image_client: StemflowClient, tmp_path: Path
 ) -> None:
-    song = demo_song.write(tmp_path / "song.wav", SECONDS)
+    # The input of tests/integration/test_pipeline.py (22.05 kHz mono, 120 BPM), so the expectations are the same.
+    song = tmp_path / "song.wav"
+    sf.write(song, demo_song.render(SECONDS, bpm=120.0).mean(axis=1)[::2], 22050, subtype="PCM_16")
     job = await image_client.submit(song, stems=4, quality="fast", output_format="wav")
     frames = await image_client.follow(job["id"], timeout_s=300)
 
