@@ -75,6 +75,7 @@ async def test_a_separator_stopped_with_sigterm_mid_job_exits_cleanly_and_the_jo
     result = await asyncio.to_thread(separator.wait, timeout=130)
     took = time.monotonic() - stopped
     containers.save_logs("separator", separator)
+    separator.remove()
     # PID 1 handles SIGTERM itself: a clean exit within the grace period, not the engine's SIGKILL (137).
     assert result["StatusCode"] == 0, separator.logs(tail=30).decode(errors="replace")
     assert took < 120
