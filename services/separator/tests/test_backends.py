@@ -221,3 +221,19 @@ def test_the_graph_backends_refuse_what_they_cannot_do(settings: dict) -> None:
     device = settings.pop("device", "cpu")
     with pytest.raises(ValueError, match="runs on cpu in float32"):
         SegmentEngine(device, backend="openvino", **settings)
+
+
+def test_a_large_model_is_exported_in_a_child_process(
+    htdemucs: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def not_here(*args: object, **kwargs: object) -> None:
+        raise AssertionError("exported in the worker's own process")
+
+    monkeypatch.setattr(export, "ISOLATE_PARAMETERS", 0)
+    monkeypatch.setattr(torch.onnx, "export", not_here)
+    mix = noise(2.5, seed=6)
+
+    with SegmentEngine("cpu", backend="onnx", export_dir=tmp_path) as engine:
+        got = separate(htdemucs, mix, engine=engine)
+
+    assert_close(got, separate(htdemucs, mix))
