@@ -114,6 +114,10 @@ STYLES: dict[str, dict[str, Any]] = {
 SPLITS = ("tuning", "heldback")
 # Seeds: the tuning split's and the held-back split's never overlap.
 _SPLIT_SEED = {"tuning": 0, "heldback": 100_000}
+# Songs per style and split, and chorales drawn (alternating between splits, about four in five state
+# their key by their ending). The first 3 per style and 28 chorales were the corpus of version 3.
+_PER_STYLE = {"tuning": 8, "heldback": 6}
+_CHORALES = 64
 
 
 @dataclass
@@ -189,7 +193,9 @@ def arrangement(style: str, seed: int, seconds: float = 30.0, split: str = "tuni
         offset, quality = progression[i % len(progression)]
         chords.append((i * step, (tonic + offset) % 12, quality))
 
-    kit = str(rng.choice(list(KITS)[:5] if style not in {"ballad", "shuffle"} else ["standard", "jazz", "brush", "room"]))
+    kit = str(
+        rng.choice(list(KITS)[:5] if style not in {"ballad", "shuffle"} else ["standard", "jazz", "brush", "room"])
+    )
     if style == "four_floor":
         kit = str(rng.choice(["electronic", "808", "standard"]))
     comp_name = str(rng.choice(_comp_instruments(style)))
@@ -256,9 +262,7 @@ def _hits(positions: Iterable[float], pitch: int, velocity: tuple[int, int], rng
     return [Note(p, p + 0.25, pitch, int(rng.integers(*velocity))) for p in positions]
 
 
-def _drum_notes(
-    style: str, bars: int, beats: int, sub: int, on: list[bool], rng: np.random.Generator
-) -> list[Note]:
+def _drum_notes(style: str, bars: int, beats: int, sub: int, on: list[bool], rng: np.random.Generator) -> list[Note]:
     """The kit's pattern for `style`, bar by bar, with a crash on the first bar of each section."""
     grid = [i / sub for i in range(beats * sub)]
     swing = [b + (2 / 3 if i % 2 else 0) for b in range(beats) for i in range(2)] if style == "shuffle" else None
@@ -541,18 +545,17 @@ def specs(which: str = "bench", split: str | None = None) -> list[Spec]:
         chosen = [Spec("arrangement", s, 1 + i, "tuning", 16.0) for i, s in enumerate(("rock", "ballad", "waltz"))]
         chosen += [Spec("arrangement", "punk", 2, "tuning", 16.0)]
     else:
-        per_style = 3
         chosen = [
             Spec("arrangement", style, _SPLIT_SEED[part] + i, part)
             for part in SPLITS
             for style in STYLES
-            for i in range(per_style)
+            for i in range(_PER_STYLE[part])
         ]
         names = chorale_names()
         rng = np.random.default_rng(20)
         picked = list(rng.permutation(names)) if names else []
         # Chorales alternate between splits; ones whose ending does not state the key are skipped at render.
-        for i, name in enumerate(picked[:28]):
+        for i, name in enumerate(picked[:_CHORALES]):
             part = SPLITS[i % 2]
             chosen.append(Spec("composition", str(name), _SPLIT_SEED[part] + i, part))
     return [s for s in chosen if split is None or s.split == split]
@@ -592,7 +595,9 @@ def render(out: Path, spec: Spec, stems: bool = False) -> dict[str, Any] | None:
         return None
     font = soundfont()
     if font is None or shutil.which("fluidsynth") is None:
-        raise RuntimeError("rendering needs fluidsynth and a GM SoundFont (apt-get install fluidsynth fluid-soundfont-gm)")
+        raise RuntimeError(
+            "rendering needs fluidsynth and a GM SoundFont (apt-get install fluidsynth fluid-soundfont-gm)"
+        )
     n = round(song.truth["duration_s"] * RATE)
     rendered = {name: _render_parts(parts, font, n) for name, parts in song.stems.items()}
     rng = np.random.default_rng([spec.seed, 99])

@@ -47,6 +47,7 @@ def beat_f_measure(reference: list[float], estimate: list[float], window: float 
 
 def chord_overlap(truth: list[list[Any]], analysis: Analysis) -> float:
     """Share of the time with a major or minor chord in the truth that the analyzer names with the same root and third."""
+
     def family(quality: str) -> str | None:
         return {"maj": "maj", "7": "maj", "maj7": "maj", "min": "min", "min7": "min"}.get(quality)
 
@@ -66,7 +67,9 @@ def chord_overlap(truth: list[list[Any]], analysis: Analysis) -> float:
 
 
 def test_tempo_is_the_notated_one(readings):
-    misses = [(t["id"], t["tempo_bpm"], a.tempo_bpm) for t, a in readings if abs(a.tempo_bpm / t["tempo_bpm"] - 1) > 0.04]
+    misses = [
+        (t["id"], t["tempo_bpm"], a.tempo_bpm) for t, a in readings if abs(a.tempo_bpm / t["tempo_bpm"] - 1) > 0.04
+    ]
     assert not misses
 
 

@@ -1,5 +1,7 @@
 """The chord timeline on synthetic songs whose chords are known bar by bar."""
 
+import itertools
+
 import numpy as np
 import synth
 from synth import RATE
@@ -43,7 +45,7 @@ def test_chords_tile_the_song_and_change_only_on_beats():
     analysis = analyze(synth.song(bpm, 9, "minor", seconds=12.0, seed=3), RATE)
     chords = analysis.chords
     assert chords[0].start == 0.0 and abs(chords[-1].end - analysis.duration_s) < 0.01
-    assert all(a.end == b.start for a, b in zip(chords, chords[1:], strict=False))
+    assert all(a.end == b.start for a, b in itertools.pairwise(chords))
     beats = set(analysis.beats)
     assert all(c.start in beats for c in chords[1:])
     assert all(c.quality in QUALITIES or c.quality == "N" for c in chords)

@@ -45,6 +45,8 @@ _CHANGE_COST = 1.2
 # Segments whose frames are mostly quieter than this share of the song's median frame are "no chord".
 _SILENCE = 0.05
 _NO_CHORD_SCORE = 0.45
+# The mode a chord of each quality implies when it is the tonic chord.
+_MODES = {"maj": "major", "7": "major", "maj7": "major", "min": "minor", "min7": "minor"}
 
 
 @dataclass(frozen=True)
@@ -64,20 +66,48 @@ class Chord:
     confidence: float
 
 
+@dataclass(frozen=True)
+class Reading:
+    """The evidence for every chord on every segment between beats, before the key is known."""
+
+    edges: np.ndarray
+    scores: np.ndarray
+
+
 def estimate(y: np.ndarray, sr: float, beats: list[float], key: str | None) -> list[Chord]:
     """Chord segments of mono `y` at `sr`, changing only on `beats` (every half second without beats)."""
+    reading = read(y, sr, beats)
+    return [] if reading is None else label(reading, key)
+
+
+def read(y: np.ndarray, sr: float, beats: list[float]) -> Reading | None:
+    """The chord evidence of mono `y` per segment between `beats`; None when there is nothing to read."""
     duration = y.size / sr
     if duration <= 0:
-        return []
+        return None
     treble, bass, times = _chroma(y, sr)
     edges = _edges(beats, duration)
     if times.size == 0 or edges.size < 2:
-        return []
-    treble_beats, bass_beats, quiet = _synchronise(treble, bass, times, edges)
-    states = _labels()
-    scores = _scores(treble_beats, bass_beats, quiet, key)
-    path, belief = _viterbi(scores)
-    return _segments(edges, path, belief, states, key)
+        return None
+    return Reading(edges, _scores(*_synchronise(treble, bass, times, edges)))
+
+
+def label(reading: Reading, key: str | None) -> list[Chord]:
+    """The chord timeline of a reading, chords of `key` favoured and spelled for it."""
+    path, belief = _viterbi(reading.scores + _SHARPNESS * _IN_KEY_BONUS * _key_row(key))
+    return _segments(reading.edges, path, belief, _labels(), key)
+
+
+def opening_key(reading: Reading) -> str | None:
+    """The key whose tonic chord the music opens on ("A minor"), read without a key; None if it opens on
+    a chord that names no mode (sus4, dim) or on none."""
+    path, _ = _viterbi(reading.scores)
+    for state in path:
+        root, quality = _labels()[state]
+        if root is not None:
+            mode = _MODES.get(quality)
+            return None if mode is None else f"{keys.PITCH_CLASSES[root]} {mode}"
+    return None
 
 
 def _chroma(y: np.ndarray, sr: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -139,7 +169,7 @@ def _labels() -> list[tuple[int | None, str]]:
 def _templates() -> np.ndarray:
     """(chords, 12) unit-length templates: each chord note with its first harmonics."""
     rows = []
-    for quality, intervals in QUALITIES.items():
+    for intervals in QUALITIES.values():
         for root in range(12):
             row = np.zeros(12)
             for interval in intervals:
@@ -149,18 +179,22 @@ def _templates() -> np.ndarray:
     return np.array(rows)
 
 
-def _scores(treble: np.ndarray, bass: np.ndarray, quiet: np.ndarray, key: str | None) -> np.ndarray:
-    """(beats, states) log-likelihoods: template fit, the bass on the root, the key; no chord where quiet."""
+def _scores(treble: np.ndarray, bass: np.ndarray, quiet: np.ndarray) -> np.ndarray:
+    """(beats, states) log-likelihoods: template fit, the bass on the root; no chord where quiet."""
     unit = treble / np.maximum(np.linalg.norm(treble, axis=1, keepdims=True), 1e-12)
     fit = unit @ _templates().T
     bass_share = bass / np.maximum(bass.sum(axis=1, keepdims=True), 1e-12)
     roots = np.array([root for root, _ in _labels()[:-1]])
     fit += _BASS_WEIGHT * bass_share[:, roots]
-    fit += _IN_KEY_BONUS * _in_key(key)[None, :]
     # A mostly silent segment names no chord, whatever its few sounding frames hold.
     fit[quiet] = 0.0
     none = np.where(quiet, 1.0, _NO_CHORD_SCORE)
     return _SHARPNESS * np.hstack([fit, none[:, None]])
+
+
+def _key_row(key: str | None) -> np.ndarray:
+    """1 for each chord state of the key (`_in_key`), 0 for the others and for no chord."""
+    return np.append(_in_key(key), 0.0)
 
 
 def _in_key(key: str | None) -> np.ndarray:

@@ -1,4 +1,11 @@
-"""Key of a mix: its pitch-class profile correlated with the 24 major and minor key profiles."""
+"""Key of a mix: its pitch-class profiles (all of it, and the bass) correlated with the 24 key profiles.
+
+Three cues, weighed as tuned on the tuning split of `stemflow_dev.corpus`:
+the profile of everything tonal, the profile of the bass (which dwells on
+the tonic and the dominant), and the chord the music opens on (most songs
+and chorales start on their tonic chord, which tells a key from its
+relative major or minor when the notes alone cannot).
+"""
 
 from functools import cache
 
@@ -37,6 +44,17 @@ _COMPRESSION = 10.0
 _MAJOR = (0.238, 0.006, 0.111, 0.006, 0.137, 0.094, 0.016, 0.214, 0.009, 0.080, 0.008, 0.081)
 _MINOR = (0.220, 0.006, 0.104, 0.123, 0.019, 0.103, 0.012, 0.214, 0.062, 0.022, 0.061, 0.052)
 
+# The chroma of real instruments holds each note's harmonics (the 3rd a fifth up, the 5th a major third
+# up), so the templates carry them too: each profile note with its first `_HARMONICS` harmonics at
+# `_HARMONIC_DECAY`^(h-1) of its weight (Gomez 2006; Essentia's KeyExtractor does the same). With the bass
+# profile at `_BASS_WEIGHT` and `_OPENING_WEIGHT` for the key of the opening chord: MIREX score on the
+# tuning split 0.86 -> 0.93 (80 arrangements), 0.78 -> 1.00 (chorales); plain A-S profiles, harmonics,
+# bass and opening chord alone each gain 2-6 points.
+_HARMONICS = 4
+_HARMONIC_DECAY = 0.6
+_BASS_WEIGHT = 0.25
+_OPENING_WEIGHT = 0.2
+
 # Confidences are the 24 keys' inverse-distance weights (Shepard's, with his
 # usual power of 2), the distance being how far a key's correlation falls
 # short of a perfect 1. A key that fits far better than the rest takes nearly
@@ -47,19 +65,37 @@ _MINOR = (0.220, 0.006, 0.104, 0.123, 0.019, 0.103, 0.012, 0.214, 0.062, 0.022, 
 _DISTANCE_POWER = 2
 
 
-def estimate(y: np.ndarray, sr: float, count: int = 2) -> list[tuple[str, float]]:
+def estimate(y: np.ndarray, sr: float, count: int = 2, opening: str | None = None) -> list[tuple[str, float]]:
     """The `count` most likely keys of mono `y`, best first, each with a 0..1 confidence.
 
+    `opening`: the key whose tonic chord the music opens on ("A minor"), when known.
     The confidences of all 24 keys sum to 1, so they read as shares of belief:
     "A minor 0.45, C major 0.30" is a close call. Silence gives [("unknown", 0.0)].
     """
-    profile = pitch_profile(soxr.resample(y, sr, KEY_RATE))
+    return rank(scores(y, sr, opening), count)
+
+
+def scores(y: np.ndarray, sr: float, opening: str | None = None) -> np.ndarray | None:
+    """How well each of the 24 keys (0-11 major from C, 12-23 minor) fits mono `y`, as a correlation
+    (-1..1); None for silence. Readings of the same song (the mix, its stems) average."""
+    profile, bass = pitch_profiles(soxr.resample(y, sr, KEY_RATE))
     if np.ptp(profile) <= 1e-9 * profile.max():
+        return None
+    templates = _key_templates()
+    fit = templates @ _standardised(profile) / 12 + _BASS_WEIGHT * templates @ _standardised(bass) / 12
+    parsed = parse_key(opening) if opening else None
+    if parsed is not None:
+        fit[parsed[0] + (12 if parsed[1] == "minor" else 0)] += _OPENING_WEIGHT
+    # Back to the scale of one correlation, so that distances below stay within 0..2.
+    return fit / (1 + _BASS_WEIGHT + _OPENING_WEIGHT)
+
+
+def rank(fit: np.ndarray | None, count: int = 2) -> list[tuple[str, float]]:
+    """The `count` best keys of `scores`, each with its share of belief; [("unknown", 0.0)] for None."""
+    if fit is None:
         return [(UNKNOWN, 0.0)]
-    z = (profile - profile.mean()) / profile.std()
-    scores = _key_templates() @ z / 12
-    ranked = np.argsort(scores)[::-1][:count]
-    distance = np.maximum(1 - scores, 1e-6)
+    ranked = np.argsort(fit)[::-1][:count]
+    distance = np.maximum(1 - fit, 1e-6)
     weights = (distance[ranked[0]] / distance) ** _DISTANCE_POWER
     confidences = weights / weights.sum()
     return [(key_name(int(k)), float(confidences[k])) for k in ranked]
@@ -73,12 +109,12 @@ def key_name(index: int) -> str:
 
 
 def pitch_class(note: str) -> int:
-    """"E♭", "Eb", "D#" or "D♯" to 3."""
+    """ "E♭", "Eb", "D#" or "D♯" to 3."""
     return (_LETTERS[note[0]] + sum(_ACCIDENTALS[a] for a in note[1:])) % 12
 
 
 def parse_key(key: str) -> tuple[int, str] | None:
-    """"E♭ major" to (3, "major"); None for "unknown"."""
+    """ "E♭ major" to (3, "major"); None for "unknown"."""
     if key == UNKNOWN:
         return None
     tonic, mode = key.split()
@@ -137,18 +173,32 @@ def _circle_position(key: str) -> tuple[int, str] | None:
 
 def pitch_profile(y: np.ndarray) -> np.ndarray:
     """Energy per pitch class (C first) of mono `y` at `KEY_RATE`, measured in the recording's own tuning."""
+    return pitch_profiles(y)[0]
+
+
+def pitch_profiles(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`pitch_profile` of everything, and of the bass alone (about 40-250 Hz), in the same tuning."""
     if y.size < _N_FFT:
         y = np.pad(y, (0, _N_FFT - y.size))
     magnitude = np.abs(librosa.stft(y, n_fft=_N_FFT, hop_length=_HOP))
     peak = magnitude.max()
     if peak == 0:
-        return np.zeros(12)
+        return np.zeros(12), np.zeros(12)
     # The filterbank is linear, so averaging the spectrum first gives the mean chroma for 1/120 of the work.
     spectrum = np.log1p(_COMPRESSION / peak * magnitude).mean(axis=1)
     fine = _chroma_bank() @ spectrum
     offset = tuning_offset(fine)
-    # Each pitch class gets the semitone-wide window centred on its tuned pitch.
-    return np.roll(fine, _SUB // 2 - offset).reshape(12, _SUB).sum(axis=1)
+
+    def fold(bins: np.ndarray) -> np.ndarray:
+        # Each pitch class gets the semitone-wide window centred on its tuned pitch.
+        return np.roll(bins, _SUB // 2 - offset).reshape(12, _SUB).sum(axis=1)
+
+    return fold(fine), fold(_bass_bank() @ spectrum)
+
+
+def _standardised(profile: np.ndarray) -> np.ndarray:
+    spread = profile.std()
+    return (profile - profile.mean()) / spread if spread > 1e-12 * max(float(profile.max()), 1e-30) else np.zeros(12)
 
 
 def tuning_offset(fine: np.ndarray) -> int:
@@ -163,8 +213,24 @@ def _chroma_bank() -> np.ndarray:
 
 
 @cache
+def _bass_bank() -> np.ndarray:
+    return librosa.filters.chroma(
+        sr=KEY_RATE, n_fft=_N_FFT, n_chroma=12 * _SUB, ctroct=2.6, octwidth=0.8, dtype=np.float32
+    )
+
+
+def _with_harmonics(profile: tuple[float, ...]) -> np.ndarray:
+    """A profile whose every note also sounds its first `_HARMONICS` harmonics."""
+    out = np.zeros(12)
+    for pc, weight in enumerate(profile):
+        for h in range(1, _HARMONICS + 1):
+            out[(pc + round(12 * np.log2(h))) % 12] += weight * _HARMONIC_DECAY ** (h - 1)
+    return out
+
+
+@cache
 def _key_templates() -> np.ndarray:
-    """(24, 12): each key's profile rotated to its tonic, standardised so a dot product is a correlation."""
-    rows = [np.roll(profile, tonic) for profile in (_MAJOR, _MINOR) for tonic in range(12)]
+    """(24, 12): each key's profile (with harmonics) rotated to its tonic, standardised for correlations."""
+    rows = [np.roll(_with_harmonics(profile), tonic) for profile in (_MAJOR, _MINOR) for tonic in range(12)]
     templates = np.array(rows)
     return (templates - templates.mean(axis=1, keepdims=True)) / templates.std(axis=1, keepdims=True)
