@@ -90,6 +90,11 @@ ABOUT: dict[str, About] = {
         ("analyzer", "ingest"),
     ),
     "analysis.failed": About("The analysis failed; `error.code` says why.", ("analyzer",)),
+    "analysis.requested": About(
+        "A job that separates has its stems: the analyzer reads tempo, beats, key and chords from them and the "
+        "mix (a job that separates is analysed only then, so it never completes on the mix's reading alone).",
+        ("gateway",),
+    ),
     "job.progress": About(
         "The job changed: its status and per-stage progress. Sent on every change, so it may repeat a status.",
         ("gateway",),

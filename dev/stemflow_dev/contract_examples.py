@@ -8,6 +8,7 @@ from typing import Any
 from stemflow_shared.events import (
     ANALYSIS_COMPLETED,
     ANALYSIS_FAILED,
+    ANALYSIS_REQUESTED,
     AUDIO_INGESTED,
     INGEST_FAILED,
     JOB_CANCELLED,
@@ -26,6 +27,7 @@ from stemflow_shared.events import (
     SEPARATION_FAILED,
     SEPARATION_PROGRESS,
     AnalysisCompleted,
+    AnalysisRequested,
     AnalysisResult,
     AudioInfo,
     AudioIngested,
@@ -143,6 +145,7 @@ def examples() -> Iterator[tuple[EventSpec[Any], Any, str]]:
     yield ANALYSIS_COMPLETED, AnalysisCompleted(job_id=JOB, analysis=_analysis()), "/stemflow/analyzer"
     missing = ErrorInfo(code="audio_missing", message="the normalised audio is gone")
     yield ANALYSIS_FAILED, StageFailed(job_id=JOB, error=missing), "/stemflow/analyzer"
+    yield ANALYSIS_REQUESTED, AnalysisRequested(job_id=JOB, audio=audio, stems=_stems()), "/stemflow/gateway"
     progressed = JobProgressed(job_id=JOB, owner=OWNER, status="processing", progress=_progress(38.5, 41.0))
     yield JOB_PROGRESS, progressed, "/stemflow/gateway"
     completed = JobCompleted(job_id=JOB, owner=OWNER, stems=_stems(), analysis=_analysis())

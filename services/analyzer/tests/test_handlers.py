@@ -13,6 +13,7 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as redis
 import soundfile as sf
+import soxr
 import synth
 from synth import RATE
 
@@ -22,15 +23,18 @@ from stemflow_shared.cancellation import cancel_flag_key
 from stemflow_shared.events import (
     ANALYSIS_COMPLETED,
     ANALYSIS_FAILED,
+    ANALYSIS_REQUESTED,
     AUDIO_INGESTED,
+    AnalysisRequested,
     AudioInfo,
     AudioIngested,
     Event,
     JobOptions,
     SourceInfo,
+    StemInfo,
     make_event,
 )
-from stemflow_shared.storage import FilesystemBlobStore, normalised_key
+from stemflow_shared.storage import FilesystemBlobStore, normalised_key, stem_key
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +65,15 @@ async def rig(stack: Any, pool: ProcessPoolExecutor, tmp_path: Path) -> AsyncIte
 
 
 async def ingested(
-    rig: dict[str, Any], tmp_path: Path, *, store: bool = True, reused: bool = False, primary: bool = True
+    rig: dict[str, Any],
+    tmp_path: Path,
+    *,
+    store: bool = True,
+    reused: bool = False,
+    primary: bool = True,
+    separate: bool = False,
 ) -> Event[Any]:
-    """An `audio.ingested` for 12 s of a 100 BPM song in E minor."""
+    """An `audio.ingested` for 12 s of a 100 BPM song in E minor (of a job that does not separate, by default)."""
     job_id = f"j{uuid.uuid4().hex[:10]}"
     samples = synth.song(100, 4, "minor", seconds=12.0, seed=13)
     if store:
@@ -74,7 +84,7 @@ async def ingested(
     data = AudioIngested(
         job_id=job_id,
         owner="o",
-        options=JobOptions(),
+        options=JobOptions(separate=separate),
         audio=AudioInfo(
             blob_key=normalised_key(job_id),
             duration_s=seconds,
@@ -146,3 +156,47 @@ async def test_a_cancelled_job_is_not_analysed(rig: dict[str, Any], tmp_path: Pa
         assert await rig["analyzer"].on_ingested(event) == []
     finally:
         await rig["redis"].delete(key)
+
+
+async def test_a_job_that_separates_waits_for_its_stems(rig: dict[str, Any], tmp_path: Path) -> None:
+    # The gateway asks with analysis.requested once the stems exist; the blob is not even looked for.
+    assert await rig["analyzer"].on_ingested(await ingested(rig, tmp_path, store=False, separate=True)) == []
+
+
+async def test_a_requested_analysis_reads_the_stems_too(rig: dict[str, Any], tmp_path: Path) -> None:
+    event = await ingested(rig, tmp_path, separate=True)
+    job_id, audio = event.data.job_id, event.data.audio
+    # Stand-in stems: the song itself as "other", and a click track at its tempo as "drums" (a FLAC at 48 kHz,
+    # as a job's format and rate options can write them).
+    drums, other = tmp_path / "drums.flac", tmp_path / "other.wav"
+    sf.write(drums, soxr.resample(synth.click_track(100, seconds=12.0).T, RATE, 48000), 48000)
+    sf.write(other, synth.song(100, 4, "minor", seconds=12.0, seed=13).T, RATE, subtype="FLOAT")
+    stems = []
+    for name, path in (("drums", drums), ("other", other)):
+        key = stem_key(job_id, name, path.suffix.lstrip("."))
+        stored = await rig["blobs"].put_file(key, path)
+        media = "audio/flac" if path.suffix == ".flac" else "audio/wav"
+        fmt = path.suffix.lstrip(".")
+        stems.append(StemInfo(name=name, format=fmt, media_type=media, blob_key=key, size=stored.size, duration_s=12.0))
+    request = make_event(ANALYSIS_REQUESTED, AnalysisRequested(job_id=job_id, audio=audio, stems=stems), source="/t")
+
+    [completed] = await rig["analyzer"].on_requested(request)
+
+    assert completed.spec is ANALYSIS_COMPLETED
+    result = completed.data.analysis
+    assert result.source == "stems"
+    assert result.sources["key"] == "mix+stems" and result.sources["chords"] == "stems"
+    assert result.sources["rhythm"] in ("mix", "stems")
+    assert result.tempo_bpm == pytest.approx(100, rel=0.04)
+    assert result.key == "E minor"
+
+
+async def test_a_missing_stem_fails_the_requested_analysis(rig: dict[str, Any], tmp_path: Path) -> None:
+    event = await ingested(rig, tmp_path, separate=True)
+    gone = StemInfo(name="drums", format="wav", media_type="audio/wav", blob_key="jobs/x/stems/drums.wav", size=1,
+                    duration_s=12.0)  # fmt: skip
+    data = AnalysisRequested(job_id=event.data.job_id, audio=event.data.audio, stems=[gone])
+
+    [failed] = await rig["analyzer"].on_requested(make_event(ANALYSIS_REQUESTED, data, source="/t"))
+
+    assert failed.spec is ANALYSIS_FAILED and failed.data.error.code == "audio_missing"

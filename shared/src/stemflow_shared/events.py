@@ -341,6 +341,9 @@ class AnalysisResult(_Data):
     chords: list[ChordSegment] = Field(default_factory=list)
     key_camelot: str | None = None
     key_open_key: str | None = None
+    # With `source` "stems": what each fact was read from ("rhythm", "key", "chords" to "mix", "stems" or
+    # "mix+stems"); empty for an analysis of the mix alone.
+    sources: dict[str, Literal["mix", "stems", "mix+stems"]] = Field(default_factory=dict)
 
 
 class StageProgress(_Data):
@@ -410,6 +413,13 @@ class SeparationCompleted(JobEvent):
 
 class AnalysisCompleted(JobEvent):
     analysis: AnalysisResult
+
+
+class AnalysisRequested(JobEvent):
+    """The gateway's request, once a job that separates has its stems: read the facts from them and the mix."""
+
+    audio: AudioInfo
+    stems: list[StemInfo]
 
 
 class _OwnedJobEvent(JobEvent):
@@ -595,6 +605,7 @@ SEPARATION_COMPLETED = EventSpec("separation.completed", SeparationCompleted)
 SEPARATION_FAILED = EventSpec("separation.failed", StageFailed)
 ANALYSIS_COMPLETED = EventSpec("analysis.completed", AnalysisCompleted)
 ANALYSIS_FAILED = EventSpec("analysis.failed", StageFailed)
+ANALYSIS_REQUESTED = EventSpec("analysis.requested", AnalysisRequested)
 JOB_PROGRESS = EventSpec("job.progress", JobProgressed)
 JOB_COMPLETED = EventSpec("job.completed", JobCompleted)
 JOB_FAILED = EventSpec("job.failed", JobFailed)
@@ -616,6 +627,7 @@ ALL_EVENTS: tuple[EventSpec[Any], ...] = (
     SEPARATION_FAILED,
     ANALYSIS_COMPLETED,
     ANALYSIS_FAILED,
+    ANALYSIS_REQUESTED,
     JOB_PROGRESS,
     JOB_COMPLETED,
     JOB_FAILED,

@@ -12,6 +12,7 @@ from typing import Any
 from .events import (
     ANALYSIS_COMPLETED,
     ANALYSIS_FAILED,
+    ANALYSIS_REQUESTED,
     AUDIO_INGESTED,
     INGEST_FAILED,
     JOB_CANCELLED,
@@ -89,7 +90,8 @@ def routing_headers(event: Event[Any]) -> dict[str, str]:
 
 INGEST_QUEUE = QueueSpec("ingest", (JOB_SUBMITTED,))
 SEPARATOR_QUEUES: tuple[QueueSpec, ...] = tuple(separator_queue(m, p) for m in MODELS for p in PRIORITIES)
-ANALYZER_QUEUE = QueueSpec("analyzer", (AUDIO_INGESTED,))
+# A job that separates is analysed once its stems exist: the gateway then asks with `analysis.requested`.
+ANALYZER_QUEUE = QueueSpec("analyzer", (AUDIO_INGESTED, ANALYSIS_REQUESTED))
 # Practice mixes: rendered by the analyzer's warm CPU workers, on a queue of their own (its dead letters end the mix).
 MIXER_QUEUE = QueueSpec("mixer", (MIX_REQUESTED,))
 GATEWAY_QUEUE = QueueSpec(

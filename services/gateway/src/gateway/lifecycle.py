@@ -19,6 +19,7 @@ import orjson
 from stemflow_shared.events import (
     ANALYSIS_COMPLETED,
     ANALYSIS_FAILED,
+    ANALYSIS_REQUESTED,
     AUDIO_INGESTED,
     INGEST_FAILED,
     JOB_CANCELLED,
@@ -29,7 +30,9 @@ from stemflow_shared.events import (
     SEPARATION_FAILED,
     SEPARATION_PROGRESS,
     TERMINAL_JOB_STATUSES,
+    AnalysisRequested,
     AnalysisResult,
+    AudioInfo,
     ErrorInfo,
     Event,
     JobCancelled,
@@ -193,6 +196,8 @@ def _ingested(doc: dict[str, Any], stages: dict[str, Any], data: Any, queue: dic
         "input.format": data.source.format,
         "audio": data.audio.model_dump(mode="json"),
     }
+    if data.reused:
+        changes["reused"] = True
     if doc.get("targets"):
         changes["targets"] = {n: {**t, "status": "running"} for n, t in doc["targets"].items()}
     if queue is not None and stages["separation"]["status"] == "running":
@@ -329,7 +334,34 @@ def _transition(doc: dict[str, Any], step: _Step, name: str, now: datetime) -> T
         changes["queue"] = None  # the separation started (or the job ended): no longer waiting
     changes.update({"stages": stages, "status": status, "progress": overall_percent(stages), "updated_at": now})
     changed = status != doc["status"]
-    return Transition(set=changes, emit=_events_for(_merged(doc, changes), changed), status_changed=changed)
+    after = _merged(doc, changes)
+    emit = _events_for(after, changed) + _analysis_request(doc, after)
+    return Transition(set=changes, emit=emit, status_changed=changed)
+
+
+def _analysis_request(before: dict[str, Any], after: dict[str, Any]) -> list[Event[Any]]:
+    """`analysis.requested` when the separation of a job still waiting for its analysis has just completed.
+
+    The analyzer leaves a job that separates until its stems exist (it reads the facts from them and the
+    mix), so the analysis stage stays running and the job cannot complete on the mix's reading alone.
+    A reused job's analysis comes from ingest with its stems.
+    """
+    if not (
+        before["stages"]["separation"]["status"] != "completed"
+        and after["stages"]["separation"]["status"] == "completed"
+        and after["stages"]["analysis"]["status"] == "running"
+        and after["status"] not in TERMINAL_JOB_STATUSES
+        and after.get("audio")
+        and not after.get("reused")
+    ):
+        return []
+    job_id = after["_id"]
+    data = AnalysisRequested(
+        job_id=job_id,
+        audio=AudioInfo.model_validate(after["audio"]),
+        stems=[StemInfo.model_validate(s) for s in after["result"].get("stems") or []],
+    )
+    return [make_event(ANALYSIS_REQUESTED, data, source=SOURCE, id=event_id(job_id, ANALYSIS_REQUESTED.name))]
 
 
 def cancel(doc: dict[str, Any], now: datetime) -> Transition | None:
