@@ -63,6 +63,8 @@ async def test_a_job_goes_through_every_service_and_completes(
     # The analysis: the song is 120 BPM in A minor.
     summary = done["result"]["analysis"]
     full = await client.analysis(job["id"])
+    # A job that separates is analysed from its stems and the mix, and says so.
+    assert full["source"] == "stems" and set(full["sources"]) == {"rhythm", "key", "chords"}
     assert summary["tempo_bpm"] == pytest.approx(120.0, rel=0.04)
     assert summary["key"] in ("A minor", "C major")
     assert full["beat_count"] == len(full["beats"]) > 8
