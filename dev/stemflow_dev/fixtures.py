@@ -170,3 +170,18 @@ async def delete_namespace(amqp_url: str, namespace: str) -> None:
                 pass
     finally:
         await connection.close()
+
+
+SERVING_REPLICA = "tests"
+
+
+async def announce_models(
+    redis_client: Any, namespace: str, names: list[str] | None = None, ttl_s: float = 3600
+) -> None:
+    """Announce `names` (default: every model) in `namespace` as a separator pool would, for a gateway that runs
+    without separators: otherwise it refuses every submission with 422 model_unavailable."""
+    from stemflow_shared.separators import CATALOGUE, Announcement, SeparatorRegistry, ServedModel
+
+    served = [ServedModel(name=n, sources=CATALOGUE[n].sources) for n in names or list(CATALOGUE)]
+    announcement = Announcement(replica=SERVING_REPLICA, models=served, slots=2, mean_job_s=4.0)
+    await SeparatorRegistry(redis_client, f"{namespace}:").announce(announcement, ttl_s=ttl_s)

@@ -23,7 +23,7 @@ import pytest
 import pytest_asyncio
 from pymongo import AsyncMongoClient
 
-from stemflow_dev.fixtures import delete_namespace
+from stemflow_dev.fixtures import announce_models, delete_namespace, delete_namespace_keys
 from stemflow_dev.procs import ProcessGroup
 from stemflow_dev.services import Ports, service_env, service_specs
 from stemflow_dev.stack import StackUrls
@@ -62,9 +62,10 @@ class Gateway:
 
 
 @pytest_asyncio.fixture
-async def gateway(stack: StackUrls, tmp_path: Path) -> AsyncIterator[Gateway]:
+async def gateway(stack: StackUrls, tmp_path: Path, redis_client: Any) -> AsyncIterator[Gateway]:
     gw = Gateway(stack, tmp_path)
     mongo: AsyncMongoClient[Any] = AsyncMongoClient(stack.mongodb_url)
+    await announce_models(redis_client, gw.namespace)  # no separator runs here
     try:
         yield gw
     finally:
@@ -72,6 +73,7 @@ async def gateway(stack: StackUrls, tmp_path: Path) -> AsyncIterator[Gateway]:
         await mongo.drop_database(gw.database)
         await mongo.close()
         await delete_namespace(stack.amqp_url, gw.namespace)
+        await delete_namespace_keys(redis_client, gw.namespace)
 
 
 async def ingest_queue_messages(amqp_url: str, namespace: str, take: bool = False) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from pymongo.errors import AutoReconnect, ConnectionFailure
 
 from gateway.main import create_app
 from gateway.settings import Settings
+from stemflow_dev.fixtures import announce_models
 from stemflow_dev.stack import LocalPorts, StackUrls, ensure_stack, stop_stack
 from stemflow_shared.auth import ApiKeys
 
@@ -61,6 +62,14 @@ async def gateway(private: Any, isolation: Any, tmp_path_factory: pytest.TempPat
             key = await ApiKeys(app.state.jobs.repo.jobs.database).create("outage")
             client.headers["Authorization"] = f"Bearer {key}"
             yield client
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def served(private: Any, isolation: Any) -> None:
+    """Every model announced (no separator runs here), again before each test: an outage empties Redis."""
+    announcer = redis.from_url(private[2].redis_url)
+    await announce_models(announcer, f"{isolation.namespace}-outages")
+    await announcer.aclose()
 
 
 def _wav() -> bytes:

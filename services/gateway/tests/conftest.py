@@ -16,7 +16,7 @@ import soundfile as sf
 
 from gateway.main import create_app
 from gateway.settings import Settings
-from stemflow_dev.fixtures import delete_namespace_keys
+from stemflow_dev.fixtures import announce_models, delete_namespace_keys
 from stemflow_dev.stack import StackUrls
 from stemflow_shared.auth import ApiKeys
 from stemflow_shared.events import (
@@ -30,7 +30,6 @@ from stemflow_shared.events import (
     StemInfo,
     make_event,
 )
-from stemflow_shared.separators import CATALOGUE, Announcement, SeparatorRegistry, ServedModel
 from stemflow_shared.storage import stem_key
 
 PROBLEM = "application/problem+json"
@@ -69,20 +68,10 @@ async def mongo_db(mongo_db: Any, base_env: dict[str, str]) -> Any:
     return mongo_db.client[base_env["MONGODB_DB"]]
 
 
-SERVING_REPLICA = "gateway-tests"
-
-
-async def announce_models(redis_client: Any, namespace: str, names: list[str], ttl_s: float = 3600) -> None:
-    """Announce `names` as a separator pool would (the gateway tests run no separator)."""
-    served = [ServedModel(name=n, sources=CATALOGUE[n].sources) for n in names]
-    announcement = Announcement(replica=SERVING_REPLICA, models=served, slots=2, mean_job_s=4.0)
-    await SeparatorRegistry(redis_client, f"{namespace}:").announce(announcement, ttl_s=ttl_s)
-
-
 @pytest_asyncio.fixture(scope="session", autouse=True)
 async def served_models(base_env: dict[str, str], redis_client: Any) -> AsyncIterator[None]:
     """Every model is served in the gateway tests' namespace unless a test says otherwise."""
-    await announce_models(redis_client, base_env["STEMFLOW_NAMESPACE"], list(CATALOGUE))
+    await announce_models(redis_client, base_env["STEMFLOW_NAMESPACE"])
     yield
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from stemflow_dev.fixtures import SERVING_REPLICA
 from stemflow_shared.separators import CATALOGUE, SeparatorRegistry
 
 
@@ -33,7 +34,7 @@ async def test_a_model_nobody_serves_is_refused_and_listed_as_unserved(
 ) -> None:
     namespace = base_env["STEMFLOW_NAMESPACE"]
     registry = SeparatorRegistry(redis_client, f"{namespace}:")
-    await registry.withdraw("gateway-tests")
+    await registry.withdraw(SERVING_REPLICA)
     await helpers.announce_models(redis_client, namespace, ["htdemucs"])
     try:
         async with helpers.running_app(base_env) as app, helpers.http_client(app) as client:

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from stemflow_dev.fixtures import SERVING_REPLICA
 from stemflow_shared.separators import CATALOGUE, SeparatorRegistry
 
 WAV = {"Content-Type": "audio/wav"}
@@ -136,7 +137,7 @@ async def test_a_raw_upload_for_a_model_nobody_serves_is_refused(
     base_env: dict[str, str], redis_client: Any, helpers: Any
 ) -> None:
     namespace = base_env["STEMFLOW_NAMESPACE"]
-    await SeparatorRegistry(redis_client, f"{namespace}:").withdraw("gateway-tests")
+    await SeparatorRegistry(redis_client, f"{namespace}:").withdraw(SERVING_REPLICA)
     await helpers.announce_models(redis_client, namespace, ["htdemucs"])
     try:
         async with helpers.running_app(base_env) as app, helpers.http_client(app) as client:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter
+from redis.exceptions import RedisError
 
 from stemflow_shared.events import JobOptions
 from stemflow_shared.messaging import Broker
@@ -83,11 +84,20 @@ class ModelCatalogue:
         return {"models": models, "default_model": DEFAULT_MODEL}
 
     async def require_served(self, options: JobOptions) -> None:
-        """Refuse (422 `model_unavailable`) options that name a separation no live pool can do."""
+        """Refuse (422 `model_unavailable`) options that name a separation no live pool can do.
+
+        With Redis away the announcements cannot be read: the job is accepted (its work waits in its
+        model's queue as before this check existed) rather than a submission failing for a cache.
+        """
         if not options.separate:
             return
         wanted = [(t.model, t.stems) for t in options.targets] or [(options.model, options.stems)]
-        missing = unserved(wanted, await self.live())
+        try:
+            live = await self.live()
+        except RedisError as exc:
+            log.warning("the separator pools' announcements cannot be read (%s): accepting unchecked", exc)
+            return
+        missing = unserved(wanted, live)
         if missing:
             names = ", ".join(f"{model} with {stems} stems" for model, stems in missing)
             raise Problem(
