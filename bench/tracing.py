@@ -359,7 +359,6 @@ def gateways(
                 "keys": keys,
                 "job_ids": job_ids,
                 "pids": {c: group.pid(f"gateway-{c}") for c in configs},
-                "blob_dirs": {c: Path(tmp) / c / "blobs" for c in configs},
             }
         finally:
             group.stop()
@@ -494,9 +493,6 @@ def measure(args: argparse.Namespace, ctx: dict[str, Any], cpus: tuple[int | Non
                 run["cpu_ms_per_request"] = 1000 * (process_cpu_s(pid) - cpu_before) / max(run["requests"], 1)
                 run["load"] = load()
                 run["round"] = round_index
-                if script:  # the uploads' blobs (5.3 MB each for the song) would fill the disk
-                    for blob in ctx["blob_dirs"][config].glob("*"):
-                        shutil.rmtree(blob, ignore_errors=True)
                 if not run["failed"]:
                     samples[scenario][config].append(run)
                 print(
