@@ -13,7 +13,6 @@ could otherwise move the 5xx rate by aborting uploads.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Any
@@ -23,7 +22,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stemflow_shared import metrics
 from stemflow_shared.health import PROBLEM_HANDLERS, metrics_routes
-from stemflow_shared.httpserver import READ_TIMEOUT_SCOPE_KEY, HttpLimits, http_server, listening_socket
+from stemflow_shared.httpserver import READ_TIMEOUT_SCOPE_KEY
+
+from .side_port import SidePort
 
 log = logging.getLogger(__name__)
 
@@ -81,49 +82,11 @@ class Observe:
         return child
 
 
-class MetricsPort:
-    """Serves /metrics on a port of its own while the app runs, so that the API port does not.
+class MetricsPort(SidePort):
+    """Serves /metrics on a port of its own while the app runs, so that the API port does not; it reads the
+    same registry, and with several server processes a scrape reaches one of them, as it did on the API port."""
 
-    The server starts with the app's lifespan (a port that cannot be bound fails the start) and runs in
-    the same event loop, reading the same registry. With several server processes (HTTP_WORKERS) each
-    binds the port with SO_REUSEPORT, so a scrape reaches one of them, as it did on the API port.
-    """
+    name = "metrics"
 
-    def __init__(self, app: ASGIApp, host: str, port: int, reuse_port: bool, limits: HttpLimits) -> None:
-        self.app = app
-        self.host, self.port, self.reuse_port, self.limits = host, port, reuse_port, limits
-        self.bound_port: int | None = None  # the port once started (`port` may be 0: any free one)
-        self._server: Any = None
-        self._task: asyncio.Task[None] | None = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "lifespan":
-            await self.app(scope, receive, send)
-            return
-
-        async def lifespan_receive() -> Message:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await self._start()
-            elif message["type"] == "lifespan.shutdown":
-                await self._stop()
-            return message
-
-        await self.app(scope, lifespan_receive, send)
-
-    async def _start(self) -> None:
-        sock = listening_socket(self.host, self.port, reuse_port=self.reuse_port)
-        app = Starlette(routes=metrics_routes(), exception_handlers=PROBLEM_HANDLERS)
-        self._server = http_server(app, self.host, self.port, self.limits, lifespan="off")
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
-        self.bound_port = sock.getsockname()[1]
-        log.info("metrics on port %d", self.bound_port)
-
-    async def _stop(self) -> None:
-        if self._task is None:
-            return
-        self._server.should_exit = True
-        try:
-            await asyncio.wait_for(self._task, 5)
-        except TimeoutError:
-            log.warning("the metrics server did not stop within 5 s")
+    def side_app(self) -> ASGIApp:
+        return Starlette(routes=metrics_routes(), exception_handlers=PROBLEM_HANDLERS)

@@ -11,7 +11,6 @@ constant time. Without INTERNAL_TOKEN every request is refused.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 from typing import Annotated, Any
@@ -19,11 +18,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
 from pydantic import BaseModel, SecretStr
 from starlette.datastructures import State
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from stemflow_shared import telemetry
 from stemflow_shared.auth import bearer_token
-from stemflow_shared.httpserver import HttpLimits, http_server, listening_socket
+from stemflow_shared.httpserver import HttpLimits
 from stemflow_shared.internal import (
     ID_PATTERN,
     MAX_JOBS,
@@ -39,6 +38,7 @@ from . import problems
 from .deps import jobs_of, not_found
 from .jobs import UNFINISHED
 from .problems import Problem
+from .side_port import SidePort
 
 log = logging.getLogger(__name__)
 
@@ -132,51 +132,19 @@ def internal_app(state: State) -> FastAPI:
     return app
 
 
-class InternalPort:
-    """Serves the internal API on a port of its own while the app runs (see MetricsPort, its twin for
-    /metrics). It starts once the app's lifespan has started, so its routes find the jobs and keys ready,
-    and stops before the app's connections close."""
+class InternalPort(SidePort):
+    """Serves the internal API on a port of its own while the app runs (side_port.SidePort). It starts once the
+    app's startup has completed, so its routes find the jobs and keys ready, and stops before the app's
+    connections close."""
+
+    name = "internal API"
+    after_startup = True
 
     def __init__(self, app: ASGIApp, state: State, host: str, port: int, reuse_port: bool, limits: HttpLimits) -> None:
-        self.app = app
+        super().__init__(app, host, port, reuse_port, limits)
         self.state = state
-        self.host, self.port, self.reuse_port, self.limits = host, port, reuse_port, limits
-        self.bound_port: int | None = None  # the port once started (`port` may be 0: any free one)
-        self._server: Any = None
-        self._task: asyncio.Task[None] | None = None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "lifespan":
-            await self.app(scope, receive, send)
-            return
-
-        async def lifespan_receive() -> Message:
-            message = await receive()
-            if message["type"] == "lifespan.shutdown":
-                await self._stop()
-            return message
-
-        async def lifespan_send(message: Message) -> None:
-            if message["type"] == "lifespan.startup.complete":
-                await self._start()
-            await send(message)
-
-        await self.app(scope, lifespan_receive, lifespan_send)
-
-    async def _start(self) -> None:
+    def side_app(self) -> ASGIApp:
         if self.state.settings.internal_token is None:
             log.warning("INTERNAL_TOKEN is not set: the internal API refuses every request (the notifier needs it)")
-        sock = listening_socket(self.host, self.port, reuse_port=self.reuse_port)
-        self._server = http_server(internal_app(self.state), self.host, self.port, self.limits, lifespan="off")
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
-        self.bound_port = sock.getsockname()[1]
-        log.info("internal API on port %d", self.bound_port)
-
-    async def _stop(self) -> None:
-        if self._task is None:
-            return
-        self._server.should_exit = True
-        try:
-            await asyncio.wait_for(self._task, 5)
-        except TimeoutError:
-            log.warning("the internal API server did not stop within 5 s")
+        return internal_app(self.state)
