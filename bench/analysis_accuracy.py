@@ -58,7 +58,7 @@ ESSENTIA_PROFILES = ("edma", "bgate", "temperley")
 
 
 def ascii_spelling(name: str) -> str:
-    """"E♭ major" -> "Eb major": mir_eval reads ASCII accidentals."""
+    """ "E♭ major" -> "Eb major": mir_eval reads ASCII accidentals."""
     return name.replace("♭", "b").replace("♯", "#")
 
 
@@ -69,9 +69,7 @@ def stemflow(samples: np.ndarray, sr: int) -> dict[str, Any]:
     from analyzer.features import analyze
 
     facts = analyze(samples, sr)
-    chords = [
-        [c.start, c.end, harte(c)] for c in getattr(facts, "chords", [])
-    ]
+    chords = [[c.start, c.end, harte(c)] for c in getattr(facts, "chords", [])]
     return {
         "tempo": facts.tempo_bpm,
         "beats": facts.beats,
@@ -192,7 +190,9 @@ def chord_scores(ref: list[list[Any]], est: list[list[Any]]) -> dict[str, float 
     est_intervals, est_labels = mir_eval.util.adjust_intervals(
         est_intervals, est_labels, ref_intervals.min(), ref_intervals.max(), "N", "N"
     )
-    intervals, ref_l, est_l = mir_eval.util.merge_labeled_intervals(ref_intervals, ref_labels, est_intervals, est_labels)
+    intervals, ref_l, est_l = mir_eval.util.merge_labeled_intervals(
+        ref_intervals, ref_labels, est_intervals, est_labels
+    )
     durations = mir_eval.util.intervals_to_durations(intervals)
     out: dict[str, float | None] = {}
     for name, compare in (("chords_majmin", mir_eval.chord.majmin), ("chords_sevenths", mir_eval.chord.sevenths)):
@@ -295,7 +295,9 @@ def main() -> None:
     args = parser.parse_args()
     chosen = corpus.specs(args.set, args.split)
     if args.only:
-        chosen = [s for s in chosen if s.name in args.only.split(",") or (s.kind == "composition" and "chorale" in args.only)]
+        chosen = [
+            s for s in chosen if s.name in args.only.split(",") or (s.kind == "composition" and "chorale" in args.only)
+        ]
     truths = corpus.build(args.corpus, chosen, stems=args.stems)
     tools = args.tools.split(",")
     warm_up(tools)

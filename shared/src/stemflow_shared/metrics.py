@@ -152,6 +152,8 @@ REALTIME_FACTOR = Histogram(
 STAGE_FAILURES = Counter(
     "stemflow_stage_failures_total", "Stage failures by code.", ["stage", "code"], registry=REGISTRY
 )
+
+
 class StageRun:
     """One job's run of a worker stage, timed from its creation: the stage metrics, recorded one way everywhere.
 
