@@ -38,7 +38,7 @@ def test_round_trip_keeps_type_subject_and_data() -> None:
 def test_every_event_name_maps_to_a_versioned_type() -> None:
     assert set(SPECS_BY_TYPE) == {f"stemflow.{s.name}.v1" for s in SPECS_BY_TYPE.values()}
     assert AUDIO_INGESTED.routing_key == "audio.ingested"
-    assert len(SPECS_BY_TYPE) == 19
+    assert len(SPECS_BY_TYPE) == 20
 
 
 @pytest.mark.parametrize(
