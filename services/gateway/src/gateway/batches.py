@@ -17,7 +17,7 @@ from stemflow_shared.events import TERMINAL_JOB_STATUSES
 
 from . import lifecycle, submission, views
 from .deps import JobsDep, Owner, SettingsDep
-from .jobs import Jobs
+from .jobs import Jobs, in_submission_order
 from .problems import Problem
 
 router = APIRouter(prefix="/v1")
@@ -105,9 +105,7 @@ def aggregate_status(statuses: list[str]) -> str:
 
 
 def batch_view(jobs: Jobs, batch: dict[str, Any], docs: list[dict[str, Any]]) -> dict[str, Any]:
-    # Submission order is the batch's own list (ids made in one millisecond do not sort by creation).
-    order = {job_id: i for i, job_id in enumerate(batch.get("job_ids") or ())}
-    docs = sorted(docs, key=lambda doc: order.get(doc["_id"], len(order)))
+    docs = in_submission_order(batch, docs)
     statuses = [doc["status"] for doc in docs]
     counts: dict[str, int] = {}
     for status in statuses:

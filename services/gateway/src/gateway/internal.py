@@ -107,9 +107,10 @@ async def owner_jobs(
 async def batch(request: Request, batch_id: JobId, owner: OwnerQuery) -> Response:
     """One of the owner's batches: its jobs in submission order."""
     jobs = jobs_of(request)
-    if await jobs.repo.get_batch(batch_id, owner) is None:
+    found = await jobs.batch(batch_id, owner)
+    if found is None:
         raise Problem(404, "batch_not_found", f"no batch {batch_id}")
-    docs = await jobs.repo.batch_jobs(batch_id)
+    _, docs = found
     return _json(BatchRecord.model_validate({"batch_id": batch_id, "jobs": [jobs.view(doc) for doc in docs]}))
 
 

@@ -201,7 +201,7 @@ class Jobs:
     async def batch(self, batch_id: str, owner: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
         """One of the owner's batches with its jobs (None: no such batch for this owner)."""
         found = await self.repo.get_batch(batch_id, owner)
-        return None if found is None else (found, await self.repo.batch_jobs(batch_id))
+        return None if found is None else (found, in_submission_order(found, await self.repo.batch_jobs(batch_id)))
 
     async def read_cached(self, job_id: str, *, gzip_ok: bool, counter_key: str | None) -> tuple[CachedJob | None, int]:
         """The cached job (any owner's: the caller checks) and the caller's request count, in one Redis call."""
@@ -485,3 +485,10 @@ class Jobs:
 def _page_variant(status: str | None, limit: int) -> str:
     """Which first page of an owner's: its status filter and length."""
     return f"{status or ''}:{limit}"
+
+
+def in_submission_order(batch: dict[str, Any], docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A batch's jobs in the order they were sent: the batch's own list (ids made in one millisecond do not
+    sort by creation)."""
+    order = {job_id: i for i, job_id in enumerate(batch.get("job_ids") or ())}
+    return sorted(docs, key=lambda doc: order.get(doc["_id"], len(order)))
