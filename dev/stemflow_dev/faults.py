@@ -37,11 +37,18 @@ class Faults:
     owner: str
 
     async def to_queue(self, queue: str, body: bytes, headers: dict[str, Any] | None = None) -> None:
+        """Publish persistently and wait for the broker's confirm, as the services do: a fault injected while
+        the broker restarts either raises here or is in the queue."""
         connection = await aio_pika.connect(self.amqp_url)
         async with connection:
-            channel = await connection.channel()
-            message = aio_pika.Message(body, message_id=str(uuid.uuid4()), headers=headers or {})
-            await channel.default_exchange.publish(message, routing_key=queue)
+            channel = await connection.channel(publisher_confirms=True)
+            message = aio_pika.Message(
+                body,
+                message_id=str(uuid.uuid4()),
+                headers=headers or {},
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            )
+            await channel.default_exchange.publish(message, routing_key=queue, mandatory=True)
 
     async def adopted_job(self, **options: Any) -> str:
         """A job another service submitted by event, delivered to the gateway only (no ingest runs it)."""
