@@ -611,7 +611,7 @@ async def test_practice_loop_a_dragged_section_with_the_click_and_export_the_mix
         await page.wait_for_function(
             """([start, end]) => {
                  const p = Number(document.getElementById('wave').dataset.position);
-                 window.inside = (window.inside ?? true) && p >= start - 0.05 && p <= end + 0.05;
+                 window.inside = (window.inside ?? true) && p >= start - 0.05 && p <= end + 0.3;  // one time update of overshoot before the page wraps
                  const wrapped = window.last !== undefined && p < window.last;
                  window.last = p;
                  return wrapped || !window.inside;
