@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from separator.encode import FORMAT_EXTENSIONS, MEDIA_TYPES, StemWriter, encode_stem, stem_depth, subtype
+from separator.encode import FORMAT_EXTENSIONS, StemWriter, encode_stem, stem_depth, subtype
 from separator.mp3 import ENCODER_DELAY, LAME_VERSION, SAMPLES_PER_FRAME, FrameHeader, crc16
+from stemflow_shared.events import MEDIA_TYPES
 
 SAMPLERATE = 44100
 SAMPLES = SAMPLERATE + 123

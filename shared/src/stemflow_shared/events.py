@@ -35,6 +35,8 @@ class _Data(BaseModel):
 Model = Literal["htdemucs", "htdemucs_ft", "htdemucs_6s"]
 Quality = Literal["fast", "balanced", "best"]
 OutputFormat = Literal["wav", "flac", "mp3"]
+# The media type of each output format, for stems and mixes alike.
+MEDIA_TYPES: dict[str, str] = {"wav": "audio/wav", "flac": "audio/flac", "mp3": "audio/mpeg"}
 Priority = Literal["normal", "high"]
 JobStatus = Literal["queued", "ingesting", "processing", "completed", "failed", "cancelled"]
 StageStatus = Literal["pending", "running", "completed", "failed", "skipped"]

@@ -22,6 +22,7 @@ import soundfile as sf
 
 from stemflow_shared import metrics
 from stemflow_shared.events import (
+    MEDIA_TYPES,
     MIX_COMPLETED,
     MIX_FAILED,
     MIX_PROGRESS,
@@ -40,7 +41,7 @@ from stemflow_shared.events import (
 from stemflow_shared.messaging import Handler
 from stemflow_shared.storage import BlobNotFound
 
-from .mixing import MEDIA_TYPES, MixError, MixPlan, Rendered, render
+from .mixing import MixError, MixPlan, Rendered, render
 
 log = logging.getLogger(__name__)
 SOURCE = "/stemflow/analyzer"

@@ -29,7 +29,6 @@ CLICK_S = 0.03
 BLOCK = 65536  # frames handed to Rubber Band at a time
 GATE_LUFS = -70.0
 SUBTYPES = {16: "PCM_16", 24: "PCM_24", 32: "FLOAT"}
-MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "mp3": "audio/mpeg"}
 # Rubber Band per quality (measured in bench/mixes.py and the tests):
 # - fast: the R2 ("faster") engine with a short window, phases reset at transients only above the range of
 #   fundamentals (its default "crisp" resets detune steady tones by up to a third of a semitone);

@@ -67,7 +67,6 @@ PRESETS: dict[str, dict[str, float]] = {
     "bass_up": {"bass": 2.0},
 }
 PRESET_STEMS = {"a_cappella": {"vocals"}}  # what a preset needs besides the stems it changes
-MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "mp3": "audio/mpeg"}
 
 
 def mix_key(job_id: str, mix_id: str, fmt: str) -> str:

@@ -11,7 +11,6 @@ import soxr
 from .mp3 import Mp3Writer
 
 FORMAT_EXTENSIONS = {"wav": "wav", "flac": "flac", "mp3": "mp3"}
-MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "mp3": "audio/mpeg"}
 
 MP3_BITRATE_KBPS = 320
 # LAME's quality knob (0 best, 9 fastest); 2 is its recommended near-best setting.

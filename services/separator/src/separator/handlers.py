@@ -17,6 +17,7 @@ from stemflow_shared import metrics
 from stemflow_shared.cancellation import is_cancelled
 from stemflow_shared.events import (
     AUDIO_INGESTED,
+    MEDIA_TYPES,
     SEPARATION_COMPLETED,
     SEPARATION_FAILED,
     SEPARATION_PROGRESS,
@@ -34,7 +35,7 @@ from stemflow_shared.events import (
 from stemflow_shared.messaging import Handler
 from stemflow_shared.storage import BlobNotFound, stem_key, stems_prefix
 
-from .encode import FORMAT_EXTENSIONS, MEDIA_TYPES, stem_depth
+from .encode import FORMAT_EXTENSIONS, stem_depth
 from .engine import SegmentEngine
 from .files import separate_file
 from .models import ModelCache, ModelError
