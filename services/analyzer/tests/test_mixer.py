@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile as sf
+import soxr
 
 from analyzer.mixer import Mixer, ProgressRelay, start_mix_worker
 from stemflow_shared.events import (
@@ -41,13 +42,11 @@ def relay() -> Iterator[ProgressRelay]:
 @pytest.fixture(scope="module")
 def pool(relay: ProgressRelay) -> Iterator[ProcessPoolExecutor]:
     context = multiprocessing.get_context("spawn")
-    initargs = (relay.queue, _nothing)
+    # No initialiser of its own: a builtin, which the spawned worker unpickles by name (this test module's
+    # functions it cannot import under pytest's importlib mode).
+    initargs = (relay.queue, object)
     with ProcessPoolExecutor(1, mp_context=context, initializer=start_mix_worker, initargs=initargs) as workers:
         yield workers
-
-
-def _nothing() -> None:
-    return None
 
 
 class Published:
@@ -60,7 +59,10 @@ class Published:
         self.events.append(event)
 
 
-async def _job(blobs: FilesystemBlobStore, tmp_path: Path, seconds: float = 20.0) -> tuple[str, list[MixStem]]:
+async def _job(
+    blobs: FilesystemBlobStore, tmp_path: Path, seconds: float = 20.0, stem_rate: int = SR
+) -> tuple[str, list[MixStem]]:
+    """A job's stems (at `stem_rate`, as the separator resamples them) and its normalised audio (at 44.1 kHz)."""
     job_id = f"j{uuid.uuid4().hex[:10]}"
     t = np.arange(round(seconds * SR)) / SR
     stems = {
@@ -69,7 +71,8 @@ async def _job(blobs: FilesystemBlobStore, tmp_path: Path, seconds: float = 20.0
     }
     refs = []
     for name, samples in stems.items():
-        sf.write(tmp_path / f"{name}.flac", samples.T, SR, subtype="PCM_24")
+        at_rate = samples.T if stem_rate == SR else soxr.resample(samples.T, SR, stem_rate, quality="HQ")
+        sf.write(tmp_path / f"{name}.flac", at_rate, stem_rate, subtype="PCM_24")
         await blobs.put_file(stem_key(job_id, name, "flac"), tmp_path / f"{name}.flac")
         refs.append(MixStem(name=name, blob_key=stem_key(job_id, name, "flac"), gain=0.0 if name == "vocals" else 1.0))
     sf.write(tmp_path / "audio.wav", sum(stems.values()).T, SR, subtype="FLOAT")
@@ -111,6 +114,19 @@ async def test_a_mix_is_rendered_stored_and_reported(pool, relay, tmp_path):
     # A redelivery republishes the same terminal event.
     (again,) = await mixer.on_requested(event)
     assert again.id == completed.id
+
+
+async def test_a_mix_of_48_khz_stems_is_rendered_at_48_khz(pool, tmp_path):
+    blobs = FilesystemBlobStore(tmp_path / "blobs")
+    job_id, stems = await _job(blobs, tmp_path, seconds=4.0, stem_rate=48000)
+    event = _requested(job_id, stems, tempo=0.8, start=1.0, end=3.0, format="flac")
+    (completed,) = await Mixer(pool, blobs, Published()).on_requested(event)
+    assert completed.spec is MIX_COMPLETED
+    file = completed.data.file
+    assert file.sample_rate == 48000 and file.duration_s == pytest.approx(2.5, abs=0.001)
+    async with blobs.local_path(file.blob_key) as path:
+        info = sf.info(path)
+        assert info.samplerate == 48000 and info.frames == round(2.0 * 48000 / 0.8)
 
 
 async def test_a_missing_stem_fails_the_mix(pool, tmp_path):

@@ -8,6 +8,7 @@ import numpy as np
 import pyloudnorm
 import pytest
 import soundfile as sf
+import soxr
 
 from analyzer.mixing import MixError, MixPlan, click_times, loudness, render
 
@@ -242,3 +243,61 @@ def test_progress_is_reported_up_to_100(song, tmp_path):
     seen: list[float] = []
     render(_plan(song, tempo=0.9), tmp_path / "p.wav", seen.append)
     assert seen == sorted(seen) and seen[-1] == 100.0 and len(seen) >= 4
+
+
+@pytest.fixture
+def song48(song: dict[str, object]) -> dict[str, object]:
+    """The song's stems as a job with `sample_rate` 48000 has them (resampled by the separator's soxr, HQ);
+    its normalised audio stays at 44.1 kHz."""
+    stems = song["stems"]
+    assert isinstance(stems, dict)
+    paths = {}
+    for name, path in stems.items():
+        samples, rate = sf.read(path, dtype="float32")
+        paths[name] = str(Path(path).with_name(f"{name}-48k.wav"))
+        sf.write(paths[name], soxr.resample(samples, rate, 48000, quality="HQ"), 48000, subtype="PCM_24")
+    return dict(song, stems=paths)
+
+
+def test_stems_at_48_khz_mix_at_48_khz_back_to_the_original(song48, tmp_path):
+    out = tmp_path / "unity48.wav"
+    rendered = render(_plan(song48, bit_depth=32), out)
+    mixed, rate = sf.read(out, dtype="float64", always_2d=True)
+    expected = soxr.resample(np.asarray(song48["samples"]).T, SR, 48000, quality="HQ")
+    assert rate == rendered.sample_rate == 48000
+    assert abs(mixed.shape[0] - expected.shape[0]) <= 1 and rendered.duration_s == pytest.approx(12.0, abs=1e-3)
+    n = min(mixed.shape[0], expected.shape[0])
+    assert _db((mixed[:n] - expected[:n]).T, expected[:n].T) < -60
+    assert abs(rendered.gain_db) < 0.01  # loudness measured on the 44.1 kHz original matches the 48 kHz mix
+
+
+def test_stems_at_48_khz_keep_their_pitch_tempo_and_section_times(song48, tmp_path):
+    out = tmp_path / "slow48.wav"
+    plan = _plan(song48, {"bass": 0.0, "drums": 0.0, "other": 0.0}, tempo=0.75, start=2.0, end=8.0)
+    rendered = render(plan, out)
+    slowed, rate = sf.read(out, dtype="float64", always_2d=True)
+    assert rate == 48000 and rendered.frames == round(6.0 * 48000 / 0.75)
+    spectrum = np.abs(np.fft.rfft(slowed[48000:-48000, 0] * np.hanning(slowed.shape[0] - 96000)))
+    assert np.argmax(spectrum) * 48000 / (slowed.shape[0] - 96000) == pytest.approx(440.0, rel=0.003)
+
+
+def test_the_click_lands_on_the_beats_of_48_khz_stems(tmp_path):
+    quiet = np.stack([_tone(220, 8.0, 0.01)] * 2)
+    sf.write(tmp_path / "audio.wav", quiet.T, SR, subtype="FLOAT")
+    sf.write(tmp_path / "bass.wav", soxr.resample(quiet.T, SR, 48000), 48000, subtype="FLOAT")
+    plan = MixPlan(
+        stems=[(str(tmp_path / "bass.wav"), 1.0)],
+        original=str(tmp_path / "audio.wav"),
+        tempo=0.5,
+        start=0.25,
+        end=2.25,
+        click=True,
+        beats=[0.5, 1.0, 1.5, 2.0, 2.5],
+        downbeats=[0.5],
+    )
+    render(plan, tmp_path / "click48.wav")
+    out, rate = sf.read(tmp_path / "click48.wav", always_2d=True)
+    assert rate == 48000 and out.shape[0] == 4 * 48000
+    loud = np.flatnonzero(np.abs(out[:, 0]) > 0.1)
+    onsets = [loud[0]] + [b for a, b in zip(loud[:-1], loud[1:], strict=True) if b - a > 0.05 * 48000]
+    assert np.allclose(np.array(onsets) / 48000, [0.5, 1.5, 2.5, 3.5], atol=0.002)

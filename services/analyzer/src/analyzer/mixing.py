@@ -4,6 +4,11 @@ The stems of a section are summed with their gains, the sum's loudness is matche
 the same section, tempo and pitch are changed with Rubber Band (in process, through pylibrb), the section
 is looped, a click is laid on the analysed beats, and the result is written as WAV, FLAC or MP3. Pure:
 paths in, a file and its facts out; the caller moves files to and from the blob store.
+
+The mix is rendered at the stems' sample rate (a job may ask for 48 kHz stems while its normalised audio
+stays at 44.1 kHz): a file at another rate (a stem, or the original) is resampled to it with soxr, so the
+loudness is compared at one rate (K-weighting at two rates differs by ~0.01 dB, enough to spoil a unity mix).
+Sections and click times are seconds throughout.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyloudnorm
 import soundfile as sf
+import soxr
 from pylibrb import Option, RubberBandStretcher
 from scipy import signal
 
@@ -91,20 +97,21 @@ def render(plan: MixPlan, out_path: str | Path, progress: Progress | None = None
     started = time.process_time()
     steps: dict[str, float] = {}
     clock = _Clock(steps)
-    info = sf.info(plan.original)
-    sr = info.samplerate
-    first, stop = section_frames(info.frames, sr, plan.start, plan.end)
+    source = sf.info(plan.original)
+    sr = render_rate(plan, source.samplerate)
+    total = round(source.frames * sr / source.samplerate)  # the song's length in frames at the mix's rate
+    first, stop = section_frames(total, sr, plan.start, plan.end)
     with clock("read"):
-        original = _read(plan.original, first, stop)
-        mix = np.zeros_like(original)
+        original = read_at_rate(plan.original, first, stop, sr)
+        mix = np.zeros((original.shape[0], stop - first), np.float32)
         for path, gain in plan.stems:
             if gain > 0:
-                mix += np.float32(gain) * _fit(_read(path, first, stop), original.shape)
+                mix += np.float32(gain) * _fit(read_at_rate(path, first, stop, sr), mix.shape)
     report(15.0)
     with clock("loudness"):
         wanted, before = loudness(original, sr), loudness(mix, sr)
         ceiling = max(PEAK_CEILING, float(np.max(np.abs(original), initial=0.0)))
-    cut = first > 0 or stop < info.frames
+    cut = first > 0 or stop < total
     with clock("stretch"):
         out = stretch(mix, sr, plan.tempo, plan.semitones, plan.quality, lambda f: report(20.0 + 65.0 * f))
     gain_db = _matching_gain_db(wanted, before, float(np.max(np.abs(out), initial=0.0)), ceiling)
@@ -142,6 +149,29 @@ def section_frames(frames: int, sr: int, start: float | None, end: float | None)
     if stop - first < sr // 10:
         raise MixError("section_too_short", "the section must be at least 0.1 s long")
     return first, stop
+
+
+def render_rate(plan: MixPlan, original_rate: int) -> int:
+    """The rate the mix is rendered at: the first audible stem's (the job's stems share one), else the original's."""
+    for path, gain in plan.stems:
+        if gain > 0:
+            return int(sf.info(path).samplerate)
+    return original_rate
+
+
+def _at_rate(first: int, stop: int, sr: int, rate: int) -> tuple[int, int]:
+    """The frames [first, stop) at `sr` as frames at `rate`."""
+    return round(first * rate / sr), round(stop * rate / sr)
+
+
+def read_at_rate(path: str, first: int, stop: int, sr: int) -> np.ndarray:
+    """Frames [first, stop) at `sr` of a file, resampled with soxr when the file has another rate."""
+    rate = sf.info(path).samplerate
+    if rate == sr:
+        return _read(path, first, stop)
+    start, end = _at_rate(first, stop, sr, rate)
+    samples, _ = sf.read(path, start=start, stop=end, dtype="float32", always_2d=True)
+    return np.ascontiguousarray(soxr.resample(samples, rate, sr, quality="HQ").T)
 
 
 def _read(path: str, first: int, stop: int) -> np.ndarray:
