@@ -20,8 +20,9 @@ from stemflow_shared.topology import NOTIFIER_QUEUE, WEBHOOKS_QUEUE
 
 from .gateway_client import GatewayClient
 from .handlers import job_event_handlers, webhook_handlers
+from .heap import freeze_survivors
 from .hub import Hub
-from .protocol import websocket_protocol
+from .protocol import upgrading_http, websocket_protocol
 from .relay import Relay
 from .resume import EventLog
 from .settings import Settings
@@ -90,13 +91,15 @@ def create_app(settings: Settings) -> FastAPI:
 def server_config(app: Any, settings: Settings) -> uvicorn.Config:
     """The uvicorn configuration: HTTP limits and timeouts, the notifier's WebSocket protocol, keep-alive pings,
     message size limit."""
+    options = server_options(settings)  # httptools, with limits on the request head, read timeouts and keep-alive
+    options["http"] = upgrading_http(options["http"])  # which lets go of an upgraded connection at once
     return uvicorn.Config(
         app,
         host=settings.http_host,
         port=settings.http_port,
         log_config=None,
         access_log=False,
-        **server_options(settings),  # httptools, with limits on the request head, read timeouts and keep-alive
+        **options,
         ws=websocket_protocol(settings),
         ws_ping_interval=settings.ping_interval_s,
         ws_ping_timeout=settings.ping_timeout_s,
@@ -141,7 +144,8 @@ def main() -> None:
     if settings.log_level.upper() != "DEBUG":
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
     app = telemetry.head_sampling(create_app(settings))  # the WebSocket: traced at the request ratio
-    tune_gc()
+    tune_gc()  # start-up objects frozen
+    freeze_survivors()  # and from now on whatever survives a full collection (thousands of WebSockets)
     uvicorn.Server(server_config(app, settings)).run()
 
 
