@@ -350,18 +350,19 @@ def latencies(stats: list[dict[str, Any]], probe: dict[str, float]) -> dict[str,
 GC_RECORDER = """
 import array, gc, json, os, sys, threading, time
 log = os.environ["BENCH_GC_LOG"]
-pauses, started = array.array("d"), [0.0]
+pauses, started = array.array("d"), [0.0, 0.0]
 def timed(phase, info):
     if phase == "start":
-        started[0] = time.perf_counter()
+        started[0], started[1] = time.perf_counter(), time.thread_time()
     else:
-        pauses.extend((time.time(), info["generation"], time.perf_counter() - started[0]))
+        wall, cpu = time.perf_counter() - started[0], time.thread_time() - started[1]
+        pauses.extend((time.time(), info["generation"], wall, cpu))
 gc.callbacks.append(timed)
 def flush():
     written = 0
     while True:
         time.sleep(0.5)
-        end = len(pauses) // 3 * 3
+        end = len(pauses) // 4 * 4
         with open(log + ".pauses", "ab") as f:
             f.write(pauses[written:end].tobytes())
         written = end
@@ -379,11 +380,11 @@ main()
 """
 
 
-def gc_pauses(log: Path) -> list[tuple[float, int, float]]:
-    """(ended at, generation, seconds) of every collection the notifier has reported so far."""
+def gc_pauses(log: Path) -> list[tuple[float, int, float, float]]:
+    """(ended at, generation, seconds, CPU seconds) of every collection the notifier has reported so far."""
     path = Path(f"{log}.pauses")
     values = array.array("d", path.read_bytes() if path.exists() else b"")
-    return [(values[i], int(values[i + 1]), values[i + 2]) for i in range(0, len(values) - 2, 3)]
+    return [(values[i], int(values[i + 1]), values[i + 2], values[i + 3]) for i in range(0, len(values) - 3, 4)]
 
 
 def gc_census(log: Path, timeout: float = 60.0) -> dict[str, Any]:
@@ -397,17 +398,21 @@ def gc_census(log: Path, timeout: float = 60.0) -> dict[str, Any]:
     return json.loads(state.read_text()) if state.exists() else {}
 
 
-def pause_figures(pauses: list[tuple[float, int, float]], start: float, end: float) -> dict[str, Any]:
-    """Count, total, max and p99 of the collections that ended in [start, end], overall and by generation."""
-    within = [(g, d) for t, g, d in pauses if start <= t <= end]
+def pause_figures(pauses: list[tuple[float, int, float, float]], start: float, end: float) -> dict[str, Any]:
+    """Count, total, max and p99 of the collections that ended in [start, end], overall and by generation, in
+    wall time (what clients wait) and in the notifier's CPU time (the same less the time others had the cores)."""
+    within = [(g, wall, cpu) for t, g, wall, cpu in pauses if start <= t <= end]
     figures: dict[str, Any] = {}
     for name, chosen in (("all", within), *((f"gen{g}", [x for x in within if x[0] == g]) for g in range(3))):
-        ordered = sorted(d for _, d in chosen)
+        walls, cpus = sorted(x[1] for x in chosen), sorted(x[2] for x in chosen)
         figures[name] = {
-            "count": len(ordered),
-            "total_ms": round(1000 * sum(ordered), 1),
-            "max_ms": round(1000 * ordered[-1], 2) if ordered else 0.0,
-            "p99_ms": round(1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 2) if ordered else 0.0,
+            "count": len(walls),
+            "total_ms": round(1000 * sum(walls), 1),
+            "max_ms": round(1000 * walls[-1], 2) if walls else 0.0,
+            "p99_ms": round(1000 * walls[min(len(walls) - 1, int(0.99 * len(walls)))], 2) if walls else 0.0,
+            "cpu_total_ms": round(1000 * sum(cpus), 1),
+            "cpu_max_ms": round(1000 * cpus[-1], 2) if cpus else 0.0,
+            "cpu_p99_ms": round(1000 * cpus[min(len(cpus) - 1, int(0.99 * len(cpus)))], 2) if cpus else 0.0,
         }
     return figures
 
@@ -516,6 +521,7 @@ async def run_mode(mode: str, args: argparse.Namespace, urls: Any, pythonpath: s
     try:
         group.wait_ready(timeout=120)
         pid, started, wall_started = group.pid("notifier"), time.monotonic(), time.time()
+        census_before = await asyncio.to_thread(gc_census, gc_log)
         cpu_started = cpu_seconds(pid)
         for proc in procs:
             proc.start()
@@ -535,6 +541,8 @@ async def run_mode(mode: str, args: argparse.Namespace, urls: Any, pythonpath: s
         results = [await asyncio.to_thread(reports.get, True, 120) for _ in procs]
         for proc in procs:
             proc.join(60)
+        await asyncio.sleep(5)  # the notifier closes its side of every connection
+        census_left = await asyncio.to_thread(gc_census, gc_log)
     finally:
         stop.set()
         await broker.close()
@@ -561,7 +569,11 @@ async def run_mode(mode: str, args: argparse.Namespace, urls: Any, pythonpath: s
         # pauses from the recorder; the histogram's bucket bounds as the service reports them beside).
         "gc_while_connecting": pause_figures(pauses, wall_started, wall_before),
         "gc_during_stream": pause_figures(pauses, wall_before, wall_after),
-        "gc_tracked_objects_after_stream": census,
+        # Objects the collector tracks (and frozen ones) before the clients came, with them all connected after
+        # the stream, and once they had left: frozen objects that stay are caches, or cycles never collected.
+        "gc_objects_before_clients": census_before,
+        "gc_objects_after_stream": census,
+        "gc_objects_after_clients_left": census_left,
         **{f"gc{g}_histogram_during_stream": collections(before, after, g) for g in range(3)},
         # Above the 2 cores, other work shared the machine: latency tails then say little about the notifier.
         "load_1m_after_stream": round(load, 2),
@@ -620,6 +632,11 @@ def figures(run: dict[str, Any]) -> dict[str, float]:
         "gc_longest_pause_ms": longest_pause_ms(run),
         "gc_stream_p99_ms": run["gc_during_stream"]["all"]["p99_ms"],
         "gc_total_ms": run["gc_while_connecting"]["all"]["total_ms"] + run["gc_during_stream"]["all"]["total_ms"],
+        "gc_longest_pause_cpu_ms": max(
+            run["gc_while_connecting"]["all"]["cpu_max_ms"], run["gc_during_stream"]["all"]["cpu_max_ms"]
+        ),
+        "gc_cpu_total_ms": run["gc_while_connecting"]["all"]["cpu_total_ms"]
+        + run["gc_during_stream"]["all"]["cpu_total_ms"],
         "progress_ms_p99": run["progress_ms_p99"],
         "terminal_ms_p99": run["terminal_ms_p99"],
         "rss_held_mb": run["rss_held_mb"],
@@ -667,7 +684,10 @@ def main() -> None:
         if isinstance(value, dict) and "all" in value:  # exact pauses
             a = value["all"]
             full = value["gen2"]
-            return f"{a['count']}: max {a['max_ms']} p99 {a['p99_ms']} ms (full {full['count']}, max {full['max_ms']})"
+            return (
+                f"{a['count']}: max {a['max_ms']} p99 {a['p99_ms']} ms, cpu max {a['cpu_max_ms']} total "
+                f"{a['cpu_total_ms']} (full {full['count']}, max {full['max_ms']})"
+            )
         if isinstance(value, dict) and "longest_at_most_s" in value:  # the histogram
             return f"{value['count']}: {value['total_s']} s, each <= {value['longest_at_most_s']} s"
         return str(value)
