@@ -155,6 +155,8 @@ def containers(
         (ARTIFACTS / "startup.json").write_text(json.dumps(system.ready_s, indent=2) + "\n")
         print("seconds from container start to /readyz:", {s: round(t, 1) for s, t in system.ready_s.items()})
         yield system
+        # Again at the end, with the separator's restart in the SIGTERM test.
+        (ARTIFACTS / "startup.json").write_text(json.dumps(system.ready_s, indent=2) + "\n")
     finally:
         for service, container in system.running.items():
             with contextlib.suppress(Exception):
