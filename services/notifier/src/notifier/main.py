@@ -11,6 +11,7 @@ import httpx
 import redis.asyncio as redis
 import uvicorn
 from fastapi import FastAPI
+from starlette.routing import WebSocketRoute
 
 from stemflow_shared import telemetry
 from stemflow_shared.health import PROBLEM_HANDLERS, health_routes
@@ -82,7 +83,9 @@ def create_app(settings: Settings) -> FastAPI:
         redoc_url=None,
         openapi_url=None,
     )
-    app.add_api_websocket_route("/v1/ws", websocket_route)
+    # Starlette's route, not FastAPI's: the endpoint takes only the WebSocket, and FastAPI's dependency solving
+    # would keep two exit stacks, a solved-dependency record and a response per connection for as long as it is open.
+    app.router.routes.append(WebSocketRoute("/v1/ws", websocket_route))
     for route in health_routes(lambda request: request.app.state.checks):
         app.router.routes.append(route)
     return app
