@@ -271,7 +271,7 @@ class Jobs:
         )
         doc = await self.repo.insert(doc, [event])
         metrics.JOBS_SUBMITTED.labels("upload" if input_ref.blob_key else "url").inc()
-        self.relay.flush_soon(job_id)
+        self.relay.flush_soon(job_id, doc["outbox"])
         await self.remember(doc)
         return doc
 
@@ -308,7 +308,7 @@ class Jobs:
     async def adopt_external(self, event: Event[JobSubmitted]) -> None:
         """Create the job of a `job.submitted` another service published (no-op for our own)."""
         data = event.data
-        if await self.repo.get(data.job_id) is not None:
+        if self.relay.published_here(event.id) or await self.repo.get(data.job_id) is not None:
             return
         doc = lifecycle.new_job(
             data.job_id,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -12,6 +13,10 @@ from .lifecycle import utcnow
 from .repository import JobRepository, event_from_entry
 
 log = logging.getLogger(__name__)
+
+# How many event ids `published_here` remembers: far more than are published between a job.submitted's
+# publish and its return through the gateway's own queue.
+PUBLISHED_HERE_MAX = 4096
 
 
 class OutboxRelay:
@@ -25,19 +30,35 @@ class OutboxRelay:
         # One lock per job while anyone flushes it, with the number of flushes holding or awaiting it.
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # Ids of the events this process published lately, oldest first (a bounded, insertion-ordered dict).
+        self._published_here: dict[str, None] = {}
 
-    async def flush(self, job_id: str) -> int:
-        """Publish every pending event of a job (with confirms), oldest first."""
+    def published_here(self, event_id: str) -> bool:
+        """Whether this process published that event lately (its own `job.submitted` needs no lookup)."""
+        return event_id in self._published_here
+
+    def _remember_published(self, event_id: str) -> None:
+        self._published_here[event_id] = None
+        if len(self._published_here) > PUBLISHED_HERE_MAX:
+            del self._published_here[next(iter(self._published_here))]
+
+    async def flush(self, job_id: str, entries: Sequence[dict[str, Any]] | None = None) -> int:
+        """Publish every pending event of a job (with confirms), oldest first.
+
+        `entries`: the job's outbox as its writer just stored it (a new job's), which saves reading it back.
+        """
         lock, users = self._locks.get(job_id) or (asyncio.Lock(), 0)
         self._locks[job_id] = (lock, users + 1)
         try:
             async with lock:
-                entries = await self._repo.pending_events(job_id)
+                if entries is None:
+                    entries = await self._repo.pending_events(job_id)
                 published: list[str] = []
                 try:
                     for entry in entries:
                         await self._broker.publish(event_from_entry(entry))
                         published.append(entry["id"])
+                        self._remember_published(entry["id"])
                 finally:
                     if published:
                         await self._repo.mark_published(job_id, published)
@@ -49,17 +70,18 @@ class OutboxRelay:
             else:
                 self._locks[job_id] = (lock, users - 1)
 
-    def flush_soon(self, job_id: str) -> None:
+    def flush_soon(self, job_id: str, entries: Sequence[dict[str, Any]] | None = None) -> None:
         """Flush in the background (the HTTP answer does not wait for the broker)."""
-        task = asyncio.create_task(self._flush_logged(job_id))
+        task = asyncio.create_task(self._flush_logged(job_id, entries))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _flush_logged(self, job_id: str) -> None:
+    async def _flush_logged(self, job_id: str, entries: Sequence[dict[str, Any]] | None) -> None:
         try:
             if self._delay_s:
                 await asyncio.sleep(self._delay_s)
-            await self.flush(job_id)
+                entries = None  # the delay is there to let the sweeper or a crash act: read what is left
+            await self.flush(job_id, entries)
         except Exception as exc:
             log.warning("outbox flush of %s failed, the sweeper will retry: %s", job_id, exc)
 

@@ -224,8 +224,20 @@ class JobRepository:
         return list(doc.get("outbox") or []) if doc else []
 
     async def mark_published(self, job_id: str, event_ids: Sequence[str]) -> None:
-        await self.jobs.update_one({"_id": job_id}, {"$pull": {"outbox": {"id": {"$in": list(event_ids)}}}})
-        await self.jobs.update_one({"_id": job_id, "outbox": {"$size": 0}}, {"$unset": {"outbox_at": ""}})
+        """Remove published events from the outbox, and its timestamp once it is empty: one update."""
+        left = {
+            "$filter": {
+                "input": {"$ifNull": ["$outbox", []]},
+                "cond": {"$not": [{"$in": ["$$this.id", list(event_ids)]}]},
+            }
+        }
+        await self.jobs.update_one(
+            {"_id": job_id},
+            [
+                {"$set": {"outbox": left}},
+                {"$set": {"outbox_at": {"$cond": [{"$eq": [{"$size": "$outbox"}, 0]}, "$$REMOVE", "$outbox_at"]}}},
+            ],
+        )
 
     async def jobs_with_pending_events(self, older_than: datetime, limit: int = 100) -> list[str]:
         cursor = self.jobs.find({"outbox_at": {"$lte": older_than}}, {"_id": 1}).limit(limit)
