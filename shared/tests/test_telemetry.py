@@ -183,6 +183,41 @@ async def test_the_ratio_is_applied_once_not_twice(request_: tuple[str, str]) ->
     assert len(exporter.get_finished_spans()) == len(traced)
 
 
+async def test_the_request_ratios_decision_is_trace_id_ratio_based_s_own() -> None:
+    """Deployed, requests are judged by a plain TraceIdRatioBased, whose decision HeadSampling takes itself (no
+    SamplingResult made): for every request it must be the one the SDK's sampler gives for its trace id."""
+    ratio = sampling.TraceIdRatioBased(0.3)
+    app, seen, exporter = gate(sampling.ALWAYS_OFF, ratio)
+    for _ in range(400):
+        await call(app, ("GET", "/v1/jobs"))
+    decisions = []
+    for r in seen.requests:
+        trace_id = r["span"].trace_id if sampled(r) else r["current"].trace_id
+        judged = ratio.should_sample(None, trace_id, "GET", trace.SpanKind.SERVER).decision.is_sampled()
+        decisions.append(judged)
+        assert sampled(r) is judged
+    assert 60 <= sum(decisions) <= 180  # binomial(400, 0.3): beyond 6 sigma otherwise
+    assert len(exporter.get_finished_spans()) == sum(decisions)
+
+
+def test_the_unsampled_span_context_is_the_one_the_api_makes() -> None:
+    ids = telemetry._PresetTraceIds()
+    for _ in range(50):
+        trace_id, span_id = ids.generate_trace_id(), ids.generate_span_id()
+        fast = telemetry.unsampled_span_context(trace_id, span_id)
+        made = trace.SpanContext(trace_id, span_id, is_remote=False, trace_flags=trace.TraceFlags(0))
+        assert type(fast) is trace.SpanContext and fast == made
+        assert (fast.trace_id, fast.span_id, fast.is_remote, fast.trace_flags, fast.trace_state, fast.is_valid) == (
+            made.trace_id,
+            made.span_id,
+            made.is_remote,
+            made.trace_flags,
+            made.trace_state,
+            made.is_valid,
+        )
+        assert fast.is_valid and not fast.trace_flags.sampled
+
+
 async def test_a_callers_traceparent_decides_and_probes_are_never_traced() -> None:
     app, seen, exporter = gate(sampling.ParentBased(sampling.ALWAYS_OFF), sampling.ALWAYS_OFF)
     poll = ("GET", "/v1/jobs/0123456789abcdef0123456789abcdef")
