@@ -119,6 +119,26 @@ def test_each_backend_equals_torch_on_the_production_architecture(
         assert peak_db <= ERROR_DB and rms_db <= ERROR_DB, (name, peak_db, rms_db)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_workers_engine_releases_the_torch_weights_it_no_longer_needs(
+    backend: str, tiny_repo: Path, exports: Path
+) -> None:
+    model = load_model("htdemucs_ft", tiny_repo)
+    mix = noise(2.5, seed=6)
+    expected = separate(model, mix)
+
+    with SegmentEngine("cpu", backend=backend, export_dir=exports, release_weights=True) as engine:
+        first = separate(model, mix, engine=engine)
+        # The runtimes hold the networks now: the STFT and iSTFT run on without any weight.
+        assert all(parameter.numel() == 0 for parameter in model.model.parameters())
+        again = separate(model, mix, engine=engine)
+
+    assert_close(first, expected)
+    assert_close(again, expected)
+    with pytest.raises(Exception, match="released"):
+        separate(model, mix)
+
+
 def test_an_export_is_reused_by_the_next_worker(htdemucs: LoadedModel, tmp_path: Path) -> None:
     model = htdemucs.model.models[0]
     first = ExportCache(tmp_path).path(model)

@@ -23,7 +23,7 @@ import soundfile as sf
 from separator.device import make_engine
 from separator.engine import BatchReport, SegmentEngine
 from separator.handlers import Separator, Throttle, job_seed
-from separator.models import ModelCache
+from separator.models import ModelCache, load_model
 from separator.separation import separate
 from separator.settings import Settings
 from stemflow_dev.fixtures import delete_namespace
@@ -245,7 +245,7 @@ async def test_each_target_of_a_job_has_its_own_stems_and_events(rig: dict[str, 
 
 
 async def test_a_simulated_memory_budget_splits_batches_and_every_job_completes(
-    rig: dict[str, Any], tmp_path: Path
+    rig: dict[str, Any], tmp_path: Path, tiny_repo: Path
 ) -> None:
     # Room for a segment and a half: batches of 4 and 2 run out of memory, single segments fit.
     settings = rig["settings"].model_copy(update={"max_batch": 4})
@@ -269,7 +269,8 @@ async def test_a_simulated_memory_budget_splits_batches_and_every_job_completes(
     for event, [completed] in zip(events, outcomes, strict=True):
         assert completed.spec is SEPARATION_COMPLETED
         mix = read_audio(tmp_path / f"{event.data.job_id}.wav")
-        alone = separate(models.get("htdemucs"), mix, quality="fast", seed=job_seed(event.data.job_id))
+        # A model of its own: the worker's engine released its copy's torch weights to the runtime.
+        alone = separate(load_model("htdemucs", tiny_repo), mix, quality="fast", seed=job_seed(event.data.job_id))
         for stem in completed.data.stems:
             async with rig["blobs"].local_path(stem.blob_key) as path:
                 np.testing.assert_allclose(read_audio(path), alone[stem.name], rtol=0, atol=2e-6)

@@ -72,4 +72,6 @@ def make_engine(
         backend=backend,
         export_dir=export_dir,
         threads=settings.torch_threads,
+        # The worker's models run on this engine only: once a runtime holds a network, torch's copy goes.
+        release_weights=backend != "torch",
     )
