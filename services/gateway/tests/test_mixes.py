@@ -106,7 +106,23 @@ async def test_the_workers_events_move_the_mix_and_reach_clients(app, client, ow
     assert body["status"] == "completed" and body["file"]["size"] == 1000 and "blob_key" not in body["file"]
     download = await client.get(f"/v1/jobs/{job_id}/mixes/{mix['id']}/file", headers=owner)
     assert download.status_code == 200 and download.content.startswith(b"fLaC")
-    assert download.headers["content-type"] == "audio/flac"
+    assert download.headers["content-type"] == "audio/flac" and download.headers["accept-ranges"] == "bytes"
+    # Byte ranges, as for stems: a player seeks, a broken download resumes.
+    url = f"/v1/jobs/{job_id}/mixes/{mix['id']}/file"
+    part = await client.get(url, headers={**owner, "Range": "bytes=0-3"})
+    assert part.status_code == 206 and part.content == b"fLaC"
+    assert part.headers["content-range"] == "bytes 0-3/1000" and part.headers["content-length"] == "4"
+    tail = await client.get(url, headers={**owner, "Range": "bytes=-10"})
+    assert tail.status_code == 206 and tail.headers["content-range"] == "bytes 990-999/1000" and len(tail.content) == 10
+    rest = await client.get(url, headers={**owner, "Range": "bytes=996-"})
+    assert rest.status_code == 206 and rest.headers["content-range"] == "bytes 996-999/1000"
+    for bad in ("bytes=1000-", "bytes=5-2", "bytes=0-1,4-5", "items=0-1"):
+        refused = helpers.assert_problem(
+            await client.get(url, headers={**owner, "Range": bad}), 416, "range_not_satisfiable"
+        )
+        assert refused is not None
+    beyond = await client.get(url, headers={**owner, "Range": "bytes=1000-"})
+    assert beyond.headers["content-range"] == "bytes */1000"
     # Terminal is terminal: a late progress event changes nothing.
     late = MixProgress(job_id=job_id, mix_id=mix["id"], percent=90.0)
     assert not await mixes.apply_event(make_event(MIX_PROGRESS, late, source="/t"))

@@ -101,10 +101,17 @@ async def download_stem(
     except BlobNotFound as exc:
         raise Problem(404, "stem_not_found", f"the file of stem {stem!r} is gone") from exc
     headers = {
-        "Accept-Ranges": "bytes",
         "Content-Disposition": attachment(stem_filename(doc, stem, info["format"], target)),
         "ETag": f'"{job_id}-{target or ""}-{stem}-{size}"',
     }
+    return ranged_file(jobs, info["blob_key"], size, info["media_type"], range_header, headers)
+
+
+def ranged_file(
+    jobs: Jobs, blob_key: str, size: int, media_type: str, range_header: str | None, headers: dict[str, str]
+) -> StreamingResponse:
+    """A stored file, whole (200) or one byte range of it (206 with Content-Range; 416 when out of range)."""
+    headers = {"Accept-Ranges": "bytes", **headers}
     start, end, status_code = 0, size, 200
     if range_header:
         start, end = _parse_range(range_header, size)
@@ -112,10 +119,7 @@ async def download_stem(
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
     headers["Content-Length"] = str(end - start)
     return StreamingResponse(
-        jobs.blob_chunks(info["blob_key"], start, end),
-        status_code=status_code,
-        media_type=info["media_type"],
-        headers=headers,
+        jobs.blob_chunks(blob_key, start, end), status_code=status_code, media_type=media_type, headers=headers
     )
 
 

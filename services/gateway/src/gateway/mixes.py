@@ -17,8 +17,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, Header, Request, Response
 from pydantic import ValidationError
 
 from stemflow_shared.events import (
@@ -47,6 +46,7 @@ from stemflow_shared.storage import BlobNotFound, job_prefix, normalised_key
 
 from . import lifecycle
 from .deps import JobsDep, Owner, SettingsDep, not_found
+from .downloads import ranged_file
 from .jobs import Jobs
 from .problems import Problem
 from .submission import read_json_object
@@ -450,18 +450,21 @@ async def get_mix(job_id: str, mix_id: str, who: Owner, jobs: JobsDep, mixes: Mi
 
 
 @router.get("/jobs/{job_id}/mixes/{mix_id}/file")
-async def download_mix(job_id: str, mix_id: str, who: Owner, jobs: JobsDep, mixes: MixesDep) -> Response:
-    """The rendered file (`409 mix_not_ready` until it is)."""
+async def download_mix(
+    job_id: str,
+    mix_id: str,
+    who: Owner,
+    jobs: JobsDep,
+    mixes: MixesDep,
+    range_header: Annotated[str | None, Header(alias="Range")] = None,
+) -> Response:
+    """The rendered file (`409 mix_not_ready` until it is); a single byte range is honoured."""
     file, size = await mixes.file(job_id, who.owner, _checked(mix_id))
-    return StreamingResponse(
-        jobs.blob_chunks(file["blob_key"]),
-        media_type=file["media_type"],
-        headers={
-            "Content-Length": str(size),
-            "Content-Disposition": f'attachment; filename="mix-{mix_id[:8]}.{file["format"]}"',
-            "ETag": f'"{mix_id}-{size}"',
-        },
-    )
+    headers = {
+        "Content-Disposition": f'attachment; filename="mix-{mix_id[:8]}.{file["format"]}"',
+        "ETag": f'"{mix_id}-{size}"',
+    }
+    return ranged_file(jobs, file["blob_key"], size, file["media_type"], range_header, headers)
 
 
 @router.delete("/jobs/{job_id}/mixes/{mix_id}", status_code=204)
