@@ -4,6 +4,7 @@ ownership, the worker's events applied (and passed on as job.mix.*), dead letter
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import aio_pika
@@ -148,6 +149,48 @@ async def test_a_dead_letter_of_the_mix_work_fails_the_mix_not_the_job(app, clie
     # A failed mix asked again is rendered again.
     again = await client.post(f"/v1/jobs/{job_id}/mixes", headers=owner, json={"semitones": 3})
     assert again.status_code == 202 and again.json()["id"] == mix["id"] and again.json()["status"] == "queued"
+
+
+async def test_a_stuck_mix_ends_failed_with_mix_timeout(app, client, owner, helpers, watch):
+    job_id = await helpers.completed_job(app, client, owner, fingerprint=uuid.uuid4().hex)
+    stuck = (await client.post(f"/v1/jobs/{job_id}/mixes", headers=owner, json={"tempo": 0.8})).json()
+    fresh = (await client.post(f"/v1/jobs/{job_id}/mixes", headers=owner, json={"tempo": 0.9})).json()
+    mixes, jobs = app.state.mixes, app.state.jobs.repo.jobs
+    progress = MixProgress(job_id=job_id, mix_id=stuck["id"], percent=30.0)
+    assert await mixes.apply_event(make_event(MIX_PROGRESS, progress, source="/t"))  # running, then silent
+    doc = await jobs.find_one({"_id": job_id})
+    long_ago = doc["mixes"][stuck["id"]]["updated_at"] - timedelta(hours=2)
+    await jobs.update_one(
+        {"_id": job_id}, {"$set": {f"mixes.{stuck['id']}.updated_at": long_ago, "mixes_pending_since": long_ago}}
+    )
+    assert await mixes.time_out_stuck(3600) == 1
+    failed = await published(watch, "job.mix.failed", stuck["id"])
+    assert failed.data.mix.error.code == "mix_timeout"
+    body = (await client.get(f"/v1/jobs/{job_id}/mixes/{stuck['id']}", headers=owner)).json()
+    assert (
+        body["status"] == "failed" and body["error"]["code"] == "mix_timeout" and "3600 s" in body["error"]["message"]
+    )
+    helpers.assert_problem(
+        await client.get(f"/v1/jobs/{job_id}/mixes/{stuck['id']}/file", headers=owner), 409, "mix_not_ready"
+    )
+    # The other mix is young: it goes on, and a second sweep finds nothing more.
+    assert (await client.get(f"/v1/jobs/{job_id}/mixes/{fresh['id']}", headers=owner)).json()["status"] == "queued"
+    assert await mixes.time_out_stuck(3600) == 0
+    assert (await jobs.find_one({"_id": job_id}))["mixes_pending_since"] == (await jobs.find_one({"_id": job_id}))[
+        "mixes"
+    ][fresh["id"]]["updated_at"]
+    # A late result of the failed render changes nothing; asking again renders it again.
+    assert not await mixes.apply_event(make_event(MIX_PROGRESS, progress, source="/t"))
+    again = await client.post(f"/v1/jobs/{job_id}/mixes", headers=owner, json={"tempo": 0.8})
+    assert again.status_code == 202 and again.json()["status"] == "queued"
+    # When every mix has ended, nothing is pending.
+    for mix_id in (stuck["id"], fresh["id"]):
+        key = f"jobs/{job_id}/mixes/{mix_id}/mix.wav"
+        file = MixFile(blob_key=key, format="wav", media_type="audio/wav", size=4, duration_s=1.0, sample_rate=44100)
+        await mixes.apply_event(
+            make_event(MIX_COMPLETED, MixCompleted(job_id=job_id, mix_id=mix_id, file=file), source="/t")
+        )
+    assert (await jobs.find_one({"_id": job_id}))["mixes_pending_since"] is None
 
 
 async def test_mixes_are_the_owners_alone(app, client, owner, helpers):

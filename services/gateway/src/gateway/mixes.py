@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 import orjson
@@ -56,6 +56,12 @@ router = APIRouter(prefix="/v1")
 
 MAX_MIXES_PER_JOB = 20
 TERMINAL = frozenset({"completed", "failed"})
+# A mix queued or running that has not changed for this long is failed with `mix_timeout` (renders take
+# seconds; this is the analyzer gone, or its work lost). `Mixes.time_out_stuck` takes the setting.
+MIX_TIMEOUT_S = 900.0
+# The top-level field of a job document that says since when its oldest unfinished mix has not changed
+# (None: no unfinished mix), so the sweep finds stuck mixes without reading every job's mixes.
+PENDING_SINCE = "mixes_pending_since"
 # Gain maps behind the presets; stems a job does not have are left out (a preset none of whose stems the
 # job has is refused). Gains, mutes and solos in the request apply over the preset.
 PRESETS: dict[str, dict[str, float]] = {
@@ -129,7 +135,8 @@ class Mixes:
             requested[:] = [mix]
             work = self._requested_event(current, mix, options, stems)
             return lifecycle.Transition(
-                set={f"mixes.{mix_id}": mix}, emit=[work, self._client_event(current, mix, JOB_MIX_PROGRESS)]
+                set={f"mixes.{mix_id}": mix, PENDING_SINCE: pending_since({**mixes, mix_id: mix})},
+                emit=[work, self._client_event(current, mix, JOB_MIX_PROGRESS)],
             )
 
         doc, change = await self._jobs.repo.transition(job_id, decide, lifecycle.utcnow())
@@ -161,7 +168,7 @@ class Mixes:
             mixes = dict(current.get("mixes") or {})
             if mixes.pop(mix_id, None) is None:
                 return None
-            return lifecycle.Transition(set={"mixes": mixes})
+            return lifecycle.Transition(set={"mixes": mixes, PENDING_SINCE: pending_since(mixes)})
 
         doc, change = await self._jobs.repo.transition(job_id, decide, lifecycle.utcnow())
         if doc is not None and change is not None:
@@ -228,7 +235,58 @@ class Mixes:
         else:
             mix.update(status="failed", error=data.error.model_dump(mode="json"))
             kind = JOB_MIX_FAILED
-        return lifecycle.Transition(set={f"mixes.{data.mix_id}": mix}, emit=[self._client_event(doc, mix, kind)])
+        after = {**doc["mixes"], data.mix_id: mix}
+        return lifecycle.Transition(
+            set={f"mixes.{data.mix_id}": mix, PENDING_SINCE: pending_since(after)},
+            emit=[self._client_event(doc, mix, kind)],
+        )
+
+    # --- the sweep of stuck mixes -------------------------------------------------------------
+
+    async def time_out_stuck(self, timeout_s: float = MIX_TIMEOUT_S) -> int:
+        """Fail the mixes queued or running that have not changed for `timeout_s` (`mix_timeout`); how many."""
+        cutoff = lifecycle.utcnow() - timedelta(seconds=timeout_s)
+        found = self._jobs.repo.jobs.find({PENDING_SINCE: {"$lt": cutoff}}, {"_id": 1}).limit(100)
+        count = 0
+        ended: list[str] = []  # the mixes failed in the last transition (it may be decided again on a conflict)
+        for job_id in [doc["_id"] async for doc in found]:
+            doc, change = await self._jobs.repo.transition(
+                job_id, lambda current: self._time_out(current, cutoff, timeout_s, ended), lifecycle.utcnow()
+            )
+            if doc is None or change is None:
+                continue  # it moved (or ended) since the query
+            await self._jobs.remember(doc)
+            await self._jobs.relay.flush(job_id)
+            for mix_id in ended:
+                log.warning("job %s: mix %s made no progress for %.0f s: failed", job_id, mix_id, timeout_s)
+            count += len(ended)
+        return count
+
+    def _time_out(
+        self, doc: dict[str, Any], cutoff: datetime, timeout_s: float, ended: list[str]
+    ) -> lifecycle.Transition | None:
+        """The pure transition failing a job's stuck mixes (their ids into `ended`)."""
+        mixes = dict(doc.get("mixes") or {})
+        error = ErrorInfo(
+            code="mix_timeout",
+            message=f"the mix made no progress for {timeout_s:.0f} s and was stopped; ask for it again",
+        )
+        changes: dict[str, Any] = {}
+        emit: list[Event[Any]] = []
+        ended.clear()
+        for mix_id, mix in mixes.items():
+            if mix["status"] in TERMINAL or mix["updated_at"] >= cutoff:
+                continue
+            mixes[mix_id] = failed = dict(
+                mix, status="failed", error=error.model_dump(mode="json"), updated_at=lifecycle.utcnow()
+            )
+            changes[f"mixes.{mix_id}"] = failed
+            emit.append(self._client_event(doc, failed, JOB_MIX_FAILED))
+            ended.append(mix_id)
+        since = pending_since(mixes)
+        if not changes and since == doc.get(PENDING_SINCE):
+            return None
+        return lifecycle.Transition(set={**changes, PENDING_SINCE: since}, emit=emit)
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -273,6 +331,11 @@ class Mixes:
         return make_event(
             spec, data, source=self._source, id=event_id(doc["_id"], mix["id"], str(mix["attempt"]), spec.name)
         )
+
+
+def pending_since(mixes: dict[str, Any]) -> datetime | None:
+    """Since when the oldest unfinished mix has not changed; None when every mix has ended."""
+    return min((m["updated_at"] for m in mixes.values() if m["status"] not in TERMINAL), default=None)
 
 
 def resolve_gains(doc: dict[str, Any], options: MixOptions) -> tuple[dict[str, float], list[dict[str, Any]]]:
