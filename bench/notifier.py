@@ -498,6 +498,7 @@ async def run_mode(mode: str, args: argparse.Namespace, urls: Any, pythonpath: s
         "REPLICA_ID": "bench",
         "LOG_LEVEL": "WARNING",
         "BENCH_GC_LOG": str(gc_log),
+        **({"SNAPSHOT_MAX_JOBS": str(args.snapshot_max_jobs)} if args.snapshot_max_jobs is not None else {}),
         **(
             {"PYTHONPATH": os.pathsep.join(filter(None, [pythonpath, os.environ.get("PYTHONPATH")]))}
             if pythonpath
@@ -659,6 +660,12 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=4, help="client processes")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--modes", default=",".join(MODES), help="batched, unbatched or both")
+    parser.add_argument(
+        "--snapshot-max-jobs",
+        type=int,
+        help="the notifier's SNAPSHOT_MAX_JOBS; 0: a subscription to all jobs does not ask the gateway for their "
+        "state, so connecting the clients is bound by the notifier rather than by the gateway and MongoDB",
+    )
     parser.add_argument("--baseline-pythonpath", help="also run the notifier from this code (first on PYTHONPATH)")
     parser.add_argument("--current-pythonpath", help="run the current notifier from this code, not the checkout")
     args = parser.parse_args()
@@ -676,6 +683,8 @@ def main() -> None:
     for mode in modes:  # mode by mode, the variants one after the other, so drifting load hits both alike
         for variant, pythonpath in variants.items():
             results[variant][mode] = asyncio.run(run_mode(mode, args, urls, pythonpath))
+            RESULTS.mkdir(exist_ok=True)  # so far, in case the run is cut short
+            (RESULTS / "notifier.partial.json").write_text(json.dumps(results, indent=2) + "\n")
     summary = report(args, results)
     summary["load_before"] = [round(x, 2) for x in load_before]
     summary["load_after"] = [round(x, 2) for x in os.getloadavg()]
