@@ -27,6 +27,8 @@ const FIELD_FIXES = {
   model: "Model: choose one of the models on offer",
   quality: "Quality: choose fast, balanced or best",
   output_format: "Format: choose WAV, FLAC or MP3",
+  bit_depth: "Bit depth: 16 or 24 bits (32-bit float in WAV only), none for MP3",
+  sample_rate: "Sample rate: 44.1, 48, 88.2 or 96 kHz, for WAV and FLAC only",
   trim_start: "Start: a number of seconds from 0, before End",
   trim_end: "End: a number of seconds after Start",
   tempo: "Tempo: from 50% to 150%",
@@ -262,6 +264,11 @@ function jobOptions() {
     output_format: $("opt-format").value,
     analyze: $("opt-analyze").checked,
   };
+  // Bit depth and sample rate: WAV and FLAC only; left out, the service's defaults.
+  if (options.output_format !== "mp3") {
+    if ($("opt-depth").value) options.bit_depth = $("opt-depth").value;
+    if ($("opt-rate").value) options.sample_rate = Number($("opt-rate").value);
+  }
   for (const [field, id] of [["trim_start", "opt-trim-start"], ["trim_end", "opt-trim-end"]]) {
     if ($(id).value !== "") options[field] = Number($(id).value);
   }
@@ -270,7 +277,18 @@ function jobOptions() {
 
 function rememberOptions(options) {
   const { model, stems, quality, output_format: format, analyze } = options;
-  localStorage.setItem(OPTIONS_STORE, JSON.stringify({ model, stems, quality, format, analyze }));
+  const depth = $("opt-depth").value, rate = $("opt-rate").value;
+  localStorage.setItem(OPTIONS_STORE, JSON.stringify({ model, stems, quality, format, analyze, depth, rate }));
+}
+
+// What each format can hold: no bit depth or sample rate for MP3, no float in FLAC.
+function fitFormatChoices(format, depth, rate) {
+  const mp3 = format === "mp3";
+  depth.disabled = mp3;
+  if (rate) rate.disabled = mp3;
+  const float = [...depth.options].find((o) => o.value === "float" || o.value === "32");
+  float.disabled = format !== "wav";
+  if (float.disabled && depth.value === float.value) depth.value = depth.options[0].value === "" ? "" : "24";
 }
 
 function restoreOptions() {
@@ -278,6 +296,9 @@ function restoreOptions() {
   try { saved = JSON.parse(localStorage.getItem(OPTIONS_STORE) || "{}"); } catch { /* a damaged entry: defaults */ }
   if (saved.quality) $("opt-quality").value = saved.quality;
   if (saved.format) $("opt-format").value = saved.format;
+  if (typeof saved.depth === "string") $("opt-depth").value = saved.depth;
+  if (typeof saved.rate === "string") $("opt-rate").value = saved.rate;
+  fitFormatChoices($("opt-format").value, $("opt-depth"), $("opt-rate"));
   if (typeof saved.analyze === "boolean") $("opt-analyze").checked = saved.analyze;
   state.prefs = { model: saved.model || null, stems: saved.stems || null };
 }
@@ -703,7 +724,7 @@ async function rerun() {
   const dialog = $("rerun-dialog");
   const job = state.jobs.get(dialog.dataset.job);
   if (dialog.returnValue !== "run" || !job) return;
-  const kept = ["quality", "output_format", "analyze", "separate", "trim_start", "trim_end", "residual", "priority"];
+  const kept = ["quality", "output_format", "bit_depth", "sample_rate", "analyze", "separate", "trim_start", "trim_end", "residual", "priority"];
   const options = Object.fromEntries(kept.filter((k) => job.options[k] != null).map((k) => [k, job.options[k]]));
   Object.assign(options, { model: $("rerun-model").value, stems: Number($("rerun-stems").value) });
   const file = state.files.get(job.id);
@@ -713,6 +734,9 @@ async function rerun() {
   renderModels();
   $("opt-quality").value = options.quality;
   $("opt-format").value = options.output_format;
+  $("opt-depth").value = options.bit_depth === 32 ? "float" : String(options.bit_depth || "");
+  $("opt-rate").value = String(options.sample_rate || "");
+  fitFormatChoices(options.output_format, $("opt-depth"), $("opt-rate"));
   $("file-name").textContent = `Choose ${job.input.filename || "the song"} again to split it with ${options.model} into ${options.stems} stems.`;
   $("submit-section").scrollIntoView({ block: "start" });
   $("file").focus();
@@ -1430,12 +1454,19 @@ function setupPractice() {
   $("loop").addEventListener("change", () => state.mixer?.restartLoop());
   $("click").addEventListener("change", () => state.mixer?.setClick($("click").checked));
   $("export").addEventListener("click", () => exportMix().catch(fail));
+  const fitMix = () => {
+    fitFormatChoices($("mix-format").value, $("mix-depth"), null);
+    $("mix-depth-label").hidden = $("mix-rate").hidden = $("mix-format").value === "mp3";
+  };
+  $("mix-format").addEventListener("change", fitMix);
+  fitMix();
 }
 
 // ---- exported mixes: rendered by Stemflow (POST /v1/jobs/{id}/mixes), followed live, played and downloaded here
 
 function mixRequest(m) {
   const body = { format: $("mix-format").value };
+  if (body.format !== "mp3") body.bit_depth = Number($("mix-depth").value);
   const gains = {};
   for (const s of m.stems) if (s.volume !== 1) gains[s.info.name] = round2(s.volume);
   if (Object.keys(gains).length) body.gains = gains;
@@ -1507,7 +1538,10 @@ function describeMix(mix) {
   const changed = Object.entries(o.gains || {}).map(([name, gain]) => `${name} ${Math.round(gain * 100)}%`);
   if (changed.length) parts.push(changed.join(", "));
   if (o.click) parts.push("click");
-  parts.push((o.format || "wav").toUpperCase());
+  const file = mix.file || {};
+  const depth = file.bit_depth || o.bit_depth || (o.format === "mp3" ? null : 24);
+  const rate = file.sample_rate && `${file.sample_rate / 1000} kHz`;
+  parts.push([(o.format || "wav").toUpperCase(), depth && (depth === 32 ? "32-bit float" : `${depth}-bit`), rate].filter(Boolean).join(" "));
   return parts.join(" · ");
 }
 
@@ -1631,6 +1665,7 @@ async function main() {
   $("job-form").addEventListener("submit", submitJob);
   $("opt-model").addEventListener("change", () => { state.prefs.model = $("opt-model").value; renderStems(); });
   $("opt-stems").addEventListener("change", () => { state.prefs.stems = Number($("opt-stems").value); });
+  $("opt-format").addEventListener("change", () => fitFormatChoices($("opt-format").value, $("opt-depth"), $("opt-rate")));
   restoreOptions();
   setupDrop();
   setupPlayer();
