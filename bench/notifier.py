@@ -316,6 +316,16 @@ def collections(before: dict[str, float], after: dict[str, float], generation: i
     }
 
 
+def connections_gone(port: int, timeout: float = 120.0) -> None:
+    """Wait until the notifier's open WebSocket count (its /metrics) is back to zero."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+        if "\nstemflow_ws_connections 0.0\n" in text:
+            return
+        time.sleep(0.5)
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / 100.0
@@ -542,7 +552,7 @@ async def run_mode(mode: str, args: argparse.Namespace, urls: Any, pythonpath: s
         results = [await asyncio.to_thread(reports.get, True, 120) for _ in procs]
         for proc in procs:
             proc.join(60)
-        await asyncio.sleep(5)  # the notifier closes its side of every connection
+        await asyncio.to_thread(connections_gone, clients_port)
         census_left = await asyncio.to_thread(gc_census, gc_log)
     finally:
         stop.set()
