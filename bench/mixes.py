@@ -7,11 +7,12 @@ process pinned to one core with one thread per library:
 - plain mixes (karaoke gains) as WAV 24, FLAC 16 and MP3;
 - tempo and pitch with Rubber Band: 0.75x and -2 semitones at each quality (fast: R2; balanced: R3 short
   window, the default; best: R3 full), tempo only, pitch only, and a looped 4-bar section with a click;
+  the goal case also as the baseline, "1 pass": pitch shifted inside Rubber Band's pass instead of by soxr;
 - unity: every stem at gain 1 against the original, as the residual in dB (goal <= -60 dB).
 Goal: a 4-minute song's practice mix at 0.75x tempo, -2 semitones, ready in <= 10 s on one core
 (CPU seconds of the worker process; wall seconds are printed too, and differ on a busy machine).
 
-    .venv/bin/python bench/mixes.py [--seconds 240] [--runs 3] [--core N] [--only plain,stretch,unity]
+    .venv/bin/python bench/mixes.py [--seconds 240] [--runs 3] [--core N] [--only plain,stretch,unity] [--cases A,B]
 """
 
 from __future__ import annotations
@@ -41,6 +42,14 @@ CASES: dict[str, dict[str, Any]] = {
     "plain mp3": {"gains": KARAOKE, "format": "mp3", "bit_depth": None},
     "0.75x -2st fast": {"gains": KARAOKE, "tempo": 0.75, "semitones": -2.0, "quality": "fast"},
     "0.75x -2st balanced": {"gains": KARAOKE, "tempo": 0.75, "semitones": -2.0, "quality": "balanced"},
+    # The baseline: pitch shifted inside Rubber Band's pass (its own resampler) instead of by soxr after it.
+    "0.75x -2st balanced 1 pass": {
+        "gains": KARAOKE,
+        "tempo": 0.75,
+        "semitones": -2.0,
+        "quality": "balanced",
+        "one_pass": True,
+    },
     "0.75x -2st best": {"gains": KARAOKE, "tempo": 0.75, "semitones": -2.0, "quality": "best"},
     "0.75x balanced": {"gains": KARAOKE, "tempo": 0.75, "quality": "balanced"},
     "-2st balanced": {"gains": KARAOKE, "semitones": -2.0, "quality": "balanced"},
@@ -104,8 +113,12 @@ def write_song(folder: Path, seconds: float) -> dict[str, Any]:
 
 def run_case(song: dict[str, Any], case: dict[str, Any], out: str) -> dict[str, Any]:
     """Child process: render one mix as the worker does; its CPU and wall seconds and the facts."""
+    from analyzer import mixing
     from analyzer.mixer import render_mix
     from analyzer.mixing import MixPlan
+
+    if case.get("one_pass"):
+        mixing.stretch = one_pass_stretch
 
     gains = case.get("gains", {})
     plan = MixPlan(
@@ -133,6 +146,33 @@ def run_case(song: dict[str, Any], case: dict[str, Any], out: str) -> dict[str, 
         "gain_db": rendered.gain_db,
         "steps": rendered.steps,
     }
+
+
+def one_pass_stretch(samples: Any, sr: int, tempo: float, semitones: float, quality: str, progress: Any = None) -> Any:
+    """The baseline: tempo and pitch in one Rubber Band pass (pitch by its internal resampler)."""
+    import numpy as np
+    from pylibrb import RubberBandStretcher
+
+    from analyzer import mixing
+
+    channels, frames = samples.shape
+    stretcher = RubberBandStretcher(
+        sample_rate=sr,
+        channels=channels,
+        options=mixing.COMMON | mixing.ENGINES[quality],
+        initial_time_ratio=1.0 / tempo,
+        initial_pitch_scale=2.0 ** (semitones / 12.0),
+    )
+    stretcher.set_expected_input_duration(frames)
+    stretcher.set_max_process_size(mixing.BLOCK)
+    for at in range(0, frames, mixing.BLOCK):
+        stretcher.study(samples[:, at : at + mixing.BLOCK], final=at + mixing.BLOCK >= frames)
+    chunks = []
+    for at in range(0, frames, mixing.BLOCK):
+        stretcher.process(samples[:, at : at + mixing.BLOCK], final=at + mixing.BLOCK >= frames)
+        chunks.extend(mixing._drain(stretcher))
+    chunks.extend(mixing._drain(stretcher))
+    return mixing._fit(np.concatenate(chunks, axis=1), (channels, round(frames / tempo)))
 
 
 def unity(song: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -179,6 +219,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs per case (the median is kept)")
     parser.add_argument("--core", type=int, default=max(os.sched_getaffinity(0)), help="the one core to run on")
     parser.add_argument("--only", default="plain,stretch,unity")
+    parser.add_argument("--cases", default="", help="comma-separated case names to run (default: all of --only)")
     parser.add_argument("--child")
     parser.add_argument("--payload")
     args = parser.parse_args()
@@ -201,6 +242,7 @@ def main() -> int:
             name
             for name in CASES
             if ("plain" in only and name.startswith("plain")) or ("stretch" in only and not name.startswith("plain"))
+            if not args.cases or name in args.cases.split(",")
         ]
         print(f"{'case':<24} {'cpu s':>7} {'wall s':>7} {'cpu s/min':>10} {'out s':>7}  steps (cpu s)")
         for name in wanted:
@@ -228,6 +270,10 @@ def main() -> int:
             print(
                 f"goal: a 4-minute song at 0.75x, -2 st ({GOAL_CASE}): {per_4min:.1f} s CPU on one core, {verdict} <= 10 s"
             )
+            baseline = cases.get(f"{GOAL_CASE} 1 pass")
+            if baseline:
+                report["stretch_vs_one_pass"] = round(cases[GOAL_CASE]["cpu_s"] / baseline["cpu_s"], 3)
+                print(f"  {report['stretch_vs_one_pass']:.2f}x the CPU of one Rubber Band pass for tempo and pitch")
         if "unity" in only:
             found = in_child("unity", args.core, {"song": song, "folder": tmp})
             report["unity_residual_db"] = found

@@ -39,8 +39,9 @@ SUBTYPES = {16: "PCM_16", 24: "PCM_24", 32: "FLOAT"}
 # - fast: the R2 ("faster") engine with a short window, phases reset at transients only above the range of
 #   fundamentals (its default "crisp" resets detune steady tones by up to a third of a semitone);
 # - balanced (default): the R3 ("finer") engine restricted to its short window: R3's clean pitch on complex
-#   mixes, vocals and bass at R2's cost (a 4-minute song at 0.75x, -2 semitones within 10 s on one core),
-#   onsets smeared by up to ~15 ms;
+#   mixes, vocals and bass at R2's cost (bench/mixes.py; 30 s of a steady tone and of noise bursts at 0.75x,
+#   -2 semitones: R3 short tone residue -69 dB, pre-echo 0.2 %, onsets within 2.6 ms, at R2 short's CPU within
+#   5 %, whose residue is -44 dB and pre-echo 11 %), onsets drifting early by up to ~16 ms at 0.5x;
 # - best: R3 with its full multi-resolution analysis: transients stay sharp (no audible pre-echo), ~2.4x slower.
 # Channels are processed together, which keeps the stereo image (centre stays centre, mono-compatible).
 ENGINES = {
@@ -228,16 +229,38 @@ def _matching_gain_db(wanted: float, before: float, peak: float, ceiling: float)
 def stretch(
     samples: np.ndarray, sr: int, tempo: float, semitones: float, quality: str, progress: Progress | None = None
 ) -> np.ndarray:
-    """Tempo changed without pitch and pitch without tempo, by Rubber Band offline (two passes)."""
+    """Tempo changed without pitch and pitch without tempo: Rubber Band stretches, soxr resamples.
+
+    A pitch shift by `p` is a stretch by `p / tempo` and a resampling by `1 / p`, which is what Rubber Band does
+    inside; done outside, the resampling is soxr's (exact ratio, 0.5 s for 4 minutes) and Rubber Band only
+    stretches, at about half the cost of its own combined pass (bench/mixes.py). The resampling is on the
+    side with fewer frames: after the stretch going down, before it going up.
+    """
     if tempo == 1.0 and semitones == 0.0:
         return samples.copy()
     channels, frames = samples.shape
+    pitch = 2.0 ** (semitones / 12.0)
+    if pitch > 1.0:
+        samples = _resample(samples, sr, sr / pitch)
+    out = _rubber_band(samples, sr, pitch / tempo, quality, progress)
+    if pitch < 1.0:
+        out = _resample(out, sr, sr / pitch)
+    return _fit(out, (channels, round(frames / tempo)))
+
+
+def _resample(samples: np.ndarray, sr: float, rate: float) -> np.ndarray:
+    return np.ascontiguousarray(soxr.resample(samples.T, sr, rate, quality="HQ").T)
+
+
+def _rubber_band(
+    samples: np.ndarray, sr: int, time_ratio: float, quality: str, progress: Progress | None
+) -> np.ndarray:
+    """Rubber Band offline (study, then process) stretching (channels, frames) by `time_ratio`, pitch kept."""
+    channels, frames = samples.shape
+    if time_ratio == 1.0:
+        return samples.copy()
     stretcher = RubberBandStretcher(
-        sample_rate=sr,
-        channels=channels,
-        options=COMMON | ENGINES[quality],
-        initial_time_ratio=1.0 / tempo,
-        initial_pitch_scale=2.0 ** (semitones / 12.0),
+        sample_rate=sr, channels=channels, options=COMMON | ENGINES[quality], initial_time_ratio=time_ratio
     )
     stretcher.set_expected_input_duration(frames)
     stretcher.set_max_process_size(BLOCK)
@@ -251,7 +274,7 @@ def stretch(
             progress(min(at + BLOCK, frames) / frames)
     chunks.extend(_drain(stretcher))
     out = np.concatenate(chunks, axis=1) if chunks else np.zeros((channels, 0), np.float32)
-    return _fit(np.ascontiguousarray(out, dtype=np.float32), (channels, round(frames / tempo)))
+    return np.ascontiguousarray(out, dtype=np.float32)
 
 
 def _drain(stretcher: RubberBandStretcher) -> list[np.ndarray]:
