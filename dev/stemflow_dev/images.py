@@ -3,6 +3,7 @@
     python -m stemflow_dev.images base            # python:3.11-slim-bookworm: present, pulled, or a stand-in
     python -m stemflow_dev.images build [NAME...] [--source REV]  # stemflow/<service>:<version>, sizes
     python -m stemflow_dev.images sizes
+    python -m stemflow_dev.images startup [NAME...]  # seconds to /readyz, one container at a time
 
 The stand-in exists for machines that reach Debian's and PyPI's mirrors but no
 container registry. It is made from Debian's own packages (`debootstrap
@@ -294,6 +295,95 @@ def sizes_table(services: list[str]) -> str:
     return "\n".join(rows)
 
 
+# --- start-up time ---------------------------------------------------------------
+
+
+def startup_times(services: list[str]) -> dict[str, float]:
+    """Seconds from `docker run` to /readyz 200 for each image started alone (the gateway stays up: the notifier needs it).
+
+    Each runs as tests/images runs it (read-only root, uid 10001, no capabilities, Compose's limits) against the
+    local servers (stemflow_dev.stack), in a namespace and database of its own that are removed at the end.
+    """
+    import asyncio
+    import secrets
+    import urllib.request
+
+    import yaml
+
+    from stemflow_dev.fixtures import STATE_DIR, delete_namespace
+    from stemflow_dev.models import make_tiny_repo
+    from stemflow_dev.services import Ports, service_env
+    from stemflow_dev.stack import ensure_stack
+
+    urls = ensure_stack(STATE_DIR)
+    compose = yaml.safe_load((REPO_ROOT / "deploy" / "compose" / "compose.yaml").read_text())
+    namespace = f"startup{secrets.token_hex(4)}"
+    ports = Ports.free()
+    times: dict[str, float] = {}
+    running: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="stemflow-startup-") as tmp:
+        blobs, models = Path(tmp) / "blobs", make_tiny_repo(Path(tmp) / "models")
+        blobs.mkdir()
+        for path in (Path(tmp), blobs, models, *models.rglob("*")):
+            path.chmod(0o777 if path == blobs else 0o755 if path.is_dir() else 0o644)
+        env = service_env(
+            urls,
+            namespace=namespace,
+            mongodb_db=f"stemflow_{namespace}",
+            blob_dir=Path("/var/lib/stemflow/blobs"),
+            model_repo=Path("/var/lib/stemflow/models"),
+            ports=ports,
+            extra={"MODELS": "htdemucs", "TORCH_THREADS": "1", "WORKERS": "1"},
+        )
+        env_file = Path(tmp) / "env"  # the secrets stay off command lines
+        env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+
+        def start(service: str) -> float:
+            limits = compose["services"][service]["deploy"]["resources"]["limits"]
+            port = getattr(ports, service)
+            name = f"stemflow-startup-{namespace}-{service}"
+            started = time.monotonic()
+            # fmt: off
+            docker(
+                "run", "--detach", "--name", name, "--network", "host", "--read-only", "--user", "10001:10001",
+                "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "--tmpfs", "/tmp:size=1g",
+                "--volume", f"{blobs}:/var/lib/stemflow/blobs", "--volume", f"{models}:/var/lib/stemflow/models:ro",
+                "--cpus", str(min(float(limits["cpus"]), os.cpu_count() or 1)), "--memory", str(limits["memory"]),
+                "--env-file", str(env_file), "--env", f"HTTP_PORT={port}", "--env", f"OTEL_SERVICE_NAME={service}",
+                tag(service), capture_output=True,
+            )
+            # fmt: on
+            running.append(name)
+            while time.monotonic() - started < 600:
+                with contextlib.suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2):
+                    return time.monotonic() - started
+                if _output([docker_cli(), "inspect", "--format", "{{.State.Running}}", name]) != "true":
+                    break
+                time.sleep(0.2)
+            logs = subprocess.run([docker_cli(), "logs", "--tail", "30", name], capture_output=True, text=True)
+            raise SystemExit(f"{service} did not become ready:\n{logs.stdout}{logs.stderr}")
+
+        def stop(name: str) -> None:
+            subprocess.run([docker_cli(), "rm", "--force", name], capture_output=True, check=False)
+            running.remove(name)
+
+        try:
+            for service in ["gateway", *(s for s in services if s != "gateway")]:
+                times[service] = start(service)
+                print(f"{service}: ready {times[service]:.1f} s after docker run", flush=True)
+                if service != "gateway":
+                    stop(running[-1])
+        finally:
+            for name in list(running):
+                stop(name)
+            asyncio.run(delete_namespace(urls.amqp_url, namespace))
+            from pymongo import MongoClient
+
+            with MongoClient(urls.mongodb_url) as mongo:
+                mongo.drop_database(f"stemflow_{namespace}")
+    return {s: times[s] for s in services if s in times}
+
+
 # --- helpers and command line ----------------------------------------------------
 
 
@@ -308,7 +398,7 @@ def _output(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stemflow_dev.images", description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=["base", "build", "sizes"])
+    parser.add_argument("command", choices=["base", "build", "sizes", "startup"])
     parser.add_argument("services", nargs="*", metavar="SERVICE", help=f"default: all five ({', '.join(SERVICES)})")
     parser.add_argument("--cuda", action="store_true", help="also the separator's CUDA target (needs its base)")
     parser.add_argument("--source", metavar="REV", help="build a commit (git archive REV), not the working tree")
@@ -318,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     services = args.services or list(SERVICES)
     if args.command == "base":
         ensure_base()
+        return 0
+    if args.command == "startup":
+        times = startup_times(services)
+        print("seconds from docker run to /readyz, each alone:", {s: round(t, 1) for s, t in times.items()})
         return 0
     if args.command == "build":
         for built in build(services, cuda=args.cuda, source=args.source):
