@@ -96,7 +96,7 @@ async def test_the_workers_events_move_the_mix_and_reach_clients(app, client, ow
     key = f"jobs/{job_id}/mixes/{mix['id']}/mix.flac"
     info = await app.state.jobs.blobs.put_stream(key, _once(b"fLaC" + b"\0" * 996))
     file = MixFile(
-        blob_key=key, format="flac", media_type="audio/flac", size=info.size, duration_s=1.0, sample_rate=44100
+        blob_key=key, format="flac", media_type="audio/flac", size=info.size, duration_s=1.0, sample_rate=48000
     )
     assert await mixes.apply_event(
         make_event(MIX_COMPLETED, MixCompleted(job_id=job_id, mix_id=mix["id"], file=file), source="/t")
@@ -105,6 +105,7 @@ async def test_the_workers_events_move_the_mix_and_reach_clients(app, client, ow
     assert done.spec is JOB_MIX_COMPLETED and done.data.mix.path == f"/v1/jobs/{job_id}/mixes/{mix['id']}/file"
     body = (await client.get(f"/v1/jobs/{job_id}/mixes/{mix['id']}", headers=owner)).json()
     assert body["status"] == "completed" and body["file"]["size"] == 1000 and "blob_key" not in body["file"]
+    assert body["file"]["sample_rate"] == 48000  # a job's 48 kHz stems make a 48 kHz mix
     download = await client.get(f"/v1/jobs/{job_id}/mixes/{mix['id']}/file", headers=owner)
     assert download.status_code == 200 and download.content.startswith(b"fLaC")
     assert download.headers["content-type"] == "audio/flac" and download.headers["accept-ranges"] == "bytes"

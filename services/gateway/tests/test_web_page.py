@@ -148,6 +148,9 @@ async def test_the_page_offers_bit_depth_and_sample_rate_for_stems_and_mixes(
         assert (await posted.value).post_data_json == {"format": "flac", "bit_depth": 16}
         await page.locator("#mixes li", has_text="FLAC 16-bit").wait_for(timeout=10_000)
         await page.screenshot(path=ARTIFACTS / "13-mix-formats.png", full_page=True)
+        await page.set_viewport_size({"width": 390, "height": 844})
+        await page.screenshot(path=ARTIFACTS / "14-formats-phone.png", full_page=True)
+        assert await page.evaluate("document.documentElement.scrollWidth") <= 390
     (mix,) = (await client.get(f"/v1/jobs/{job_id}/mixes", headers=owner)).json()["items"]
     assert mix["options"] == {"format": "flac", "bit_depth": 16}
 
