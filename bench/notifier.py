@@ -356,7 +356,8 @@ def latencies(stats: list[dict[str, Any]], probe: dict[str, float]) -> dict[str,
 # Run as `python -c` in place of `-m notifier.main`: a gc.callbacks hook times every collection (wall time of the
 # stop-the-world pause, its generation, when it ended) into an array of floats that a thread appends to a file
 # twice a second; on request (a file `<log>.census` appearing) the thread also counts the objects the collector
-# tracks. The hook allocates nothing the collector tracks but one tuple per collection.
+# tracks, then times a full collection (what the next one CPython starts on its own would cost; between the phases
+# whose pauses are reported). The hook allocates nothing the collector tracks but one tuple per collection.
 GC_RECORDER = """
 import array, gc, json, os, sys, threading, time
 log = os.environ["BENCH_GC_LOG"]
@@ -380,6 +381,10 @@ def flush():
             os.remove(log + ".census")
             state = {"tracked": len(gc.get_objects()), "frozen": gc.get_freeze_count(),
                      "threshold": gc.get_threshold(), "count": gc.get_count()}
+            wall, cpu = time.perf_counter(), time.thread_time()
+            gc.collect()
+            state["full_collection_ms"] = round(1000 * (time.perf_counter() - wall), 1)
+            state["full_collection_cpu_ms"] = round(1000 * (time.thread_time() - cpu), 1)
             with open(log + ".state.tmp", "w") as f:
                 json.dump(state, f)
             os.replace(log + ".state.tmp", log + ".state")
