@@ -378,11 +378,15 @@ def flush():
             f.write(pauses[written:end].tobytes())
         written = end
         if os.path.exists(log + ".census"):
+            with open(log + ".census") as f:
+                thaw = f.read() == "thaw"
             os.remove(log + ".census")
             state = {"tracked": len(gc.get_objects()), "frozen": gc.get_freeze_count(),
                      "threshold": gc.get_threshold(), "count": gc.get_count()}
+            if thaw:
+                gc.unfreeze()
             wall, cpu = time.perf_counter(), time.thread_time()
-            gc.collect()
+            state["unreachable"] = gc.collect()
             state["full_collection_ms"] = round(1000 * (time.perf_counter() - wall), 1)
             state["full_collection_cpu_ms"] = round(1000 * (time.thread_time() - cpu), 1)
             with open(log + ".state.tmp", "w") as f:
@@ -402,11 +406,13 @@ def gc_pauses(log: Path) -> list[tuple[float, int, float, float]]:
     return [(values[i], int(values[i + 1]), values[i + 2], values[i + 3]) for i in range(0, len(values) - 3, 4)]
 
 
-def gc_census(log: Path, timeout: float = 60.0) -> dict[str, Any]:
-    """The objects the notifier's collector tracks, frozen and not, counted inside its process."""
+def gc_census(log: Path, timeout: float = 60.0, thaw: bool = False) -> dict[str, Any]:
+    """The objects the notifier's collector tracks, frozen and not, counted inside its process, and a timed full
+    collection with what it found unreachable; with `thaw`, of frozen objects too (gc.unfreeze first: cycles that
+    freezing would have kept forever)."""
     state = Path(f"{log}.state")
     state.unlink(missing_ok=True)
-    Path(f"{log}.census").touch()
+    Path(f"{log}.census").write_text("thaw" if thaw else "")
     deadline = time.monotonic() + timeout
     while not state.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -560,7 +566,7 @@ async def run_mode(mode: str, args: argparse.Namespace, urls: Any, pythonpath: s
             proc.join(60)
         await asyncio.to_thread(connections_gone, clients_port)
         wall_left = time.time()
-        census_left = await asyncio.to_thread(gc_census, gc_log)  # takes over 0.5 s: the pauses are in the file
+        census_left = await asyncio.to_thread(gc_census, gc_log, 120.0, True)  # over 0.5 s: the pauses are in
         pauses = gc_pauses(gc_log)
     finally:
         stop.set()
@@ -590,7 +596,8 @@ async def run_mode(mode: str, args: argparse.Namespace, urls: Any, pythonpath: s
         "gc_during_stream": pause_figures(pauses, wall_before, wall_after),
         "gc_while_clients_leave": pause_figures(pauses, wall_leaving, wall_left),
         # Objects the collector tracks (and frozen ones) before the clients came, with them all connected after
-        # the stream, and once they had left: frozen objects that stay are caches, or cycles never collected.
+        # the stream, and once they had left: frozen objects that stay are caches, or cycles never collected
+        # (the last census unfreezes everything first: `unreachable` counts them).
         "gc_objects_before_clients": census_before,
         "gc_objects_after_stream": census,
         "gc_objects_after_clients_left": census_left,
