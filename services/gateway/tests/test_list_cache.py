@@ -117,3 +117,45 @@ async def test_first_and_later_pages_count_against_the_rate_limit(base_env: dict
         for query in ("?limit=1", f"?limit=1&cursor={page['next_cursor']}"):
             answers = [(await client.get(f"/v1/jobs{query}", headers=alice)).status_code for _ in range(8)]
             assert 429 in answers and set(answers) <= {200, 429}, answers
+
+
+async def test_cached_first_pages_are_answered_before_the_route_and_each_request_counted_once(
+    app: Any, client: httpx.AsyncClient, helpers: Any, monkeypatch: Any
+) -> None:
+    """A cached first page is answered by cached_reads.py (the route never runs); a miss, a cursor or a query the
+    route must judge goes on to the route, and every request counts once against the rate limit."""
+    from gateway import job_routes
+
+    routed: list[bytes] = []
+    page_response = job_routes._page_response
+
+    def counting(body: bytes, gzipped: bool) -> Any:
+        routed.append(body)
+        return page_response(body, gzipped)
+
+    monkeypatch.setattr(job_routes, "_page_response", counting)
+    alice = await helpers.new_key(app, "lc-front")
+    who = await app.state.api_keys.authenticate(alice["Authorization"].split()[1])
+    ids = [(await helpers.submit(client, alice)).json()["id"] for _ in range(2)]
+
+    async def counted() -> int:
+        return int(await app.state.redis.get(app.state.limiter.counter_key(who)) or 0)
+
+    before = await counted()
+    miss = await client.get("/v1/jobs?limit=5&status=queued", headers=alice)  # read by the route, then cached
+    hits = [await client.get("/v1/jobs?status=queued&limit=5", headers=alice) for _ in range(3)]
+    assert len(routed) == 1
+    assert all(hit.content == miss.content and hit.status_code == 200 for hit in hits)
+    assert [item["id"] for item in miss.json()["items"]] == ids[::-1] and miss.json()["next_cursor"] is None
+    assert hits[0].headers["content-type"] == "application/json"
+    assert hits[0].headers["content-encoding"] == "gzip" and hits[0].headers["vary"] == "Accept-Encoding"
+    plain = await client.get("/v1/jobs?status=queued&limit=5", headers={**alice, "Accept-Encoding": "identity"})
+    assert plain.content == miss.content and "content-encoding" not in plain.headers
+    assert int(plain.headers["content-length"]) == len(plain.content) and len(routed) == 1
+
+    # Queries the front does not read exactly as the route does go on to it: it answers them, or refuses them.
+    odd = ["limit=1&cursor=xxxxxxxx", "limit=5&limit=5", "limit=0", "limit=1001", "status=bogus", "page=2", "limit="]
+    answers = [(await client.get(f"/v1/jobs?{query}", headers=alice)).status_code for query in odd]
+    assert answers == [422, 200, 422, 422, 422, 200, 422]
+    assert len(routed) == 3  # limit=5&limit=5 and page=2 answered by the route, not from the front's cache
+    assert await counted() - before == 5 + 2  # each answered request once (the route counts no refused query)

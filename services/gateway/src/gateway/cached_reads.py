@@ -1,21 +1,27 @@
-"""Cached job reads: hits of `GET /v1/jobs/{id}` answered in front of FastAPI's routing and dependencies.
+"""Cached reads answered in front of FastAPI's routing and dependencies: hits of `GET /v1/jobs/{id}` and of
+the owner's cached first page of `GET /v1/jobs`.
 
-Clients poll their jobs, so this is the gateway's most frequent call, and for a
-cached job the framework cost more than the work. Only a hit for the key's own
-job (200 or 304) and an over-limit key (429) are answered here; everything else
-goes on to the route, which then neither counts the request against the rate
-limit again nor reads the cache a second time.
+Clients poll their jobs and their lists, so these are the gateway's most frequent
+calls, and for a cached answer the framework cost more than the work. Only a hit
+(a job of the key's own: 200 or 304; a cached first page) and an over-limit key
+(429) are answered here; everything else goes on to the route, which then neither
+counts the request against the rate limit again nor reads the cache a second
+time. A list query this does not read exactly as the route would (a cursor, an
+unknown or repeated parameter, a value the route refuses) goes to the route as it
+came.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, get_args
+from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from stemflow_shared import telemetry
 from stemflow_shared.auth import bearer_token
+from stemflow_shared.events import JobStatus
 
 from . import views
 from .cache import CachedJob
@@ -23,19 +29,58 @@ from .problems import Problem, problem_response
 from .ratelimit import COUNTER_TTL_S
 
 JOB_PATH = re.compile(r"/v1/jobs/([0-9a-f]{32})")
+LIST_PATH = "/v1/jobs"
 # Set in the scope once this request has been counted and the cache held no hit for its key's owner.
 LOOKED_UP = "stemflow.cache_looked_up"
+# Set in the scope of a list request counted here whose first page was not cached: the miss, with its generation.
+FIRST_PAGE_MISS = "stemflow.first_page_miss"
+# The list's parameters as the route declares them: `limit` 1..1000 (default 20), `status` one of JobStatus.
+LIST_DEFAULT_LIMIT, LIST_MAX_LIMIT = 20, 1000
+_STATUSES = frozenset(get_args(JobStatus))
 
 
 class CachedJobReads:
     def __init__(self, app: ASGIApp, route_path: str = "/v1/jobs/{job_id}") -> None:
         self.app = app
         self._route = _RouteLabel(route_path)
+        self._list_route = _RouteLabel(LIST_PATH)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = JOB_PATH.fullmatch(scope["path"]) if scope["type"] == "http" and scope["method"] == "GET" else None
-        if match is None or not await self._answered(scope, send, match.group(1)):
-            await self.app(scope, receive, send)
+        if scope["type"] == "http" and scope["method"] == "GET":
+            path = scope["path"]
+            if path == LIST_PATH:
+                query = first_page_query(scope["query_string"])
+                if query is not None and await self._answered_list(scope, send, *query):
+                    return
+            elif (match := JOB_PATH.fullmatch(path)) is not None and await self._answered(scope, send, match.group(1)):
+                return
+        await self.app(scope, receive, send)
+
+    async def _answered_list(self, scope: Scope, send: Send, status: str | None, limit: int) -> bool:
+        state = scope["app"].state
+        headers = dict(scope["headers"])
+        who = await state.api_keys.authenticate(bearer_token(headers.get(b"authorization", b"").decode("latin-1")))
+        if who is None:
+            return False
+        first, count = await state.jobs.cached_first_page(
+            who.owner,
+            status=status,
+            limit=min(limit, state.settings.list_max_limit),
+            gzip_ok=b"gzip" in headers.get(b"accept-encoding", b""),
+            counter_key=state.limiter.counter_key(who),
+        )
+        scope[FIRST_PAGE_MISS] = first
+        scope["route"] = self._list_route
+        telemetry.name_server_span("GET", LIST_PATH)
+        try:
+            state.limiter.enforce(count)
+        except Problem as problem:
+            await problem_response(problem, scope["path"])(scope, _no_body, send)
+            return True
+        if first.body is None:
+            return False
+        await _send(send, 200, page_headers(first.body, first.gzipped), first.body)
+        return True
 
     async def _answered(self, scope: Scope, send: Send, job_id: str) -> bool:
         state = scope["app"].state
@@ -85,6 +130,35 @@ def job_answer(job_id: str, job: CachedJob, if_none_match: str | None) -> tuple[
     if job.gzipped:
         headers.append(("content-encoding", "gzip"))
     return 200, headers, job.body
+
+
+def first_page_query(query_string: bytes) -> tuple[str | None, int] | None:
+    """(status, limit) of a first-page list query, read exactly as the route reads it; None for anything else
+    (a cursor, an unknown, repeated or refused parameter), which the route then answers itself."""
+    status, limit, seen = None, LIST_DEFAULT_LIMIT, set()
+    try:
+        pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True, strict_parsing=bool(query_string))
+    except ValueError:
+        return None
+    for name, value in pairs:
+        if name in seen:
+            return None
+        seen.add(name)
+        if name == "status" and value in _STATUSES:
+            status = value
+        elif name == "limit" and value.isascii() and value.isdigit() and 1 <= int(value) <= LIST_MAX_LIMIT:
+            limit = int(value)
+        else:
+            return None
+    return status, limit
+
+
+def page_headers(body: bytes, gzipped: bool) -> list[tuple[bytes, bytes]]:
+    """A list page's headers, the same here and in the route (a gzipped page says so, with its Vary)."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if gzipped:
+        headers += [(b"content-encoding", b"gzip"), (b"vary", b"Accept-Encoding")]
+    return headers
 
 
 class _RouteLabel:
