@@ -2,7 +2,8 @@
 with batching on (100 ms window, 50 events) and off (window 0, one event a frame), side by side.
 
     .venv/bin/python bench/notifier.py [--clients 10000] [--owners 12] [--jobs-per-owner 10] [--processes 4]
-    .venv/bin/python bench/notifier.py --modes batched --baseline-pythonpath OLD/services/notifier/src:OLD/shared/src
+    .venv/bin/python bench/notifier.py --modes batched --stagger 8 --job-seconds 8 --snapshot-max-jobs 0 \
+        --baseline-pythonpath OLD/services/notifier/src:OLD/shared/src
 
 (OLD: `git archive <commit> services/notifier/src shared/src` of the commit to compare with; the notifier of
 each variant runs from its own code and shared library, everything else from the checkout. Variants run one
