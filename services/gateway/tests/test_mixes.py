@@ -3,6 +3,7 @@ ownership, the worker's events applied (and passed on as job.mix.*), dead letter
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -287,3 +288,21 @@ async def _shared_job(app: Any, client: Any, owner: dict[str, str], helpers: Any
 
 async def _once(data: bytes) -> Any:
     yield data
+
+
+async def test_the_running_gateway_sweeps_stuck_mixes_itself(base_env, helpers):
+    """STUCK_MIX_TIMEOUT_S and JOB_WATCH_INTERVAL_S wire the sweep into the gateway's lifespan: a mix no worker
+    takes (no analyzer runs here) fails with mix_timeout without anyone calling the sweep."""
+    settings = {"stuck_mix_timeout_s": 0.5, "job_watch_interval_s": 0.2}
+    async with helpers.running_app(base_env, **settings) as app, helpers.http_client(app) as client:
+        owner = await helpers.new_key(app, f"sweep-{uuid.uuid4().hex[:6]}")
+        job_id = await helpers.completed_job(app, client, owner, fingerprint=uuid.uuid4().hex)
+        mix = (await client.post(f"/v1/jobs/{job_id}/mixes", headers=owner, json={"tempo": 0.9})).json()
+        assert mix["status"] == "queued"
+        body = mix
+        for _ in range(100):  # the sweep runs every 0.2 s; give a loaded machine 20 s
+            body = (await client.get(f"/v1/jobs/{job_id}/mixes/{mix['id']}", headers=owner)).json()
+            if body["status"] != "queued":
+                break
+            await asyncio.sleep(0.2)
+        assert body["status"] == "failed" and body["error"]["code"] == "mix_timeout", body

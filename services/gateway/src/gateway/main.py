@@ -128,6 +128,17 @@ def create_app(settings: Settings) -> FastAPI:
                     every(settings.job_watch_interval_s, "stuck jobs failed", lambda: jobs.time_out_stuck(timeout_s))
                 )
             )
+        if settings.stuck_mix_timeout_s:
+            mix_timeout_s = settings.stuck_mix_timeout_s
+            background.append(
+                asyncio.create_task(
+                    every(
+                        settings.job_watch_interval_s,
+                        "stuck mixes failed",
+                        lambda: practice_mixes.time_out_stuck(mix_timeout_s),
+                    )
+                )
+            )
         log.info("gateway ready on port %d", settings.http_port)
         try:
             yield

@@ -105,6 +105,12 @@ class JobRepository:
                     [("owner", ASCENDING), ("status", ASCENDING), ("_id", DESCENDING)], name="owner_status_newest"
                 ),
                 IndexModel([("status", ASCENDING), ("updated_at", ASCENDING)], name="status_updated"),
+                # The stuck-mix sweep reads only jobs with an unfinished mix (mixes.PENDING_SINCE).
+                IndexModel(
+                    [("mixes_pending_since", ASCENDING)],
+                    name="mixes_pending",
+                    partialFilterExpression={"mixes_pending_since": {"$type": "date"}},
+                ),
                 IndexModel(
                     [("owner", ASCENDING), ("idempotency_key", ASCENDING)],
                     name="owner_idempotency_key",

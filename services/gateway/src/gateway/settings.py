@@ -43,6 +43,12 @@ class Settings(ServiceSettings, BlobSettings, RedisSettings, HttpLimits):
         ge=0,
         description="An unfinished job that has not changed for this long is failed (stage_timeout); 0 = never",
     )
+    stuck_mix_timeout_s: float = Field(
+        default=900.0,
+        ge=0,
+        description="A practice mix queued or running that has not changed for this long is failed (mix_timeout); "
+        "0 = never",
+    )
     job_watch_interval_s: float = Field(
         default=30.0, gt=0, description="How often the unfinished jobs are sampled for metrics and timed out"
     )
