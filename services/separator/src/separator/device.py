@@ -18,9 +18,10 @@ from .settings import Settings
 # overflows float16 is redone in float32 by the engine.
 CUDA_PRECISION = "float16"
 CUDA_MAX_BATCH = 8
-# On CPU, OpenVINO: on 2 threads, the production htdemucs (random weights) separates 60 s of
-# audio in float32 about 2x faster than torch eager, its stems within -100 dB of torch's
-# (bench/separator.py --only engines); ONNX Runtime is the fallback where OpenVINO is missing.
+# On CPU, OpenVINO: on 2 threads of the dev machine's AMD EPYC (AVX2, no AVX-512), the production
+# htdemucs (random weights, `fast`, 60 s) separates in float32 1.23x faster than torch eager in wall
+# time, 1.18x in CPU time, on a nearly idle machine (two alternating rounds), its stems within
+# -79 dB of torch's; ONNX Runtime (as fast, -66 dB) is the fallback where OpenVINO is missing.
 CPU_ENGINES = ("openvino", "onnx")
 
 
