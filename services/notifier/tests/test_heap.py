@@ -78,8 +78,10 @@ SERVER_SIDE = (UpgradingHttpProtocol, NotifierWebSocketProtocol, Session)
 def _server_side(objects: list[Any]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for obj in objects:
-        kind, module = type(obj), getattr(type(obj), "__module__", None)
-        if isinstance(obj, SERVER_SIDE) or str(module).startswith("notifier.") or kind.__name__ == "WebSocket":
+        # By type, never isinstance: the heap of a whole test run holds weak proxies of dead objects, which raise.
+        kind = type(obj)
+        module = getattr(kind, "__module__", None)
+        if issubclass(kind, SERVER_SIDE) or str(module).startswith("notifier.") or kind.__name__ == "WebSocket":
             counts[kind.__name__] = counts.get(kind.__name__, 0) + 1
     return counts
 
