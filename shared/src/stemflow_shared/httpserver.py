@@ -119,8 +119,19 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 return  # closed, or upgraded to a WebSocket: the rest is not HTTP
 
     def handle_websocket_upgrade(self) -> None:
+        """Hand the connection to the WebSocket protocol, then let go of this one at once.
+
+        Its parser holds its callbacks (a cycle) and its read watchdog holds it until the timer fires: left
+        alone, an upgraded connection's HTTP protocol lives on for seconds, then becomes cyclic garbage, which a
+        service that freezes what lives long (the notifier: notifier.heap) would never collect. Cancelling the
+        watchdog and dropping the parser frees it by reference counting.
+        """
         self._deadline = None
         super().handle_websocket_upgrade()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        self.parser = None  # type: ignore[assignment]
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

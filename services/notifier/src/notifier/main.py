@@ -23,7 +23,7 @@ from .gateway_client import GatewayClient
 from .handlers import job_event_handlers, webhook_handlers
 from .heap import freeze_survivors
 from .hub import Hub
-from .protocol import upgrading_http, websocket_protocol
+from .protocol import websocket_protocol
 from .relay import Relay
 from .resume import EventLog
 from .settings import Settings
@@ -94,15 +94,13 @@ def create_app(settings: Settings) -> FastAPI:
 def server_config(app: Any, settings: Settings) -> uvicorn.Config:
     """The uvicorn configuration: HTTP limits and timeouts, the notifier's WebSocket protocol, keep-alive pings,
     message size limit."""
-    options = server_options(settings)  # httptools, with limits on the request head, read timeouts and keep-alive
-    options["http"] = upgrading_http(options["http"])  # which lets go of an upgraded connection at once
     return uvicorn.Config(
         app,
         host=settings.http_host,
         port=settings.http_port,
         log_config=None,
         access_log=False,
-        **options,
+        **server_options(settings),  # httptools, with limits on the request head, read timeouts and keep-alive
         ws=websocket_protocol(settings),
         ws_ping_interval=settings.ping_interval_s,
         ws_ping_timeout=settings.ping_timeout_s,

@@ -28,7 +28,6 @@ from websockets.server import ServerProtocol
 from websockets.typing import ExtensionParameter
 
 from stemflow_shared import metrics
-from stemflow_shared.httpserver import LimitedHttpToolsProtocol
 
 from .settings import Settings
 
@@ -95,29 +94,6 @@ class CountingServerProtocol(ServerProtocol):
         super().send_frame(frame)
         if frame.opcode not in CTRL_OPCODES:
             metrics.WS_BYTES_SENT.inc(len(self.writes[-1]))
-
-
-class UpgradingHttpProtocol(LimitedHttpToolsProtocol):
-    """The HTTP protocol, which lets go of itself once its connection is a WebSocket.
-
-    Its parser holds its callbacks (a cycle) and its read watchdog holds it until
-    the timer fires: left alone, an upgraded connection's HTTP protocol lives on
-    for seconds, then becomes cyclic garbage, and the notifier freezes what lives
-    long (notifier.heap), so it would never be collected. Cancelling the watchdog
-    and dropping the parser on upgrade frees it by reference counting at once.
-    """
-
-    def handle_websocket_upgrade(self) -> None:
-        super().handle_websocket_upgrade()
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
-        self.parser = None  # type: ignore[assignment]
-
-
-def upgrading_http(limited: Any) -> Callable[..., UpgradingHttpProtocol]:
-    """`limited_http`'s factory (uvicorn's `http` option), making `UpgradingHttpProtocol`s instead."""
-    return functools.partial(UpgradingHttpProtocol, *limited.args, **limited.keywords)
 
 
 class NotifierWebSocketProtocol(WebSocketsSansIOProtocol):
