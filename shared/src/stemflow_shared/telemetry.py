@@ -312,8 +312,9 @@ class HeadSampling:
             return
         method = scope.get("method", "GET")  # a WebSocket's scope has none
         trace_id = RandomIdGenerator.generate_trace_id(self._ids)  # a fresh draw, never a preset one
-        if (method, path) in self._starts_pipeline or self._requests_bound is None:
-            sampler = self._pipelines if (method, path) in self._starts_pipeline else self._requests
+        pipeline = (method, path) in self._starts_pipeline
+        if pipeline or self._requests_bound is None:
+            sampler = self._pipelines if pipeline else self._requests
             sampled = sampler.should_sample(
                 None, trace_id, method, trace.SpanKind.SERVER, {"http.request.method": method, "url.path": path}
             ).decision.is_sampled()

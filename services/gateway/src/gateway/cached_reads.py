@@ -57,9 +57,8 @@ class CachedJobReads:
         await self.app(scope, receive, send)
 
     async def _answered_list(self, scope: Scope, send: Send, status: str | None, limit: int) -> bool:
-        state = scope["app"].state
-        headers = dict(scope["headers"])
-        who = await state.api_keys.authenticate(bearer_token(headers.get(b"authorization", b"").decode("latin-1")))
+        state, headers = scope["app"].state, dict(scope["headers"])
+        who = await _caller(state, headers)
         if who is None:
             return False
         first, count = await state.jobs.cached_first_page(
@@ -70,12 +69,7 @@ class CachedJobReads:
             counter_key=state.limiter.counter_key(who),
         )
         scope[FIRST_PAGE_MISS] = first
-        scope["route"] = self._list_route
-        telemetry.name_server_span("GET", LIST_PATH)
-        try:
-            state.limiter.enforce(count)
-        except Problem as problem:
-            await problem_response(problem, scope["path"])(scope, _no_body, send)
+        if await _refused(scope, send, self._list_route, count):
             return True
         if first.body is None:
             return False
@@ -83,9 +77,8 @@ class CachedJobReads:
         return True
 
     async def _answered(self, scope: Scope, send: Send, job_id: str) -> bool:
-        state = scope["app"].state
-        headers = dict(scope["headers"])
-        who = await state.api_keys.authenticate(bearer_token(headers.get(b"authorization", b"").decode("latin-1")))
+        state, headers = scope["app"].state, dict(scope["headers"])
+        who = await _caller(state, headers)
         if who is None:
             return False
         gzip_ok = b"gzip" in headers.get(b"accept-encoding", b"")
@@ -93,12 +86,7 @@ class CachedJobReads:
             job_id, gzip_ok=gzip_ok, counter_key=state.limiter.counter_key(who), counter_ttl_s=COUNTER_TTL_S
         )
         scope[LOOKED_UP] = True
-        scope["route"] = self._route
-        telemetry.name_server_span("GET", self._route.path)
-        try:
-            state.limiter.enforce(count)
-        except Problem as problem:
-            await problem_response(problem, scope["path"])(scope, _no_body, send)
+        if await _refused(scope, send, self._route, count):
             return True
         if cached is None or cached.owner != who.owner:
             return False
@@ -130,6 +118,23 @@ def job_answer(job_id: str, job: CachedJob, if_none_match: str | None) -> tuple[
     if job.gzipped:
         headers.append(("content-encoding", "gzip"))
     return 200, headers, job.body
+
+
+async def _caller(state: Any, headers: dict[bytes, bytes]) -> Any:
+    """The API key's principal, or None (the route then answers 401 as it always does)."""
+    return await state.api_keys.authenticate(bearer_token(headers.get(b"authorization", b"").decode("latin-1")))
+
+
+async def _refused(scope: Scope, send: Send, route: _RouteLabel, count: int) -> bool:
+    """Label the request with its route (metrics, the server span) and answer 429 if its key is over the limit."""
+    scope["route"] = route
+    telemetry.name_server_span("GET", route.path)
+    try:
+        scope["app"].state.limiter.enforce(count)
+    except Problem as problem:
+        await problem_response(problem, scope["path"])(scope, _no_body, send)
+        return True
+    return False
 
 
 def first_page_query(query_string: bytes) -> tuple[str | None, int] | None:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from stemflow_shared.events import JobStatus
 
 from . import submission, views
-from .cached_reads import FIRST_PAGE_MISS, LOOKED_UP, job_answer
+from .cached_reads import FIRST_PAGE_MISS, LOOKED_UP, job_answer, page_headers
 from .deps import Caller, JobsDep, LimiterDep, Owner, SettingsDep, not_found
 from .jobs import Jobs
 from .problems import Problem
@@ -138,9 +138,9 @@ async def list_jobs(
 
 
 def _page_response(body: bytes, gzipped: bool) -> Response:
-    """A page; one already gzipped says so (the GZip middleware then leaves it alone)."""
-    headers = {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"} if gzipped else {}
-    return Response(body, media_type="application/json", headers=headers)
+    """A page, with the headers cached_reads.py answers a cached one with; one already gzipped says so (the GZip
+    middleware then leaves it alone)."""
+    return Response(body, headers={name.decode(): value.decode() for name, value in page_headers(body, gzipped)})
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=200)

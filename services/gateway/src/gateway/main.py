@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -121,24 +122,14 @@ def create_app(settings: Settings) -> FastAPI:
             asyncio.create_task(every(settings.retention_sweep_interval_s, "retention", jobs.collect_expired)),
             asyncio.create_task(every(settings.job_watch_interval_s, "unfinished jobs", jobs.sample_unfinished)),
         ]
-        if settings.stuck_job_timeout_s:
-            timeout_s = settings.stuck_job_timeout_s
-            background.append(
-                asyncio.create_task(
-                    every(settings.job_watch_interval_s, "stuck jobs failed", lambda: jobs.time_out_stuck(timeout_s))
-                )
-            )
-        if settings.stuck_mix_timeout_s:
-            mix_timeout_s = settings.stuck_mix_timeout_s
-            background.append(
-                asyncio.create_task(
-                    every(
-                        settings.job_watch_interval_s,
-                        "stuck mixes failed",
-                        lambda: practice_mixes.time_out_stuck(mix_timeout_s),
-                    )
-                )
-            )
+        sweeps = (
+            (settings.stuck_job_timeout_s, "stuck jobs failed", jobs.time_out_stuck),
+            (settings.stuck_mix_timeout_s, "stuck mixes failed", practice_mixes.time_out_stuck),
+        )
+        for timeout_s, what, sweep in sweeps:
+            if timeout_s:  # 0 = never
+                task = every(settings.job_watch_interval_s, what, functools.partial(sweep, timeout_s))
+                background.append(asyncio.create_task(task))
         log.info("gateway ready on port %d", settings.http_port)
         try:
             yield
