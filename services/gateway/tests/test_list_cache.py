@@ -7,8 +7,18 @@ from typing import Any
 
 import httpx
 
-from gateway.repository import VERSIONS
-from stemflow_shared.events import AUDIO_INGESTED, AudioInfo, AudioIngested, JobOptions, SourceInfo, make_event
+from gateway.repository import VERSIONS, encode_cursor
+from stemflow_shared.events import (
+    AUDIO_INGESTED,
+    JOB_SUBMITTED,
+    AudioInfo,
+    AudioIngested,
+    InputRef,
+    JobOptions,
+    JobSubmitted,
+    SourceInfo,
+    make_event,
+)
 
 
 async def listed(client: httpx.AsyncClient, headers: dict[str, str], query: str = "") -> list[tuple[str, str]]:
@@ -27,6 +37,14 @@ def ingested(job_id: str) -> Any:
         source=SourceInfo(format="WAV", sample_rate=22050, channels=1, duration_s=1),
     )
     return make_event(AUDIO_INGESTED, data, source="/t")
+
+
+def submitted(job_id: str, owner: str) -> Any:
+    """Another service's `job.submitted` (the gateway adopts the job)."""
+    data = JobSubmitted(
+        job_id=job_id, owner=owner, options=JobOptions(), input=InputRef(source_url="http://a.example/x.wav")
+    )
+    return make_event(JOB_SUBMITTED, data, source="/other")
 
 
 async def test_every_change_shows_on_the_next_first_page(app: Any, client: httpx.AsyncClient, helpers: Any) -> None:
@@ -56,16 +74,78 @@ async def test_a_page_read_before_a_change_is_not_kept(app: Any, client: httpx.A
     jobs = app.state.jobs
     alice = await helpers.new_key(app, "lc-race")
     job_id = (await helpers.submit(client, alice)).json()["id"]
-    await listed(client, alice)
-    await app.state.jobs.apply_event(ingested(job_id))
-    # A reader looks the page up (a miss) and reads MongoDB; the job changes before it stores the page.
-    missed, _ = await jobs.cached_first_page("lc-race", status=None, limit=20, gzip_ok=False, counter_key=None)
-    assert missed.body is None
-    assert (await client.post(f"/v1/jobs/{job_id}/cancel", headers=alice)).status_code == 200
-    await jobs.list_page("lc-race", status=None, limit=20, after=None, generation=missed.generation)
-    after, _ = await jobs.cached_first_page("lc-race", status=None, limit=20, gzip_ok=False, counter_key=None)
-    assert after.body is None
-    assert await listed(client, alice) == [(job_id, "cancelled")]
+    newest = (await helpers.submit(client, alice)).json()["id"]
+    for after, query in ((None, ""), (newest, f"?cursor={encode_cursor(newest)}")):
+        await listed(client, alice, query)
+        await app.state.jobs.apply_event(ingested(job_id))
+        # A reader looks the page up (a miss) and reads MongoDB; the job changes before it stores the page.
+        missed, _ = await jobs.cached_page(
+            "lc-race", status=None, limit=20, after=after, gzip_ok=False, counter_key=None
+        )
+        assert missed.body is None
+        assert (await client.post(f"/v1/jobs/{job_id}/cancel", headers=alice)).status_code == 200
+        await jobs.list_page("lc-race", status=None, limit=20, after=after, generation=missed.generation)
+        assert not await from_cache(app, "lc-race", limit=20, after=after)
+        assert (job_id, "cancelled") in await listed(client, alice, query)
+
+
+async def from_cache(app: Any, owner: str, *, limit: int, after: str | None, status: str | None = None) -> bool:
+    """Whether the owner's page is in the list cache now."""
+    page, _ = await app.state.jobs.cached_page(
+        owner, status=status, limit=limit, after=after, gzip_ok=False, counter_key=None
+    )
+    return page.body is not None
+
+
+async def test_every_change_shows_on_the_next_cursor_page(app: Any, client: httpx.AsyncClient, helpers: Any) -> None:
+    """A cursor page is cached like a first page: no job deleted, status changed or (with an older id) created
+    since is ever shown from the cache as it was."""
+    jobs = app.state.jobs
+    alice = await helpers.new_key(app, "lc-deep-cache")
+    ids = [(await helpers.submit(client, alice)).json()["id"] for _ in range(4)]
+    deep = f"?limit=2&cursor={encode_cursor(ids[3])}"
+
+    async def page() -> list[tuple[str, str]]:
+        shown = await listed(client, alice, deep)
+        assert await from_cache(app, "lc-deep-cache", limit=2, after=ids[3])
+        assert await listed(client, alice, deep) == shown  # the same, now from the cache
+        return shown
+
+    assert await page() == [(ids[2], "queued"), (ids[1], "queued")]
+    await jobs.apply_event(ingested(ids[2]))  # a stage event
+    assert await page() == [(ids[2], "processing"), (ids[1], "queued")]
+    assert (await client.post(f"/v1/jobs/{ids[1]}/cancel", headers=alice)).status_code == 200
+    assert await page() == [(ids[2], "processing"), (ids[1], "cancelled")]
+    assert (await client.delete(f"/v1/jobs/{ids[2]}", headers=alice)).status_code == 204
+    assert await page() == [(ids[1], "cancelled"), (ids[0], "queued")]
+    # Another service's job.submitted with an id from before the cursor: it belongs on this page at once.
+    older = f"{int(ids[3], 16) - 1:032x}"
+    first = await listed(client, alice)
+    assert await listed(client, alice) == first and await from_cache(app, "lc-deep-cache", limit=20, after=None)
+    await jobs.adopt_external(submitted(older, "lc-deep-cache"))
+    assert await page() == [(older, "queued"), (ids[1], "cancelled")]
+    assert await listed(client, alice) == [first[0], (older, "queued"), *first[1:]]
+    # Another owner's change leaves this owner's pages cached.
+    bob = await helpers.new_key(app, "lc-deep-bob")
+    await helpers.submit(client, bob)
+    assert await from_cache(app, "lc-deep-cache", limit=2, after=ids[3])
+
+
+async def test_an_owner_keeps_at_most_the_configured_pages(base_env: dict[str, str], helpers: Any) -> None:
+    async with helpers.running_app(base_env, list_cache_pages=2) as app, helpers.http_client(app) as client:
+        alice = await helpers.new_key(app, "lc-few-pages")
+        ids = [(await helpers.submit(client, alice)).json()["id"] for _ in range(4)]
+        afters = [None, ids[3], ids[2]]
+        for after in afters:
+            query = f"?limit=1&cursor={encode_cursor(after)}" if after else "?limit=1"
+            assert await listed(client, alice, query) == await listed(client, alice, query)
+        kept = [await from_cache(app, "lc-few-pages", limit=1, after=after) for after in afters]
+        assert kept == [True, True, False]
+        assert await listed(client, alice, f"?limit=1&cursor={encode_cursor(ids[2])}") == [(ids[1], "queued")]
+        # A change empties the owner's pages: there is room again.
+        assert (await client.post(f"/v1/jobs/{ids[0]}/cancel", headers=alice)).status_code == 200
+        assert await listed(client, alice, f"?limit=1&cursor={encode_cursor(ids[2])}") == [(ids[1], "queued")]
+        assert await from_cache(app, "lc-few-pages", limit=1, after=ids[2])
 
 
 async def test_first_pages_are_the_same_gzipped_or_not(app: Any, client: httpx.AsyncClient, helpers: Any) -> None:

@@ -7,10 +7,10 @@ the JSON body and, when it is over the GZip threshold, its gzip form too, so a
 hit is served without rendering or compressing anything.
 
 List pages are built from the same entries (`bodies`: only those of the version
-MongoDB has now), and an owner's first pages are cached whole: every write of one
-of the owner's jobs bumps the owner's list generation in the same script, and a
-first page is kept only if the generation it was read under is still current, so
-a page never outlives a change of any job it may show.
+MongoDB has now), and an owner's pages (first and cursor pages alike) are cached
+whole: every write of one of the owner's jobs bumps the owner's list generation in
+the same script, and a page is kept only if the generation it was read under is
+still current, so a page never outlives a change of any job it may show.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ GZIP_MIN_BYTES = 1024
 # Newer than any real version: what `bury` leaves in place of a deleted job (an empty body reads as a miss).
 TOMBSTONE_VERSION = 2**53 - 1
 
-# KEYS: the job, its owner's list generation, its owner's first pages ('' when not writing: a read-through fill).
+# KEYS: the job, its owner's list generation, its owner's pages ('' when not writing: a read-through fill).
 # ARGV: version, owner, body, gzip body ('' for none), TTL.
 _SET_IF_NEWER = """
 if KEYS[2] ~= '' then
@@ -79,10 +79,10 @@ end
 return found
 """
 
-# KEYS: the owner's list generation, the owner's first pages, the caller's rate-limit counter (optional).
+# KEYS: the owner's list generation, the owner's pages, the caller's rate-limit counter (optional).
 # ARGV: the counter's TTL, the page's field, the field wanted (its gzip form's when accepted).
 # Returns {count, generation, body or false, gzipped}.
-_FIRST_PAGE = """
+_PAGE = """
 local count = 0
 if KEYS[3] then
   count = redis.call('INCR', KEYS[3])
@@ -95,14 +95,17 @@ if cached[2] and ARGV[3] ~= ARGV[2] then return {count, generation, cached[2], 1
 return {count, generation, cached[3], 0}
 """
 
-# KEYS: the owner's list generation, the owner's first pages. ARGV: the generation the page was read under,
-# the page's field, its body, its gzip field, the gzip body ('' for none), TTL.
-_KEEP_FIRST_PAGE = """
+# KEYS: the owner's list generation, the owner's pages. ARGV: the generation the page was read under,
+# the page's field, its body, its gzip field, the gzip body ('' for none), TTL, the most fields the pages may
+# hold (a page that would go past it, and is not there already, is not kept).
+_KEEP_PAGE = """
 local generation = redis.call('GET', KEYS[1]) or '0'
 if generation ~= ARGV[1] then return 0 end
 if redis.call('HGET', KEYS[2], 'g') ~= generation then
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[2], 'g', generation)
+elseif redis.call('HLEN', KEYS[2]) + 2 > tonumber(ARGV[7]) and redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then
+  return 0
 end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], ARGV[4], ARGV[5]) end
@@ -121,8 +124,8 @@ class CachedJob:
 
 
 @dataclass(frozen=True)
-class FirstPage:
-    """An owner's cached first page (`body` None on a miss) and the list generation it was looked up under."""
+class CachedPage:
+    """An owner's cached list page (`body` None on a miss) and the list generation it was looked up under."""
 
     generation: bytes
     body: bytes | None
@@ -130,17 +133,18 @@ class FirstPage:
 
 
 class JobCache:
-    def __init__(self, redis: Any, prefix: str, ttl_s: int, gzip_level: int = 1) -> None:
+    def __init__(self, redis: Any, prefix: str, ttl_s: int, gzip_level: int = 1, pages_per_owner: int = 64) -> None:
         self._redis = redis
         self._prefix = f"{prefix}job:"
         self._lists = f"{prefix}jobs:"
         self._ttl = ttl_s
         self._gzip_level = gzip_level
+        self._page_fields = 1 + 2 * pages_per_owner  # the generation, and each page's body and gzip body
         self._script = redis.register_script(_SET_IF_NEWER)
         self._get_counting = redis.register_script(_GET_COUNTING)
         self._bodies = redis.register_script(_BODIES)
-        self._first_page = redis.register_script(_FIRST_PAGE)
-        self._keep_first_page = redis.register_script(_KEEP_FIRST_PAGE)
+        self._page = redis.register_script(_PAGE)
+        self._keep_page = redis.register_script(_KEEP_PAGE)
         self._hits = metrics.CACHE_REQUESTS.labels("job", "hit")
         self._misses = metrics.CACHE_REQUESTS.labels("job", "miss")
 
@@ -148,8 +152,8 @@ class JobCache:
         return self._prefix + job_id
 
     def _list_keys(self, owner: str) -> list[str]:
-        """The owner's list generation and first pages."""
-        return [f"{self._lists}{owner}:generation", f"{self._lists}{owner}:first"]
+        """The owner's list generation and cached pages."""
+        return [f"{self._lists}{owner}:generation", f"{self._lists}{owner}:pages"]
 
     async def get(
         self, job_id: str, *, gzip_ok: bool = False, counter_key: str | None = None, counter_ttl_s: int = 120
@@ -179,7 +183,7 @@ class JobCache:
     async def put(self, job_id: str, owner: str, version: int, body: bytes, *, changed: bool = True) -> bytes:
         """Cache a rendered job with its gzip form, which it returns (empty under the GZip threshold).
 
-        `changed`: the job was just written (or may have been), so its owner's cached first pages go too;
+        `changed`: the job was just written (or may have been), so its owner's cached pages go too;
         a list's read-through fill of what MongoDB has (`changed=False`) leaves them.
         """
         compressed = self.compress(body)
@@ -199,7 +203,7 @@ class JobCache:
             await self.drop(job_id, lists)
 
     async def drop(self, job_id: str, lists: list[str] | None = None) -> None:
-        """Forget a job (and the first pages of `lists`, when given); what is gone is read from MongoDB again."""
+        """Forget a job (and the pages of `lists`, when given); what is gone is read from MongoDB again."""
         try:
             await self._redis.delete(self._key(job_id), *(key for key in lists or [] if key))
         except RedisError as exc:
@@ -232,29 +236,30 @@ class JobCache:
             return [None] * len(versions), 0
         return [body or None for body in found], int(count)
 
-    async def first_page(
+    async def page(
         self, owner: str, variant: str, *, gzip_ok: bool, counter_key: str | None, counter_ttl_s: int
-    ) -> tuple[FirstPage, int]:
-        """The owner's cached first page of `variant` (its gzip form when accepted), and the counted requests.
+    ) -> tuple[CachedPage, int]:
+        """The owner's cached page `variant` (its gzip form when accepted), and the counted requests.
 
         A Redis outage is a miss under a generation no page can be kept for, and a count of 0.
         """
         keys = self._list_keys(owner) + ([counter_key] if counter_key else [])
         wanted = f"{variant}:z" if gzip_ok else variant
         try:
-            count, generation, body, gzipped = await self._first_page(keys=keys, args=[counter_ttl_s, variant, wanted])
+            count, generation, body, gzipped = await self._page(keys=keys, args=[counter_ttl_s, variant, wanted])
         except RedisError as exc:
             log.warning("list cache read failed: %s", exc)
-            return FirstPage(b"", None, False), 0
-        return FirstPage(generation, body or None, bool(gzipped)), int(count)
+            return CachedPage(b"", None, False), 0
+        return CachedPage(generation, body or None, bool(gzipped)), int(count)
 
-    async def keep_first_page(self, owner: str, variant: str, generation: bytes, body: bytes) -> bytes:
-        """Cache a first page read under `generation` unless a job of the owner changed since; its gzip form."""
+    async def keep_page(self, owner: str, variant: str, generation: bytes, body: bytes) -> bytes:
+        """Cache a page read under `generation` unless a job of the owner changed since (or the owner's pages
+        are full); its gzip form."""
         compressed = self.compress(body)
         if generation:
-            args = [generation, variant, body, f"{variant}:z", compressed, self._ttl]
+            args = [generation, variant, body, f"{variant}:z", compressed, self._ttl, self._page_fields]
             try:
-                await self._keep_first_page(keys=self._list_keys(owner), args=args)
+                await self._keep_page(keys=self._list_keys(owner), args=args)
             except RedisError as exc:
                 log.warning("list cache write failed: %s", exc)
         return compressed

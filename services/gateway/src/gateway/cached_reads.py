@@ -1,14 +1,14 @@
 """Cached reads answered in front of FastAPI's routing and dependencies: hits of `GET /v1/jobs/{id}` and of
-the owner's cached first page of `GET /v1/jobs`.
+the owner's cached pages of `GET /v1/jobs` (first and cursor pages).
 
 Clients poll their jobs and their lists, so these are the gateway's most frequent
 calls, and for a cached answer the framework cost more than the work. Only a hit
-(a job of the key's own: 200 or 304; a cached first page) and an over-limit key
-(429) are answered here; everything else goes on to the route, which then neither
-counts the request against the rate limit again nor reads the cache a second
-time. A list query this does not read exactly as the route would (a cursor, an
-unknown or repeated parameter, a value the route refuses) goes to the route as it
-came.
+(a job of the key's own: 200 or 304; a cached page) and an over-limit key (429)
+are answered here; everything else goes on to the route, which then neither counts
+the request against the rate limit again nor reads the cache a second time. A list
+query this does not read exactly as the route would (an unknown or repeated
+parameter, a value the route refuses, a cursor that is not one of ours) goes to
+the route as it came.
 """
 
 from __future__ import annotations
@@ -27,13 +27,14 @@ from . import views
 from .cache import CachedJob
 from .problems import Problem, problem_response
 from .ratelimit import COUNTER_TTL_S
+from .repository import decode_cursor
 
 JOB_PATH = re.compile(r"/v1/jobs/([0-9a-f]{32})")
 LIST_PATH = "/v1/jobs"
 # Set in the scope once this request has been counted and the cache held no hit for its key's owner.
 LOOKED_UP = "stemflow.cache_looked_up"
-# Set in the scope of a list request counted here whose first page was not cached: the miss, with its generation.
-FIRST_PAGE_MISS = "stemflow.first_page_miss"
+# Set in the scope of a list request counted here whose page was not cached: the miss, with its generation.
+PAGE_MISS = "stemflow.page_miss"
 # The list's parameters as the route declares them: `limit` 1..1000 (default 20), `status` one of JobStatus.
 LIST_DEFAULT_LIMIT, LIST_MAX_LIMIT = 20, 1000
 _STATUSES = frozenset(get_args(JobStatus))
@@ -49,31 +50,32 @@ class CachedJobReads:
         if scope["type"] == "http" and scope["method"] == "GET":
             path = scope["path"]
             if path == LIST_PATH:
-                query = first_page_query(scope["query_string"])
+                query = page_query(scope["query_string"])
                 if query is not None and await self._answered_list(scope, send, *query):
                     return
             elif (match := JOB_PATH.fullmatch(path)) is not None and await self._answered(scope, send, match.group(1)):
                 return
         await self.app(scope, receive, send)
 
-    async def _answered_list(self, scope: Scope, send: Send, status: str | None, limit: int) -> bool:
+    async def _answered_list(self, scope: Scope, send: Send, status: str | None, limit: int, after: str | None) -> bool:
         state, headers = scope["app"].state, dict(scope["headers"])
         who = await _caller(state, headers)
         if who is None:
             return False
-        first, count = await state.jobs.cached_first_page(
+        page, count = await state.jobs.cached_page(
             who.owner,
             status=status,
             limit=min(limit, state.settings.list_max_limit),
+            after=after,
             gzip_ok=b"gzip" in headers.get(b"accept-encoding", b""),
             counter_key=state.limiter.counter_key(who),
         )
-        scope[FIRST_PAGE_MISS] = first
+        scope[PAGE_MISS] = page
         if await _refused(scope, send, self._list_route, count):
             return True
-        if first.body is None:
+        if page.body is None:
             return False
-        await _send(send, 200, page_headers(first.body, first.gzipped), first.body)
+        await _send(send, 200, page_headers(page.body, page.gzipped), page.body)
         return True
 
     async def _answered(self, scope: Scope, send: Send, job_id: str) -> bool:
@@ -137,10 +139,10 @@ async def _refused(scope: Scope, send: Send, route: _RouteLabel, count: int) -> 
     return False
 
 
-def first_page_query(query_string: bytes) -> tuple[str | None, int] | None:
-    """(status, limit) of a first-page list query, read exactly as the route reads it; None for anything else
-    (a cursor, an unknown, repeated or refused parameter), which the route then answers itself."""
-    status, limit, seen = None, LIST_DEFAULT_LIMIT, set()
+def page_query(query_string: bytes) -> tuple[str | None, int, str | None] | None:
+    """(status, limit, the job id the page starts after) of a list query, read exactly as the route reads it;
+    None for anything else (an unknown, repeated or refused parameter), which the route then answers itself."""
+    status, limit, after, seen = None, LIST_DEFAULT_LIMIT, None, set()
     try:
         pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True, strict_parsing=bool(query_string))
     except ValueError:
@@ -153,9 +155,14 @@ def first_page_query(query_string: bytes) -> tuple[str | None, int] | None:
             status = value
         elif name == "limit" and value.isascii() and value.isdigit() and 1 <= int(value) <= LIST_MAX_LIMIT:
             limit = int(value)
+        elif name == "cursor" and value:
+            try:
+                after = decode_cursor(value)
+            except ValueError:
+                return None
         else:
             return None
-    return status, limit
+    return status, limit, after
 
 
 def page_headers(body: bytes, gzipped: bool) -> list[tuple[bytes, bytes]]:

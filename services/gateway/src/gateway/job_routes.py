@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from stemflow_shared.events import JobStatus
 
 from . import submission, views
-from .cached_reads import FIRST_PAGE_MISS, LOOKED_UP, job_answer, page_headers
+from .cached_reads import LOOKED_UP, PAGE_MISS, job_answer, page_headers
 from .deps import Caller, JobsDep, LimiterDep, Owner, SettingsDep, not_found
 from .jobs import Jobs
 from .problems import Problem
@@ -105,34 +105,24 @@ async def list_jobs(
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
     cursor: str | None = None,
 ) -> Response:
-    """Newest first, keyset pagination; counted in the same Redis call as the cached first page, or as the
-    cached items of a later page."""
+    """Newest first, keyset pagination; counted in the same Redis call as the cached page (cached_reads.py
+    answers the hits), and a page read from MongoDB is cached until one of the owner's jobs changes."""
     try:
         after = decode_cursor(cursor) if cursor else None
     except ValueError as exc:
         raise Problem(422, "validation_failed", "invalid cursor", errors=[{"field": "cursor"}]) from exc
     limit = min(limit, settings.list_max_limit)
     gzip_ok = "gzip" in request.headers.get("accept-encoding", "")
-    if after is not None:
-        body, gzipped = await jobs.list_page(
-            who.owner,
-            status=status,
-            limit=limit,
-            after=after,
-            counter_key=limiter.counter_key(who),
-            enforce=limiter.enforce,
-        )
-        return _page_response(body, gzipped)
-    first = request.scope.get(FIRST_PAGE_MISS)  # cached_reads.py counted it and found no page cached
-    if first is None:
-        first, count = await jobs.cached_first_page(
-            who.owner, status=status, limit=limit, gzip_ok=gzip_ok, counter_key=limiter.counter_key(who)
+    page = request.scope.get(PAGE_MISS)  # cached_reads.py counted it and found no page cached
+    if page is None:
+        page, count = await jobs.cached_page(
+            who.owner, status=status, limit=limit, after=after, gzip_ok=gzip_ok, counter_key=limiter.counter_key(who)
         )
         limiter.enforce(count)
-    if first.body is not None:
-        return _page_response(first.body, first.gzipped)
+    if page.body is not None:
+        return _page_response(page.body, page.gzipped)
     body, gzipped = await jobs.list_page(
-        who.owner, status=status, limit=limit, after=None, gzip_ok=gzip_ok, generation=first.generation
+        who.owner, status=status, limit=limit, after=after, gzip_ok=gzip_ok, generation=page.generation
     )
     return _page_response(body, gzipped)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +32,7 @@ from stemflow_shared.reuse import ResultIndex, SeparationSummary
 from stemflow_shared.storage import BlobInfo, job_prefix
 
 from . import lifecycle, views
-from .cache import CachedJob, FirstPage, JobCache
+from .cache import CachedJob, CachedPage, JobCache
 from .outbox import OutboxRelay
 from .problems import Problem
 from .ratelimit import COUNTER_TTL_S
@@ -95,12 +95,23 @@ class Jobs:
         body = self.render(doc)
         return body, await self.cache.put(doc["_id"], doc["owner"], doc["version"], body)
 
-    async def cached_first_page(
-        self, owner: str, *, status: str | None, limit: int, gzip_ok: bool, counter_key: str | None
-    ) -> tuple[FirstPage, int]:
-        """The owner's cached first page (or a miss, with the generation to keep it under) and the request count."""
-        return await self.cache.first_page(
-            owner, _page_variant(status, limit), gzip_ok=gzip_ok, counter_key=counter_key, counter_ttl_s=COUNTER_TTL_S
+    async def cached_page(
+        self,
+        owner: str,
+        *,
+        status: str | None,
+        limit: int,
+        after: str | None,
+        gzip_ok: bool,
+        counter_key: str | None,
+    ) -> tuple[CachedPage, int]:
+        """The owner's cached page (or a miss, with the generation to keep it under) and the request count."""
+        return await self.cache.page(
+            owner,
+            _page_variant(status, limit, after),
+            gzip_ok=gzip_ok,
+            counter_key=counter_key,
+            counter_ttl_s=COUNTER_TTL_S,
         )
 
     async def list_page(
@@ -112,21 +123,15 @@ class Jobs:
         after: str | None,
         gzip_ok: bool = False,
         generation: bytes | None = None,
-        counter_key: str | None = None,
-        enforce: Callable[[int], None] | None = None,
     ) -> tuple[bytes, bool]:
         """A page of the owner's jobs as JSON, and whether that is its gzip form.
 
         Ids and versions come from the index alone; each item is the job cache's body when it holds that
         version, else rendered from one projected query (and cached): nothing is decoded twice or validated.
-        The request is counted against `counter_key` in the same Redis call as the items, and `enforce(count)`
-        runs before anything is rendered. A first page read under a list `generation` is cached (with its gzip
-        form) unless a job changed since.
+        A page read under a list `generation` is cached (with its gzip form) unless a job changed since.
         """
         versions, next_cursor = await self.repo.page_versions(owner, status=status, limit=limit, after=after)
-        bodies, count = await self.cache.bodies(versions, counter_key=counter_key, counter_ttl_s=COUNTER_TTL_S)
-        if enforce is not None:
-            enforce(count)
+        bodies, _ = await self.cache.bodies(versions)
         missing = [job_id for (job_id, _), body in zip(versions, bodies, strict=True) if body is None]
         if missing:
             found = await self.repo.list_items(missing)  # one deleted meanwhile is left out of the page
@@ -137,7 +142,7 @@ class Jobs:
         page = b'{"items":[' + items + b'],"next_cursor":' + orjson.dumps(next_cursor) + b"}"
         if generation is None:
             return page, False
-        compressed = await self.cache.keep_first_page(owner, _page_variant(status, limit), generation, page)
+        compressed = await self.cache.keep_page(owner, _page_variant(status, limit, after), generation, page)
         return (compressed, True) if gzip_ok and compressed else (page, False)
 
     async def submit_once(
@@ -320,6 +325,7 @@ class Jobs:
         )
         if await self.repo.upsert_external(doc, []):
             metrics.JOBS_SUBMITTED.labels("event").inc()
+            await self.remember(doc)  # a new job of the owner's: the owner's cached list pages go
         try:
             await self.models.require_served(data.options)
         except Problem as refused:
@@ -482,9 +488,9 @@ class Jobs:
         return count
 
 
-def _page_variant(status: str | None, limit: int) -> str:
-    """Which first page of an owner's: its status filter and length."""
-    return f"{status or ''}:{limit}"
+def _page_variant(status: str | None, limit: int, after: str | None) -> str:
+    """Which page of an owner's: its status filter, its length and the job it starts after ('' for the first)."""
+    return f"{status or ''}:{limit}:{after or ''}"
 
 
 def in_submission_order(batch: dict[str, Any], docs: list[dict[str, Any]]) -> list[dict[str, Any]]:

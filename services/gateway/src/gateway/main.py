@@ -91,7 +91,13 @@ def create_app(settings: Settings) -> FastAPI:
         )
         jobs = Jobs(
             repo,
-            JobCache(redis_client, settings.redis_prefix, settings.job_cache_ttl_s, settings.gzip_level),
+            JobCache(
+                redis_client,
+                settings.redis_prefix,
+                settings.job_cache_ttl_s,
+                settings.gzip_level,
+                pages_per_owner=settings.list_cache_pages,
+            ),
             relay,
             blobs,
             redis_client,

@@ -57,6 +57,9 @@ class Settings(ServiceSettings, BlobSettings, RedisSettings, HttpLimits):
     redis_max_connections: int = Field(default=200, gt=0, description="Size of the Redis connection pool")
     slow_mongodb_command_ms: float = Field(default=100.0, gt=0)
     list_max_limit: int = Field(default=100, gt=0)
+    list_cache_pages: int = Field(
+        default=64, ge=1, description="List pages cached per owner until one of the owner's jobs changes"
+    )
     batch_max_jobs: int = Field(default=50, ge=1, le=500, description="Songs one POST /v1/batches may carry")
     max_json_body_bytes: int = Field(default=64 * 1024, gt=0, description="Largest JSON submission accepted")
     result_reuse_ttl_s: int = Field(
