@@ -45,6 +45,23 @@ def test_log_lines_are_json_with_the_job_id_and_no_secret(capsys: pytest.Capture
     assert "sfk_secret" not in json.dumps(entry)
 
 
+def test_log_lines_of_a_server_configured_before_are_json_too(capsys: pytest.CaptureFixture[str]) -> None:
+    import logging.config
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        logging.config.dictConfig(LOGGING_CONFIG)  # what uvicorn.Config does when it is given its default config
+        telemetry.setup_logging("unit", "INFO", "json")
+        logging.getLogger("uvicorn.error").info("Application startup complete.")
+        lines = capsys.readouterr().err.strip().splitlines()
+    finally:
+        root.handlers[:], _ = saved[0], root.setLevel(saved[1])
+    assert [json.loads(line)["msg"] for line in lines] == ["Application startup complete."]
+
+
 # --- head sampling ------------------------------------------------------------------------------
 
 CREATE = ("POST", "/v1/jobs")
