@@ -15,7 +15,9 @@ COMPOSE_DIR = Path(__file__).resolve().parents[2] / "deploy" / "compose"
 # What Compose sets on top of the base manifests, and why.
 COMPOSE_ONLY = {
     "gateway": {"PUBLIC_URL", "EVENTS_URL"},  # the prod overlay sets them for its ingress
-    "separator": {"MODEL_REPO"},  # the prod overlay mounts its models volume the same way
+    # The prod overlay mounts its models volume the same way; its GPU pools run torch, which exports nothing, and
+    # the base's CPU pods fetch their models into their own /tmp, where the exports go beside them.
+    "separator": {"MODEL_REPO", "EXPORT_CACHE_DIR"},
 }
 SERVERS = {"rabbitmq": "rabbitmq", "mongodb": "mongo", "redis": "redis"}
 
@@ -71,6 +73,17 @@ def test_settings_are_the_config_maps(compose, config_maps, service):
     if service == "notifier":
         expected["REPLICA_ID"] = plain["REPLICA_ID"]  # the pod's name in Kubernetes
     assert {k: v for k, v in plain.items() if k not in COMPOSE_ONLY.get(service, set())} == expected
+
+
+def test_the_separators_exports_outlive_its_container_on_a_writable_volume(compose):
+    separator = compose["services"]["separator"]
+    mounts = {m.split(":")[1]: m for m in separator["volumes"]}
+    exports = separator["environment"]["EXPORT_CACHE_DIR"]
+    assert mounts[exports] == f"exports:{exports}"  # a named volume, not read-only (the models one is)
+    assert mounts[separator["environment"]["MODEL_REPO"]].endswith(":ro")
+    assert "exports" in compose["volumes"]
+    dockerfile = (Path(__file__).resolve().parents[2] / "services/separator/Dockerfile").read_text()
+    assert dockerfile.count(f"chown 10001:10001 /var/lib/stemflow/blobs /var/lib/stemflow/models {exports}") == 2
 
 
 def test_secrets_are_the_ones_the_manifests_read(compose, workloads, service):
