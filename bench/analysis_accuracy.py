@@ -19,9 +19,10 @@ analyzer; heldback: never) and per style.
     .venv/bin/python bench/analysis_accuracy.py [--set bench|small] [--split heldback] [--tools stemflow,essentia]
         [--stems] [--only rock,chorale]
 
-`--stems` also scores stemflow on the corpus' true stems (drums+bass for
-rhythm, the harmonic stems for key and chords): the upper bound of reading
-facts from separated stems. Needs fluidsynth, a GM SoundFont and the packages
+`--stems` also scores stemflow given the mix and the corpus' true stems, as
+the service is given a separated job's (rhythm also from drums+bass, chords
+from the tonal stems, each combined with the mix's reading): the upper bound
+of what separation adds. Needs fluidsynth, a GM SoundFont and the packages
 of bench/requirements-accuracy.txt.
 """
 
@@ -244,16 +245,29 @@ def run(truths: list[dict[str, Any]], tools: list[str], with_stems: bool) -> lis
 
 
 def _stems_row(truth: dict[str, Any]) -> dict[str, Any]:
-    """Stemflow reading rhythm from the true drums + bass and key and chords from the harmonic stems."""
-    rhythm_audio, sr = stems_mix(truth, ("drums", "bass"))
-    harmonic_audio, _ = stems_mix(truth, ("bass", "other", "lead"))
+    """Stemflow given the mix and the true stems, as the service is given a separated job's (`analyze(stems=...)`).
+
+    The corpus' lead line joins "other", where a 4-stem separation puts a melody instrument.
+    """
+    from analyzer.features import analyze
+
+    samples, sr = load(truth["audio"])
+    names = {"drums": ("drums",), "bass": ("bass",), "other": ("other", "lead")}
+    present = truth.get("stems", {})
+    stems = {name: stems_mix(truth, parts)[0] for name, parts in names.items() if any(p in present for p in parts)}
     started = time.process_time()
-    rhythm, harmony = stemflow(rhythm_audio, sr), stemflow(harmonic_audio, sr)
+    facts = analyze(samples, sr, stems=stems)
     seconds = time.process_time() - started
-    reading = {**rhythm, "key": harmony["key"], "chords": harmony["chords"]}
+    reading = {
+        "tempo": facts.tempo_bpm,
+        "beats": facts.beats,
+        "downbeats": facts.downbeats,
+        "key": ascii_spelling(facts.key),
+        "chords": [[c.start, c.end, harte(c)] for c in facts.chords] or None,
+    }
     return {"song": truth["id"], "split": truth["split"], "style": truth["style"], "tool": "stemflow (true stems)",
             **score(truth, reading), "seconds": seconds, "tempo": reading["tempo"], "key_read": reading["key"],
-            "truth_tempo": truth["tempo_bpm"], "truth_key": truth["key"]}  # fmt: skip
+            "truth_tempo": truth["tempo_bpm"], "truth_key": truth["key"], "sources": facts.sources}  # fmt: skip
 
 
 def summarise(rows: list[dict[str, Any]], by: Callable[[dict[str, Any]], str]) -> dict[str, dict[str, dict[str, Any]]]:
