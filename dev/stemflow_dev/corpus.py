@@ -43,7 +43,7 @@ SOUNDFONTS = (
     "/usr/share/sounds/sf3/MuseScore_General.sf3",
 )
 # Bumped whenever the generator's output changes, so that cached songs are rendered again.
-VERSION = 3
+VERSION = 4
 
 NOTE_NAMES = ("C", "Db", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
 # Chord qualities: intervals above the root, by Harte shorthand.
@@ -63,12 +63,15 @@ QUALITIES = {
 MAJOR_SCALE = (0, 2, 4, 5, 7, 9, 11)
 MINOR_SCALE = (0, 2, 3, 5, 7, 8, 10)
 
-# Progressions as (semitones above the tonic, quality), one chord per step.
+# Progressions as (semitones above the tonic, quality), one chord per step. No loop may be another
+# mode's loop from another chord: until version 4 the major vi-IV-I-V was the minor i-bVI-bIII-bVII
+# note for note, and the minor i7-iv7-bVII7-bIIImaj7 was the relative major's vi-ii-V-I (a cadence
+# on the major tonic), so their truth was a coin toss.
 PROGRESSIONS = {
     "major": (
         ((0, "maj"), (7, "maj"), (9, "min"), (5, "maj")),
         ((0, "maj"), (9, "min"), (5, "maj"), (7, "maj")),
-        ((9, "min"), (5, "maj"), (0, "maj"), (7, "maj")),
+        ((0, "maj"), (5, "maj"), (7, "maj"), (5, "maj")),
         ((0, "maj"), (5, "maj"), (9, "min"), (7, "sus4")),
         ((0, "maj7"), (9, "min7"), (2, "min7"), (7, "7")),
         ((0, "maj"), (4, "min"), (5, "maj"), (7, "7")),
@@ -81,7 +84,7 @@ PROGRESSIONS = {
         ((0, "min"), (10, "maj"), (8, "maj"), (7, "7")),
         ((0, "min"), (5, "min"), (8, "maj"), (7, "maj")),
         ((0, "min"), (2, "dim"), (7, "7"), (0, "min")),
-        ((0, "min7"), (5, "min7"), (10, "7"), (3, "maj7")),
+        ((0, "min7"), (8, "maj7"), (5, "min7"), (7, "7")),
         ((0, "min"), (3, "maj"), (10, "maj"), (5, "min"), (0, "min"), (8, "maj"), (2, "hdim7"), (7, "7")),
     ),
 }
