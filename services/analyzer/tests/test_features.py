@@ -1,5 +1,6 @@
 """analyze() against synthetic songs and test signals whose tempo, key and levels are known by construction."""
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -251,3 +252,25 @@ def test_no_bars_are_claimed_without_evidence(bpm):
     noise = analyze(0.1 * np.random.default_rng(bpm).standard_normal((2, 30 * RATE)).astype(np.float32), RATE)
     for analysis in (clicks, noise):
         assert (analysis.downbeats, analysis.meter) == ([], None)
+
+
+def test_stems_keeping_the_mixs_tempo_leave_it_the_beats_and_bars():
+    mix = synth.song(100, 0, "major", seconds=16.0, seed=1)
+    analysis = analyze(mix, RATE, stems={"drums": synth.click_track(100, seconds=16.0, offset_s=0.0), "bass": mix})
+    assert analysis.sources["rhythm"] == "mix"
+    assert analysis == dataclasses.replace(analyze(mix, RATE, stems={"other": mix}), sources=analysis.sources)
+
+
+def test_stems_reading_another_tempo_more_regularly_set_it():
+    # A drummer at half the song's tempo, exactly on time: the stems' reading differs and is the steadier.
+    mix = synth.song(100, 0, "major", seconds=16.0, seed=1)
+    analysis = analyze(mix, RATE, stems={"drums": synth.click_track(50, seconds=16.0, offset_s=0.0)})
+    assert analysis.sources["rhythm"] == "stems"
+    assert analysis.tempo_bpm == pytest.approx(50, abs=0.2)
+
+
+def test_a_silent_drums_stem_leaves_the_rhythm_to_the_mix():
+    mix = synth.song(100, 0, "major", seconds=16.0, seed=1)
+    analysis = analyze(mix, RATE, stems={"drums": np.zeros_like(mix), "bass": 0.5 * mix})
+    assert "rhythm" not in analysis.sources
+    assert analysis.tempo_bpm == pytest.approx(100, abs=0.5)
