@@ -65,6 +65,7 @@ PAGE = 20
 UPLOAD_MB = 5
 BIG_UPLOAD_MB = 500
 RSS_LIMIT_MB = 64
+STUCK_JOB_TIMEOUT_S = 3600.0  # the gateway's default (STUCK_JOB_TIMEOUT_S)
 SCENARIOS = ("healthz", "get_hit", "get_miss", "list_first", "list_deep", "create_5mb", "create_5mb_raw")
 UPLOADS = ("create_5mb", "create_5mb_raw")
 # Run once over a list of distinct requests (each a cache miss), instead of repeating them for the duration.
@@ -299,12 +300,14 @@ class Wrk:
 
 
 def job_documents(count: int, base: float) -> Iterator[dict[str, Any]]:
-    """`count` jobs, newest first by index, a mix of finished and failed ones, like new_job makes them."""
+    """`count` jobs, newest first by index, a mix of finished and failed ones, like new_job makes them; only
+    those younger than the stuck-job timeout still queued."""
     from gateway import lifecycle
     from stemflow_shared.events import JobOptions
 
     options = JobOptions(stems=4, quality="balanced")
     retention = timedelta(days=7)
+    seeded_at = datetime.fromtimestamp(base, UTC)
     for index in range(count):
         created = base - index * 10.0
         job_id = lifecycle.new_job_id(created)
@@ -323,6 +326,11 @@ def job_documents(count: int, base: float) -> Iterator[dict[str, Any]]:
         elif index % 10 == 7:
             doc["status"] = "failed"
             doc["error"] = {"code": "decode_failed", "message": "the file is not audio"}
+        elif (stuck := lifecycle.time_out(doc, seeded_at, STUCK_JOB_TIMEOUT_S)) is not None:
+            # No job stays unfinished past the gateway's stuck-job timeout: its sweeper fails it. Seeded queued,
+            # the old ones would be failed 100 per sweep during the measurement, each write emptying the
+            # owner's cached list pages.
+            doc.update(stuck.set)
         yield doc
 
 
