@@ -75,4 +75,5 @@ def make_engine(
         threads=settings.torch_threads,
         # The worker's models run on this engine only: once a runtime holds a network, torch's copy goes.
         release_weights=backend != "torch",
+        streams=settings.engine_streams,
     )
