@@ -361,6 +361,7 @@ def latencies(stats: list[dict[str, Any]], probe: dict[str, float]) -> dict[str,
 # whose pauses are reported). The hook allocates nothing the collector tracks but one tuple per collection.
 GC_RECORDER = """
 import array, gc, json, os, sys, threading, time
+LAG_TICK = 0.005
 log = os.environ["BENCH_GC_LOG"]
 pauses, started = array.array("d"), [0.0, 0.0]
 def timed(phase, info):
@@ -368,28 +369,107 @@ def timed(phase, info):
         started[0], started[1] = time.perf_counter(), time.thread_time()
     else:
         wall, cpu = time.perf_counter() - started[0], time.thread_time() - started[1]
-        pauses.extend((time.time(), info["generation"], wall, cpu))
+        pauses.extend((time.time(), info["generation"], wall, cpu, info["collected"]))
 gc.callbacks.append(timed)
+lags, profiling = array.array("d"), [False]
+async def probe_lag():
+    import asyncio
+    profiler = None
+    while True:
+        asked = time.perf_counter()
+        await asyncio.sleep(LAG_TICK)
+        late = time.perf_counter() - asked - LAG_TICK
+        if late > 0.002:
+            lags.extend((time.time(), late))
+        if profiling[0] != (profiler is not None):  # cProfile profiles the thread that enables it: the loop's
+            if profiler is None:
+                import cProfile
+                profiler = cProfile.Profile()
+                profiler.enable()
+            else:
+                profiler.disable()
+                profiler.dump_stats(log + ".prof")
+                profiler = None
+import uvicorn
+serve = uvicorn.Server.serve
+async def serve_probed(self, *args, **kwargs):
+    import asyncio
+    probe = asyncio.get_running_loop().create_task(probe_lag())
+    try:
+        await serve(self, *args, **kwargs)
+    finally:
+        probe.cancel()
+uvicorn.Server.serve = serve_probed
 def flush():
-    written = 0
+    written, lags_written = 0, 0
     while True:
         time.sleep(0.5)
-        end = len(pauses) // 4 * 4
+        end = len(pauses) // 5 * 5
         with open(log + ".pauses", "ab") as f:
             f.write(pauses[written:end].tobytes())
         written = end
+        end = len(lags) // 2 * 2
+        with open(log + ".lags", "ab") as f:
+            f.write(lags[lags_written:end].tobytes())
+        lags_written = end
         if os.path.exists(log + ".census"):
             with open(log + ".census") as f:
-                thaw = f.read() == "thaw"
+                request = f.read()
             os.remove(log + ".census")
+            if request in ("keep", "profile", "unprofile"):
+                if request == "keep":  # from now on, what collections find unreachable is kept, to be classified
+                    gc.set_debug(gc.DEBUG_SAVEALL)
+                profiling[0] = request == "profile"
+                time.sleep(0.1)  # the loop takes it up within a tick
+                with open(log + ".state.tmp", "w") as f:
+                    json.dump({}, f)
+                os.replace(log + ".state.tmp", log + ".state")
+                continue
+            thaw = request in ("thaw", "types")
+            kept = {}
+            if gc.get_debug() & gc.DEBUG_SAVEALL:
+                gc.set_debug(0)
+                for obj in gc.garbage:
+                    kind = type(obj)
+                    name = f"{getattr(kind, '__module__', '?')}.{kind.__qualname__}"
+                    kept[name] = kept.get(name, 0) + 1
+                gc.garbage.clear()
             state = {"tracked": len(gc.get_objects()), "frozen": gc.get_freeze_count(),
-                     "threshold": gc.get_threshold(), "count": gc.get_count()}
+                     "threshold": gc.get_threshold(), "count": gc.get_count(), "blocks": sys.getallocatedblocks()}
+            if request == "thaw":  # first what the young collections would find, as they would (freezing the rest)
+                state["young_unreachable"] = gc.collect(1)
+                state["blocks_after_young_collection"] = sys.getallocatedblocks()
             if thaw:
                 gc.unfreeze()
+            if request == "thaw":  # then what freezing kept: cycles, by type
+                gc.set_debug(gc.DEBUG_SAVEALL)
             wall, cpu = time.perf_counter(), time.thread_time()
             state["unreachable"] = gc.collect()
             state["full_collection_ms"] = round(1000 * (time.perf_counter() - wall), 1)
             state["full_collection_cpu_ms"] = round(1000 * (time.thread_time() - cpu), 1)
+            if request == "thaw":
+                gc.set_debug(0)
+                cycles = {}
+                for obj in gc.garbage:
+                    kind = type(obj)
+                    name = f"{getattr(kind, '__module__', '?')}.{kind.__qualname__}"
+                    cycles[name] = cycles.get(name, 0) + 1
+                state["unreachable_by_type"] = dict(sorted(cycles.items(), key=lambda kv: -kv[1])[:25])
+                gc.garbage.clear()
+                gc.collect()
+            state["blocks_after_collection"] = sys.getallocatedblocks()
+            if thaw:  # every object the collector knows of, by type (the collection froze them all again)
+                gc.unfreeze()
+                kinds = {}
+                for obj in gc.get_objects():
+                    kind = type(obj)
+                    name = f"{getattr(kind, '__module__', '?')}.{kind.__qualname__}"
+                    kinds[name] = kinds.get(name, 0) + 1
+                state["types"] = kinds
+                gc.freeze()
+            if kept:
+                state["found_unreachable_by_type"] = dict(sorted(kept.items(), key=lambda kv: -kv[1])[:25])
+                state["found_unreachable"] = sum(kept.values())
             with open(log + ".state.tmp", "w") as f:
                 json.dump(state, f)
             os.replace(log + ".state.tmp", log + ".state")
@@ -400,35 +480,57 @@ main()
 """
 
 
-def gc_pauses(log: Path) -> list[tuple[float, int, float, float]]:
-    """(ended at, generation, seconds, CPU seconds) of every collection the notifier has reported so far."""
+Pause = tuple[float, int, float, float, int]
+
+
+def gc_pauses(log: Path) -> list[Pause]:
+    """(ended at, generation, seconds, CPU seconds, objects found unreachable) of every collection the notifier
+    has reported so far."""
     path = Path(f"{log}.pauses")
-    values = array.array("d", path.read_bytes() if path.exists() else b"")
-    return [(values[i], int(values[i + 1]), values[i + 2], values[i + 3]) for i in range(0, len(values) - 3, 4)]
+    v = array.array("d", path.read_bytes() if path.exists() else b"")
+    return [(v[i], int(v[i + 1]), v[i + 2], v[i + 3], int(v[i + 4])) for i in range(0, len(v) - 4, 5)]
 
 
-def gc_census(log: Path, timeout: float = 60.0, thaw: bool = False) -> dict[str, Any]:
+def loop_lags(log: Path) -> list[tuple[float, float]]:
+    """(noticed at, seconds) of every time the notifier's event loop woke its 5 ms probe over 2 ms late."""
+    path = Path(f"{log}.lags")
+    v = array.array("d", path.read_bytes() if path.exists() else b"")
+    return [(v[i], v[i + 1]) for i in range(0, len(v) - 1, 2)]
+
+
+def gc_census(log: Path, timeout: float = 60.0, thaw: bool = False, request: str | None = None) -> dict[str, Any]:
     """The objects the notifier's collector tracks, frozen and not, counted inside its process, and a timed full
     collection with what it found unreachable; with `thaw`, of frozen objects too (gc.unfreeze first: cycles that
-    freezing would have kept forever)."""
+    freezing would have kept forever). After a `keep` request, it also classifies by type what the collections
+    found unreachable since."""
     state = Path(f"{log}.state")
     state.unlink(missing_ok=True)
-    Path(f"{log}.census").write_text("thaw" if thaw else "")
+    Path(f"{log}.census").write_text(request or ("thaw" if thaw else ""))
     deadline = time.monotonic() + timeout
     while not state.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     return json.loads(state.read_text()) if state.exists() else {}
 
 
-def pause_figures(pauses: list[tuple[float, int, float, float]], start: float, end: float) -> dict[str, Any]:
+def pause_figures(pauses: list[Pause], lags: list[tuple[float, float]], start: float, end: float) -> dict[str, Any]:
     """Count, total, max and p99 of the collections that ended in [start, end], overall and by generation, in
-    wall time (what clients wait) and in the notifier's CPU time (the same less the time others had the cores)."""
-    within = [(g, wall, cpu) for t, g, wall, cpu in pauses if start <= t <= end]
-    figures: dict[str, Any] = {}
+    wall time (what clients wait) and in the notifier's CPU time (the same less the time others had the cores),
+    with the objects they found unreachable; and the event loop's longest lateness (collections or callbacks)."""
+    within = [(g, wall, cpu, found) for t, g, wall, cpu, found in pauses if start <= t <= end]
+    late = sorted(lag for t, lag in lags if start <= t <= end)
+    figures: dict[str, Any] = {
+        "loop_lag": {
+            "max_ms": round(1000 * late[-1], 1) if late else 0.0,
+            "over_20ms": sum(lag > 0.020 for lag in late),
+            "over_50ms": sum(lag > 0.050 for lag in late),
+        }
+    }
     for name, chosen in (("all", within), *((f"gen{g}", [x for x in within if x[0] == g]) for g in range(3))):
         walls, cpus = sorted(x[1] for x in chosen), sorted(x[2] for x in chosen)
         figures[name] = {
             "count": len(walls),
+            "found_unreachable": sum(x[3] for x in chosen),
+            "found_in_longest": max(chosen, key=lambda x: x[1])[3] if chosen else 0,
             "total_ms": round(1000 * sum(walls), 1),
             "max_ms": round(1000 * walls[-1], 2) if walls else 0.0,
             "p99_ms": round(1000 * walls[min(len(walls) - 1, int(0.99 * len(walls)))], 2) if walls else 0.0,
@@ -543,8 +645,9 @@ async def run_mode(mode: str, args: argparse.Namespace, urls: Any, pythonpath: s
     broker = await Broker(urls.amqp_url, Names(namespace), "bench").connect()
     try:
         group.wait_ready(timeout=120)
+        census_before = await asyncio.to_thread(gc_census, gc_log, 60.0, False, "types")
+        # After the census: its full collection is the bench's, not a pause of the notifier's own.
         pid, started, wall_started = group.pid("notifier"), time.monotonic(), time.time()
-        census_before = await asyncio.to_thread(gc_census, gc_log)
         cpu_started = cpu_seconds(pid)
         for proc in procs:
             proc.start()
@@ -560,6 +663,10 @@ async def run_mode(mode: str, args: argparse.Namespace, urls: Any, pythonpath: s
         await asyncio.sleep(1.0)  # the recorder's last pauses reach its file
         pauses = gc_pauses(gc_log)
         census = await asyncio.to_thread(gc_census, gc_log)
+        if args.classify_garbage:
+            await asyncio.to_thread(gc_census, gc_log, 60.0, False, "keep")
+        if args.profile_leaving:
+            await asyncio.to_thread(gc_census, gc_log, 60.0, False, "profile")
         wall_leaving = time.time()
         stop.set()
         results = [await asyncio.to_thread(reports.get, True, 120) for _ in procs]
@@ -567,8 +674,24 @@ async def run_mode(mode: str, args: argparse.Namespace, urls: Any, pythonpath: s
             proc.join(60)
         await asyncio.to_thread(connections_gone, clients_port)
         wall_left = time.time()
+        if args.profile_leaving:
+            await asyncio.to_thread(gc_census, gc_log, 60.0, False, "unprofile")
+            await asyncio.sleep(1.0)
+            print_profile(
+                Path(f"{gc_log}.prof"), f"{mode}, {pythonpath or 'checkout'}: the notifier while clients left"
+            )
         census_left = await asyncio.to_thread(gc_census, gc_log, 120.0, True)  # over 0.5 s: the pauses are in
-        pauses = gc_pauses(gc_log)
+        pauses, lags = gc_pauses(gc_log), loop_lags(gc_log)
+        # What the clients left behind, by type: the objects of the heap after they left less those before they came.
+        kinds_before, kinds_left = census_before.pop("types", {}), census_left.pop("types", {})
+        census_left["objects_before_clients"] = sum(kinds_before.values())
+        census_left["objects_once_left"] = sum(kinds_left.values())
+        census_left["left_behind_by_type"] = dict(
+            sorted(
+                ((k, n - kinds_before.get(k, 0)) for k, n in kinds_left.items() if n - kinds_before.get(k, 0) > 50),
+                key=lambda kv: -kv[1],
+            )[:30]
+        )
     finally:
         stop.set()
         await broker.close()
@@ -593,9 +716,9 @@ async def run_mode(mode: str, args: argparse.Namespace, urls: Any, pythonpath: s
         "rss_after_stream_mb": round(rss_after, 1),
         # Garbage collections stop every client at once: while they connected, during the stream and while they
         # left (exact pauses from the recorder; the histogram's bucket bounds as the service reports them beside).
-        "gc_while_connecting": pause_figures(pauses, wall_started, wall_before),
-        "gc_during_stream": pause_figures(pauses, wall_before, wall_after),
-        "gc_while_clients_leave": pause_figures(pauses, wall_leaving, wall_left),
+        "gc_while_connecting": pause_figures(pauses, lags, wall_started, wall_before),
+        "gc_during_stream": pause_figures(pauses, lags, wall_before, wall_after),
+        "gc_while_clients_leave": pause_figures(pauses, lags, wall_leaving, wall_left),
         # Objects the collector tracks (and frozen ones) before the clients came, with them all connected after
         # the stream, and once they had left: frozen objects that stay are caches, or cycles never collected
         # (the last census unfreezes everything first: `unreachable` counts them).
@@ -606,6 +729,15 @@ async def run_mode(mode: str, args: argparse.Namespace, urls: Any, pythonpath: s
         # Above the 2 cores, other work shared the machine: latency tails then say little about the notifier.
         "load_1m_after_stream": round(load, 2),
     }
+
+
+def print_profile(path: Path, title: str) -> None:
+    import pstats
+
+    print(f"--- {title} ({path})")
+    if path.exists():
+        pstats.Stats(str(path)).sort_stats("tottime").print_stats(30)
+        pstats.Stats(str(path)).sort_stats("cumulative").print_stats(30)
 
 
 def _free_port() -> int:
@@ -693,6 +825,17 @@ def main() -> None:
         help="the notifier's SNAPSHOT_MAX_JOBS; 0: a subscription to all jobs does not ask the gateway for their "
         "state, so connecting the clients is bound by the notifier rather than by the gateway and MongoDB",
     )
+    parser.add_argument(
+        "--classify-garbage",
+        action="store_true",
+        help="keep what the collections find unreachable while the clients leave (gc.DEBUG_SAVEALL) and count it "
+        "by type in the last census; a diagnosis: kept garbage is not freed, so those pauses are not the real ones",
+    )
+    parser.add_argument(
+        "--profile-leaving",
+        action="store_true",
+        help="profile the notifier's event loop (cProfile) while the clients leave, and print the profile",
+    )
     parser.add_argument("--baseline-pythonpath", help="also run the notifier from this code (first on PYTHONPATH)")
     parser.add_argument("--current-pythonpath", help="run the current notifier from this code, not the checkout")
     args = parser.parse_args()
@@ -722,7 +865,9 @@ def main() -> None:
             full = value["gen2"]
             return (
                 f"{a['count']}: max {a['max_ms']} p99 {a['p99_ms']} ms, cpu max {a['cpu_max_ms']} total "
-                f"{a['cpu_total_ms']} (full {full['count']}, max {full['max_ms']})"
+                f"{a['cpu_total_ms']} (full {full['count']}, max {full['max_ms']}), found {a['found_unreachable']} "
+                f"({a['found_in_longest']} in the longest); loop late max {value['loop_lag']['max_ms']} ms, "
+                f"{value['loop_lag']['over_50ms']} times over 50 ms"
             )
         if isinstance(value, dict) and "longest_at_most_s" in value:  # the histogram
             return f"{value['count']}: {value['total_s']} s, each <= {value['longest_at_most_s']} s"

@@ -35,6 +35,12 @@ class Settings(ServiceSettings, RedisSettings, HttpLimits):
     max_subscriptions: int = Field(default=1000, ge=1, description="Jobs one connection may subscribe to")
     client_queue_max: int = Field(default=1000, ge=1, description="Undelivered events a client may have pending")
     send_timeout_s: float = Field(default=10.0, gt=0, description="A write blocked this long drops the connection")
+    intake_turn_ms: float = Field(
+        default=5.0,
+        gt=0,
+        description="Longest time one event-loop iteration spends on what clients sent (frames, closes); the rest "
+        "waits for the next iterations, so that thousands of clients leaving at once do not stop the others",
+    )
     ping_interval_s: float = Field(default=20.0, gt=0)
     ping_timeout_s: float = Field(default=20.0, gt=0)
     idle_timeout_s: float = Field(default=300.0, gt=0, description="Close after this long with no traffic either way")
