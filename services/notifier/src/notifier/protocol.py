@@ -118,9 +118,10 @@ class Intake:
     in order: its frames, then its loss.
     """
 
-    __slots__ = ("_draining", "_queue", "_turn_ends", "_turn_s")
+    __slots__ = ("_draining", "_queue", "_turn_ends", "_turn_s", "deferred")
 
     def __init__(self, turn_s: float) -> None:
+        self.deferred = 0  # connections whose input had to wait for a later turn, so far
         self._turn_s = turn_s
         self._turn_ends: float | None = None
         self._queue: deque[NotifierWebSocketProtocol] = deque()
@@ -137,6 +138,7 @@ class Intake:
         return now < self._turn_ends
 
     def defer(self, protocol: NotifierWebSocketProtocol, loop: asyncio.AbstractEventLoop) -> None:
+        self.deferred += 1
         self._queue.append(protocol)
         if not self._draining:
             self._draining = True
