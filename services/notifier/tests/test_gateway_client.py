@@ -4,6 +4,7 @@ real gateway's internal API, its cache of API keys, and the notifier when the ga
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import socket
 from pathlib import Path
@@ -61,6 +62,31 @@ async def test_the_client_reads_keys_jobs_and_batches(gateway: Any, feed: Any) -
     assert [state["id"] for state in await client.unfinished_jobs("reader", 10)] == [job]
     assert await client.batch_jobs("reader", "0" * 32) is None
     assert await client.ready()
+
+
+async def test_the_gateway_s_answers_leave_no_cycles_behind(gateway: Any, feed: Any) -> None:
+    """What a middle collection catches in flight is frozen (notifier.heap): a cycle in it would never be freed."""
+    client = client_of(gateway, "notifier-tests-internal-token", cache_ttl_s=0.0)
+    key, job = await feed.key("acyclic"), await feed.job("acyclic")
+    assert (await client.principal(key)).owner == "acyclic"  # the pool holds a connection from now on
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        assert (await client.principal(key)).owner == "acyclic"
+        assert await client.principal(new_api_key()) is None
+        assert (await client.job("acyclic", job)) is not None
+        assert await client.job("someone-else", job) is None  # a 404
+        assert [state["id"] for state in await client.unfinished_jobs("acyclic", 10)] == [job]
+        gc.collect()
+        cyclic = {
+            type(obj).__qualname__ for obj in gc.garbage if type(obj).__module__.startswith(("httpx", "httpcore"))
+        }
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert cyclic == set()
 
 
 async def test_a_key_is_asked_once_however_many_ask_at_once(gateway: Any, feed: Any) -> None:

@@ -131,6 +131,11 @@ class GatewayClient:
             response = await self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             raise GatewayUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}"[:300]) from exc
+        # An httpx response and its stream refer to each other, with the request and the pool's entry hanging on
+        # them (~40 objects). Read and closed, the stream is let go, so that the response dies by reference counting:
+        # a request caught in flight by a middle collection is frozen (notifier.heap), and frozen cycles are never
+        # collected (26-30 requests a 10,000-client run).
+        response.stream = _READ
         if response.status_code == 404:
             return None
         if response.status_code == 401:
@@ -138,6 +143,9 @@ class GatewayClient:
         if not response.is_success:
             raise GatewayUnavailable(f"{method} {path}: HTTP {response.status_code}")
         return response
+
+
+_READ = httpx.ByteStream(b"")
 
 
 def _documents(jobs: list[Any]) -> list[dict[str, Any]]:

@@ -11,10 +11,12 @@ hold, at any number of clients.
 
 Frozen objects are still freed by reference counting; only a cycle of frozen
 objects that becomes garbage is never collected. A closed connection leaves no
-cycle among the notifier's objects (tests/test_heap.py), which is what makes
-freezing safe here; what libraries leave (an httpx request caught in flight)
-came to 829 objects after 10,000 clients had come and gone (bench/notifier.py
-counts them). `gc.get_freeze_count()` is what to watch.
+cycle among the notifier's objects (tests/test_heap.py, tests/test_intake.py),
+which is what makes freezing safe here, and neither does an answer of the
+gateway (gateway_client breaks httpx's response-stream cycle; before, 26-30
+requests caught in flight, 762-890 objects, stayed for ever after 10,000
+clients had come and gone: bench/notifier.py counts and classifies them).
+`gc.get_freeze_count()` is what to watch.
 """
 
 from __future__ import annotations
