@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import hmac
 import json
@@ -218,3 +219,26 @@ def test_backoff_doubles_honours_retry_after_and_is_capped() -> None:
     assert delays[-1] == 30.0
     assert policy.delay(1, retry_after=12.0) == 12.0
     assert policy.delay(1, retry_after=3600.0) == 30.0
+
+
+async def test_a_delivery_leaves_no_cycle_behind(kit: Any, receiver: Receiver) -> None:
+    """What a middle collection catches in flight is frozen (notifier.heap): a cycle in it would never be freed."""
+    policy = Policy(max_attempts=1, backoff_s=1.0, backoff_max_s=1.0, timeout_s=10.0, allow_private=True)
+    async with httpx.AsyncClient() as http:
+        webhooks = Webhooks(http, None, kit.webhook_secret.encode(), policy)  # type: ignore[arg-type]
+        url = f"{receiver.base_url}/acyclic"
+        assert (await webhooks._attempt(url, b"{}", "event-0", "job.completed", 1)).outcome == "delivered"
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            receiver.answers["/acyclic"] = [503]
+            for attempt in (1, 2):
+                await webhooks._attempt(url, b"{}", f"event-{attempt}", "job.completed", attempt)
+            gc.collect()
+            cyclic = {type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith(("httpx", "httpcore"))}
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+    assert cyclic == set()

@@ -44,7 +44,7 @@ from stemflow_shared.events import CONTENT_TYPE, Event
 from stemflow_shared.messaging import PermanentError
 from stemflow_shared.netguard import UrlRefused, guarded_request
 
-from .gateway_client import GatewayClient
+from .gateway_client import GatewayClient, let_go_of_stream
 from .public import public_json
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,9 @@ class Webhooks:
                 headers=headers,
                 timeout=self._policy.timeout_s,
             ) as response:
-                return _classify(response)
+                attempt = _classify(response)
+            let_go_of_stream(response)
+            return attempt
         except UrlRefused as exc:
             return Attempt("rejected" if exc.code == "url_forbidden" else "retry", str(exc))
         except httpx.HTTPError as exc:
