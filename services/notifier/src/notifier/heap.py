@@ -13,7 +13,8 @@ Frozen objects are still freed by reference counting; only a cycle of frozen
 objects that becomes garbage is never collected. A closed connection leaves no
 cycle among the notifier's objects (tests/test_heap.py, tests/test_intake.py),
 which is what makes freezing safe here, and neither does an answer of the
-gateway (gateway_client breaks httpx's response-stream cycle; before, 26-30
+gateway or a webhook delivery (gateway_client.let_go_of_stream breaks httpx's
+response-stream cycle; before, 26-30
 requests caught in flight, 762-890 objects, stayed for ever after 10,000
 clients had come and gone: bench/notifier.py counts and classifies them).
 `gc.get_freeze_count()` is what to watch.
