@@ -18,10 +18,11 @@ from .settings import Settings
 # overflows float16 is redone in float32 by the engine.
 CUDA_PRECISION = "float16"
 CUDA_MAX_BATCH = 8
-# On CPU, OpenVINO: on 2 threads of the dev machine's AMD EPYC (AVX2, no AVX-512), the production
-# htdemucs (random weights, `fast`, 60 s) separates in float32 1.23x faster than torch eager in wall
-# time, 1.18x in CPU time, on a nearly idle machine (two alternating rounds), its stems within
-# -79 dB of torch's; ONNX Runtime (as fast, -66 dB) is the fallback where OpenVINO is missing.
+# On CPU, OpenVINO: on 2 threads of the dev machine's AMD EPYC (Zen 4, AVX-512), the production
+# htdemucs (random weights, `fast`, 60 s) separates in float32 1.41x faster than torch eager in wall
+# time, 1.31x in CPU time (two alternating rounds at load 2), its stems within -88 dB of torch's
+# (on an earlier AVX2 host: 1.23x, 1.18x); ONNX Runtime (1.16x, -66 dB) is the fallback where
+# OpenVINO is missing. ENGINE_STREAMS=2 gained nothing there and costs about 520 MB: default 1.
 CPU_ENGINES = ("openvino", "onnx")
 
 
