@@ -24,7 +24,7 @@ the same run, on this machine's cores:
   length show more, not less. Results are kept per model and per length, so runs merge.
 
     .venv/bin/python bench/separator.py [--threads 2] [--only engines,rtf,throughput,rss] [--minutes 1,10,60]
-        [--rss-model production|tiny] [--engine openvino] [--streams 1] [--engines torch,onnx,...] [--bag-engines ...]
+        [--rss-model production|tiny] [--engine openvino] [--engines torch,onnx,...] [--bag-engines ...]
 """
 
 from __future__ import annotations
@@ -79,10 +79,7 @@ ENGINE_VARIANTS = {
     "compile": "torch.compile, inductor CPU backend (TORCH_COMPILE=true), after its compiling warm-up",
     "onnx": "ONNX Runtime CPU, all graph optimisations (ENGINE=onnx)",
     "openvino": "OpenVINO CPU, float32 precision hint (ENGINE=openvino)",
-    "onnx_streams2": "ONNX Runtime, two segments at once on one thread each (ENGINE=onnx, ENGINE_STREAMS=2)",
-    "openvino_streams2": "OpenVINO, two segments at once, two streams of one thread (ENGINE=openvino, ENGINE_STREAMS=2)",
 }
-RUNTIME_VARIANTS = ("onnx", "openvino", "onnx_streams2", "openvino_streams2")
 RSS_MODELS = {
     "production": "htdemucs (production architecture, random weights)",
     "tiny": "tiny untrained htdemucs of the tests (stemflow_dev.models.make_tiny_repo)",
@@ -166,11 +163,8 @@ def engine_variant(name: str, model: LoadedModel, export_dir: Path, threads: int
     from separator.engine import SegmentEngine
 
     engine, runs = SegmentEngine("cpu"), model
-    if name in RUNTIME_VARIANTS:
-        backend, _, streams = name.partition("_streams")
-        engine = SegmentEngine(
-            "cpu", backend=backend, export_dir=export_dir, threads=threads, streams=int(streams or 1)
-        )
+    if name in ("onnx", "openvino"):
+        engine = SegmentEngine("cpu", backend=name, export_dir=export_dir, threads=threads)
     elif name == "bfloat16":
         engine = SegmentEngine("cpu", precision="bfloat16")
     elif name == "compile":
@@ -218,7 +212,7 @@ def bench_engines(
         for sub in submodels(runs.model)[0]:
             engine.warm_up(sub)
         starts[name] = {"cold_s": time.perf_counter() - started}
-        if name in RUNTIME_VARIANTS:
+        if name in ("onnx", "openvino"):
             engine.close()
             started = time.perf_counter()
             engine, runs = engine_variant(name, model, export_dir, threads)
@@ -328,7 +322,7 @@ def bench_rtf(repo: Path, tmp: Path, seconds: float) -> dict:
 
 
 def worker_engine(
-    backend: str, repo: Path, threads: int, compiled: bool = False, precision: str = "float32", streams: int = 1
+    backend: str, repo: Path, threads: int, compiled: bool = False, precision: str = "float32"
 ) -> SegmentEngine:
     """A worker's engine as make_engine builds it: exports cached next to the weights."""
     from separator.engine import SegmentEngine
@@ -337,25 +331,12 @@ def worker_engine(
     if backend == "torch":
         return SegmentEngine("cpu", precision=precision, compile_models=compiled)
     return SegmentEngine(
-        "cpu",
-        backend=backend,
-        export_dir=default_cache_dir(repo),
-        threads=threads,
-        release_weights=True,
-        streams=streams,
+        "cpu", backend=backend, export_dir=default_cache_dir(repo), threads=threads, release_weights=True
     )
 
 
 def bench_throughput(
-    repo: Path,
-    tmp: Path,
-    songs: int,
-    seconds: float,
-    threads: int,
-    compiled: bool,
-    backend: str,
-    with_torch: bool,
-    streams: int = 1,
+    repo: Path, tmp: Path, songs: int, seconds: float, threads: int, compiled: bool, backend: str, with_torch: bool
 ) -> dict:
     """The worker against the CLI in alternating rounds of `in_flight` songs, so that load from
     other work on a shared machine weighs on both alike.
@@ -370,7 +351,7 @@ def bench_throughput(
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     command = [sys.executable, "-m", "demucs", "--repo", str(repo), "-n", MODEL, "--shifts", "0", "--overlap", "0.1"]
     command += ["-d", "cpu", "--float32", "-o", str(tmp / "cli")]
-    engines = {backend: worker_engine(backend, repo, threads, compiled, streams=streams)}
+    engines = {backend: worker_engine(backend, repo, threads, compiled)}
     if with_torch and backend != "torch":
         engines["torch"] = worker_engine("torch", repo, threads)
     # A model of its own per engine: a runtime's engine releases the torch weights it no longer needs.
@@ -421,7 +402,6 @@ def bench_throughput(
         "seconds": seconds,
         "in_flight": in_flight,
         "engine": backend,
-        "engine_streams": streams,
         "worker_s": totals[f"worker_{backend}_s"],
         "cli_s": totals["cli_s"],
         "ratio": ratios[backend],
@@ -444,14 +424,7 @@ def _error_db(stems: Path, reference: Path) -> float:
 
 
 def bench_rss(
-    repo: Path,
-    tmp: Path,
-    minutes: list[float],
-    threads: int,
-    compiled: bool,
-    before: dict,
-    backend: str,
-    streams: int = 1,
+    repo: Path, tmp: Path, minutes: list[float], threads: int, compiled: bool, before: dict, backend: str
 ) -> dict:
     """Peak RSS per song length, merged into `before` (an earlier run's figures for the same model).
 
@@ -467,7 +440,7 @@ def bench_rss(
     def child(*args: str) -> dict:
         command = [sys.executable, __file__, "--child", *args, "--repo", str(repo), "--threads", str(threads)]
         command += ["--compile"] if compiled else []
-        command += ["--engine", backend, "--streams", str(streams)]
+        command += ["--engine", backend]
         done = subprocess.run(command, check=False, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}): {done.stderr[-2000:]}")
@@ -502,7 +475,6 @@ def bench_rss(
         "worker": {size: sizes[size] for size in lengths},
         "torch_compile": compiled,
         "engine": backend,
-        "engine_streams": streams,
         "quality": "fast",
         "output_format": "flac",
         "long_over_short": {
@@ -520,12 +492,12 @@ def write_tiny_repo(repo: Path) -> Path:
     return make_tiny_repo(repo)
 
 
-def run_child(kind: str, song: Path, repo: Path, compiled: bool, backend: str, threads: int, streams: int = 1) -> None:
+def run_child(kind: str, song: Path, repo: Path, compiled: bool, backend: str, threads: int) -> None:
     """One measurement in a fresh process: its peak RSS, printed as JSON."""
     from separator.plan import submodels
 
     model = load(repo)
-    engine = worker_engine(backend if kind == "worker" else "torch", repo, threads, compiled, streams=streams).start()
+    engine = worker_engine(backend if kind == "worker" else "torch", repo, threads, compiled).start()
     if kind == "worker" and backend != "torch":
         # The worker's start: its networks loaded from the export cache.
         for sub in submodels(model.model)[0]:
@@ -569,7 +541,6 @@ def main() -> None:
     parser.add_argument(
         "--engine", default="auto", help="the worker's engine in throughput and rss (auto: CPU default)"
     )
-    parser.add_argument("--streams", type=int, default=1, help="the worker's ENGINE_STREAMS in throughput and rss")
     parser.add_argument("--engines", default=",".join(ENGINE_VARIANTS), help="engines measured on htdemucs")
     parser.add_argument("--bag-engines", default="torch,onnx,openvino", help="engines measured on the htdemucs_ft bag")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of the engines section")
@@ -589,7 +560,7 @@ def main() -> None:
 
         args.engine = pick_engine("auto", "cpu", "float32", args.compile)
     if args.child:
-        run_child(args.child[0], Path(args.child[1]), args.repo, args.compile, args.engine, args.threads, args.streams)
+        run_child(args.child[0], Path(args.child[1]), args.repo, args.compile, args.engine, args.threads)
         return
     sections = args.only.split(",")
     RESULTS.mkdir(exist_ok=True)
@@ -634,7 +605,6 @@ def main() -> None:
                     args.compile,
                     args.engine,
                     args.throughput_torch,
-                    args.streams,
                 ),
             }
         if "rss" in sections:
@@ -647,14 +617,7 @@ def main() -> None:
                 "model": RSS_MODELS[args.rss_model],
                 "load_average_at_start": os.getloadavg(),
                 **bench_rss(
-                    rss_repo,
-                    tmp,
-                    minutes,
-                    args.threads,
-                    args.compile,
-                    rss.get(args.rss_model, {}),
-                    args.engine,
-                    args.streams,
+                    rss_repo, tmp, minutes, args.threads, args.compile, rss.get(args.rss_model, {}), args.engine
                 ),
             }
             results["rss"] = rss

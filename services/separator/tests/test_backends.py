@@ -1,7 +1,5 @@
 """The exported-network engines (ONNX Runtime, OpenVINO) against torch, and their export cache."""
 
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -10,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from separator import export, runtimes
+from separator import export
 from separator.core import CoreUnsupported, HTDemucsCore, check_supported, forward_split
 from separator.engine import SegmentEngine
 from separator.export import ExportCache
@@ -91,42 +89,6 @@ def test_each_backend_separates_like_torch_and_apply_model(
 
     assert_close(got, separate(model, mix, quality="balanced"))
     assert_close(got, reference(model, mix, "balanced"))
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_two_streams_run_two_segments_at_once_with_the_same_output(
-    backend: str, htdemucs: LoadedModel, exports: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    load, version = runtimes.RUNTIMES[backend]
-    running, most = 0, 0
-    lock = threading.Lock()
-
-    def counting_load(path: Path, threads: int, streams: int) -> Callable:
-        core = load(path, threads, streams)
-
-        def run(mag: torch.Tensor, mix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            nonlocal running, most
-            with lock:
-                running += 1
-                most = max(most, running)
-            try:
-                # Long enough for the other stream's segment to start meanwhile.
-                time.sleep(0.05)
-                return core(mag, mix)
-            finally:
-                with lock:
-                    running -= 1
-
-        return run
-
-    monkeypatch.setitem(runtimes.RUNTIMES, backend, (counting_load, version))
-    mix = noise(6, seed=8)
-
-    with SegmentEngine("cpu", backend=backend, export_dir=exports, threads=2, streams=2) as engine:
-        got = separate(htdemucs, mix, quality="balanced", engine=engine)
-
-    assert most == 2
-    assert_close(got, separate(htdemucs, mix, quality="balanced"))
 
 
 @pytest.fixture(scope="module")

@@ -61,9 +61,3 @@ def test_an_explicit_engine_wins_and_is_refused_where_it_cannot_run(tmp_path: Pa
         make_engine(settings(engine="onnx"), "cuda")
     with pytest.raises(ValueError):
         settings(engine="tensorrt")
-
-
-def test_the_runtime_streams_follow_the_settings_and_torch_keeps_one(tmp_path: Path) -> None:
-    assert make_engine(settings(model_repo=tmp_path), "cpu").streams == 1
-    assert make_engine(settings(model_repo=tmp_path, engine_streams=2), "cpu").streams == 2
-    assert make_engine(settings(engine="torch", engine_streams=2), "cpu").streams == 1

@@ -22,7 +22,7 @@ CUDA_MAX_BATCH = 8
 # htdemucs (random weights, `fast`, 60 s) separates in float32 1.41x faster than torch eager in wall
 # time, 1.31x in CPU time (two alternating rounds at load 2), its stems within -88 dB of torch's
 # (on an earlier AVX2 host: 1.23x, 1.18x); ONNX Runtime (1.16x, -66 dB) is the fallback where
-# OpenVINO is missing. ENGINE_STREAMS=2 gained nothing there and costs about 520 MB: default 1.
+# OpenVINO is missing. Two segments at once gained nothing there and cost about 520 MB (28e7bdf, reverted).
 CPU_ENGINES = ("openvino", "onnx")
 
 
@@ -76,5 +76,4 @@ def make_engine(
         threads=settings.torch_threads,
         # The worker's models run on this engine only: once a runtime holds a network, torch's copy goes.
         release_weights=backend != "torch",
-        streams=settings.engine_streams,
     )

@@ -12,11 +12,6 @@ and iSTFT still in torch (separator.core); exports are cached in `export_dir` (s
 With `release_weights` (the worker's setting: its models run on this engine only), a model's torch
 network gives its weights back once the runtime holds the network: the STFT and iSTFT need none,
 and the weights would otherwise be held twice (about 170 MB per production htdemucs).
-
-With a runtime and `streams` > 1, that many forward loops run at once, each taking the next
-segment in the same round-robin order and running it on its share of the threads (its own
-stream and intermediate tensors in the runtime); torch, and a model that falls back to it,
-runs one segment at a time.
 """
 
 from __future__ import annotations
@@ -99,7 +94,6 @@ class SegmentEngine:
         export_dir: Path | None = None,
         threads: int = 0,
         release_weights: bool = False,
-        streams: int = 1,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
@@ -115,8 +109,6 @@ class SegmentEngine:
         self.device = torch.device(device)
         self.backend = backend
         self.threads = threads
-        # Forward loops at once: a runtime's streams; torch keeps one (its intra-op threads do the rest).
-        self.streams = max(1, streams) if backend != "torch" else 1
         self.release_weights = release_weights and backend != "torch"
         self.precision = precision
         self.max_batch = max(1, max_batch)
@@ -130,31 +122,26 @@ class SegmentEngine:
         self._exports = ExportCache(self.export_dir) if self.export_dir is not None else None
         # Per model: its network in the backend's runtime, or None where it runs in torch instead.
         self._cores: dict[int, Core | None] = {}
-        self._cores_lock = threading.Lock()
-        self._torch_lock = threading.Lock()
         self._queues: OrderedDict[Hashable, deque[_Item]] = OrderedDict()
         self._cond = threading.Condition()
         self._closed = False
-        self._threads: list[threading.Thread] = []
+        self._thread: threading.Thread | None = None
 
     def start(self) -> SegmentEngine:
         """Start the forward loop (idempotent)."""
         with self._cond:
-            if not self._threads:
-                for index in range(self.streams):
-                    name = "segment-engine" if index == 0 else f"segment-engine-{index}"
-                    self._threads.append(threading.Thread(target=self._loop, name=name, daemon=True))
-                for thread in self._threads:
-                    thread.start()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="segment-engine", daemon=True)
+                self._thread.start()
         return self
 
     def close(self) -> None:
-        """Stop after the batches in flight; segments not yet run fail with EngineClosed."""
+        """Stop after the batch in flight; segments not yet run fail with EngineClosed."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        for thread in self._threads:
-            thread.join()
+        if self._thread is not None:
+            self._thread.join()
         self._fail_queued()
 
     def _fail_queued(self) -> None:
@@ -289,10 +276,6 @@ class SegmentEngine:
             # One window at a time: the exported graph has the shape of one segment.
             with torch.inference_mode():
                 return tuple(forward_split(items[0].model, core, item.window[None])[0] for item in items)
-        with self._torch_lock:
-            return self._forward_torch(items)
-
-    def _forward_torch(self, items: list[_Item]) -> tuple[torch.Tensor, ...]:
         if getattr(items[0].model, "stemflow_weights_released", False):
             raise RuntimeError("this model's weights were released to a runtime: it cannot run in torch")
         model = self._runnable(items[0].model)
@@ -319,13 +302,6 @@ class SegmentEngine:
         """The model's network in the backend (exported and loaded on first use), or None to run it in torch."""
         if id(model) in self._cores:
             return self._cores[id(model)]
-        with self._cores_lock:
-            # Another loop may have loaded it while this one waited.
-            if id(model) in self._cores:
-                return self._cores[id(model)]
-            return self._load_core(model)
-
-    def _load_core(self, model: nn.Module) -> Core | None:
         assert self._exports is not None
         load = RUNTIMES[self.backend][0]
         threads = self.threads or torch.get_num_threads()
@@ -337,11 +313,11 @@ class SegmentEngine:
             return None
         path = self._exports.path(model)
         try:
-            core = load(path, threads, self.streams)
+            core = load(path, threads)
         except Exception as exc:
             # A file damaged on disk (its name is right, its content not): export it again, once.
             log.warning("loading %s in %s failed (%r): exporting it again", path, self.backend, exc)
-            core = load(self._exports.path(model, refresh=True), threads, self.streams)
+            core = load(self._exports.path(model, refresh=True), threads)
         self._cores[id(model)] = core
         if self.release_weights:
             release_weights(model)

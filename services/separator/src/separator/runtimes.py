@@ -1,17 +1,12 @@
 """The CPU runtimes that run an exported network: ONNX Runtime and OpenVINO, float32 both.
 
-Each `load_*` takes the exported ONNX file, the CPU threads and the number of streams, and
-returns a `core.Core` (torch tensors in and out). With `streams` > 1 the core may be called
-from that many threads at once, each call running on its own share of the threads (OpenVINO:
-one stream and infer request each; ONNX Runtime: threads // streams intra-op threads per
-call); each concurrent call holds its own intermediate tensors. The runtime's own compiled
-form, where it keeps one (OpenVINO's blob cache), lives in a folder named after the runtime's
-version next to the exported file.
+Each `load_*` takes the exported ONNX file and returns a `core.Core` (torch tensors in and
+out). The runtime's own compiled form, where it keeps one (OpenVINO's blob cache), lives
+in a folder named after the runtime's version next to the exported file.
 """
 
 from __future__ import annotations
 
-import queue
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,17 +22,13 @@ def _feeds(mag: torch.Tensor, mix: torch.Tensor) -> dict[str, np.ndarray]:
     return {"mag": mag.contiguous().numpy(), "mix": mix.contiguous().numpy()}
 
 
-def load_onnxruntime(path: Path, threads: int, streams: int = 1) -> Core:
-    """An ONNX Runtime CPU session with every graph optimisation, on `threads` intra-op threads.
-
-    With several streams, each concurrent run gets threads // streams of them (at least its own
-    calling thread): one session (one copy of the weights), run from several threads at once.
-    """
+def load_onnxruntime(path: Path, threads: int) -> Core:
+    """An ONNX Runtime CPU session with every graph optimisation, on `threads` intra-op threads."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = max(1, threads // max(1, streams))
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     # Spinning threads burn the shared cores between segments for no gain at this op size.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -56,37 +47,26 @@ def onnxruntime_version() -> str:
     return str(ort.__version__)
 
 
-def load_openvino(path: Path, threads: int, streams: int = 1) -> Core:
-    """An OpenVINO CPU model in float32 (its default on CPUs with AMX or AVX512-BF16 is bfloat16).
-
-    One stream on all `threads` (latency) by default; with several, the threads are split among
-    that many streams, each with its own infer request, handed to one caller at a time.
-    """
+def load_openvino(path: Path, threads: int) -> Core:
+    """An OpenVINO CPU model in float32 (its default on CPUs with AMX or AVX512-BF16 is bfloat16)."""
     import openvino as ov
 
-    streams = max(1, streams)
     core = ov.Core()
     config = {
         "INFERENCE_PRECISION_HINT": "f32",
         "INFERENCE_NUM_THREADS": threads,
-        "PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT",
-        "NUM_STREAMS": streams,
+        "PERFORMANCE_HINT": "LATENCY",
+        "NUM_STREAMS": 1,
         "CACHE_DIR": str(path.parent / f"openvino-{openvino_version()}"),
     }
     compiled = core.compile_model(str(path), "CPU", config)
-    requests: queue.SimpleQueue[ov.InferRequest] = queue.SimpleQueue()
-    for _ in range(streams):
-        requests.put(compiled.create_infer_request())
+    request = compiled.create_infer_request()
     outputs = compiled.outputs
 
     def run(mag: torch.Tensor, mix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        request = requests.get()
-        try:
-            result = request.infer(_feeds(mag, mix))
-            # The request reuses its output buffers on the next call: copy them out.
-            spec, wave = (torch.from_numpy(np.array(result[output])) for output in outputs)
-        finally:
-            requests.put(request)
+        result = request.infer(_feeds(mag, mix))
+        # The request reuses its output buffers on the next call: copy them out.
+        spec, wave = (torch.from_numpy(np.array(result[output])) for output in outputs)
         return spec, wave
 
     return run
@@ -99,7 +79,7 @@ def openvino_version() -> str:
 
 
 # engine name -> (loader, version); a runtime whose package is missing fails when it is chosen.
-RUNTIMES: dict[str, tuple[Callable[[Path, int, int], Core], Callable[[], str]]] = {
+RUNTIMES: dict[str, tuple[Callable[[Path, int], Core], Callable[[], str]]] = {
     "onnx": (load_onnxruntime, onnxruntime_version),
     "openvino": (load_openvino, openvino_version),
 }

@@ -30,12 +30,6 @@ class Settings(ServiceSettings, BlobSettings, RedisSettings):
         default="auto",
         description="What runs the network: auto = openvino on CPU in float32 (torch where it cannot), torch on CUDA",
     )
-    engine_streams: int = Field(
-        default=1,
-        ge=1,
-        description="Segments an onnx/openvino engine runs at once, the threads split among them; "
-        "each more holds another segment's intermediates (about 370 MB for htdemucs)",
-    )
     export_cache_dir: Path | None = Field(
         default=None, description="Exported networks' cache; unset = next to the weights (MODEL_REPO or torch hub's)"
     )
