@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-import sys
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -53,29 +53,45 @@ def test_without_the_standard_variable_the_sdk_counts_nothing(monkeypatch: pytes
     telemetry.sdk_meter_provider.cache_clear()
 
 
+class HeldExporter(OTLPSpanExporter):
+    """The OTLP exporter, held at the start of each export until `release`: while it holds a batch, the
+    processor's queue fills up whatever the machine's load (no race with the exporter's thread)."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.exporting = threading.Event()
+        self.release = threading.Event()
+
+    def export(self, spans: object) -> object:
+        self.exporting.set()
+        self.release.wait(30)
+        return super().export(spans)
+
+
 def test_spans_dropped_from_a_full_queue_and_failed_exports_are_counted(sdk_metrics: object) -> None:
     assert telemetry.sdk_meter_provider() is sdk_metrics  # one per process: its collector is registered once
     # The exporter retries until its timeout, then gives the batch up.
-    exporter = OTLPSpanExporter(endpoint=unreachable_collector(), timeout=1, meter_provider=sdk_metrics)
+    exporter = HeldExporter(endpoint=unreachable_collector(), timeout=1, meter_provider=sdk_metrics)
     processor = BatchSpanProcessor(
         exporter, max_queue_size=4, max_export_batch_size=4, schedule_delay_millis=60_000, meter_provider=sdk_metrics
     )
     provider = TracerProvider()
     provider.add_span_processor(processor)
     tracer = provider.get_tracer("test")
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(10.0)  # the exporter's thread waits for the GIL: the queue fills up first
     try:
-        for _ in range(10):
+        for _ in range(4):  # a full batch wakes the exporter's thread, which takes all four
+            tracer.start_span("exported").end()
+        assert exporter.exporting.wait(30)
+        for _ in range(6):  # four wait in the queue, two find it full
             tracer.start_span("lost?").end()
     finally:
-        sys.setswitchinterval(interval)
+        exporter.release.set()
     provider.force_flush()
     provider.shutdown()
     dropped = total("otel_sdk_processor_span_processed_total", error_type="queue_full")
     passed_on = total("otel_sdk_processor_span_processed_total", error_type="")
-    assert (dropped, passed_on) == (6, 4)
-    assert total("otel_sdk_exporter_span_exported_total") == 4
-    assert total("otel_sdk_exporter_span_exported_total", error_type="ConnectionError") == 4
+    assert (dropped, passed_on) == (2, 8)
+    assert total("otel_sdk_exporter_span_exported_total") == 8
+    assert total("otel_sdk_exporter_span_exported_total", error_type="ConnectionError") == 8
     assert total("otel_sdk_processor_span_queue_capacity") == 4
     assert b"otel_sdk_exporter_operation_duration_seconds_bucket" in generate_latest(REGISTRY)
