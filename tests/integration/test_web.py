@@ -608,6 +608,8 @@ async def test_practice_loop_a_dragged_section_with_the_click_and_export_the_mix
         await page.get_by_label("Loop the section").check()
         await page.get_by_label("Click on the beats").check()
         await page.get_by_role("button", name="Play").click()
+        # Until the player has started, the waveform shows where it was before (the section is not a seek).
+        await page.locator("#player[data-state=playing]").wait_for(timeout=30_000)
         await page.wait_for_function(
             """([start, end]) => {
                  const p = Number(document.getElementById('wave').dataset.position);
