@@ -411,3 +411,35 @@ def test_the_spans_of_an_unsampled_job_run_uninstrumented() -> None:
         assert is_instrumentation_enabled()
     assert seen == {"00": (False, False), "01": (True, True)}
     assert [s.name for s in exporter.get_finished_spans()] == ["process job.submitted"]
+
+
+async def test_a_client_without_redis_spans_skips_the_instrumentation_and_shares_the_pool(
+    redis_client: Any, isolation: Any
+) -> None:
+    """Commands through `without_redis_spans` make no span (not even a dropped one) under a recording span, where
+    the instrumented client's make theirs; both use the same connections; `recording` says which to use."""
+    from opentelemetry.instrumentation.redis import RedisInstrumentor
+
+    exporter = InMemorySpanExporter()
+    provider = provider_of(sampling.ParentBased(sampling.ALWAYS_ON), sampling.ALWAYS_ON)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    key = f"{isolation.redis_prefix}plain-client"
+    plain_before = telemetry.without_redis_spans(redis_client)  # made before the class is instrumented
+    instrumentor = RedisInstrumentor()
+    instrumentor.instrument(tracer_provider=provider)
+    try:
+        plain = telemetry.without_redis_spans(redis_client)
+        assert plain.connection_pool is redis_client.connection_pool
+        assert not telemetry.recording()
+        with provider.get_tracer("test").start_as_current_span("GET /v1/jobs/{job_id}"):
+            assert telemetry.recording()
+            await redis_client.set(key, b"1")
+            script = redis_client.register_script("return redis.call('INCR', KEYS[1])")
+            assert await script(keys=[key], client=plain) == 2
+            assert await plain_before.get(key) == b"2"
+        names = [s.name for s in exporter.get_finished_spans()]
+        assert names == ["SET", "GET /v1/jobs/{job_id}"]  # the instrumented client's command and the parent only
+    finally:
+        instrumentor.uninstrument()
+        await redis_client.delete(key)
+    assert isinstance(plain, type(redis_client))

@@ -169,7 +169,18 @@ async def test_a_poll_follows_its_callers_traceparent(traced_gateway: Any, helpe
         (server,) = [s for s in spans if s.kind is trace.SpanKind.SERVER]
         assert server.name == "GET /v1/jobs/{job_id}"  # answered from the cache, in front of the routing
         assert server.parent is not None and server.parent.span_id == int(CALLER_SPAN, 16)
-        assert any(s.attributes.get("db.system") == "redis" for s in spans)
+        # Its Redis read is a span of its own: a traced poll's reads go through the instrumented client.
+        redis_spans = [s for s in spans if s.attributes.get("db.system") == "redis"]
+        assert redis_spans and all(s.parent.span_id == server.context.span_id for s in redis_spans)
+
+        # So are a traced list page's, its first read (a miss) and the cached page answered in front of the routing.
+        for trace_id in ("1" * 32, "2" * 32):
+            caller = {**headers, "traceparent": f"00-{trace_id}-{CALLER_SPAN}-01"}
+            assert (await gw.client.get("/v1/jobs", headers=caller)).status_code == 200
+            page = trace_of(gw.exporter.get_finished_spans(), int(trace_id, 16))
+            (list_server,) = [s for s in page if s.kind is trace.SpanKind.SERVER]
+            assert list_server.name == "GET /v1/jobs"
+            assert any(s.attributes.get("db.system") == "redis" for s in page)
 
 
 async def test_an_unsampled_traceparent_suppresses_instrumentation(traced_gateway: Any, helpers: Any) -> None:

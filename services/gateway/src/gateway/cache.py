@@ -22,7 +22,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from stemflow_shared import metrics
+from stemflow_shared import metrics, telemetry
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,9 @@ class CachedPage:
 class JobCache:
     def __init__(self, redis: Any, prefix: str, ttl_s: int, gzip_level: int = 1, pages_per_owner: int = 64) -> None:
         self._redis = redis
+        # The reads of polls and list pages, when their request is not traced, skip the Redis instrumentation's
+        # wrapper (telemetry.without_redis_spans); a traced request's reads go through it and keep their spans.
+        self._untraced_redis = telemetry.without_redis_spans(redis)
         self._prefix = f"{prefix}job:"
         self._lists = f"{prefix}jobs:"
         self._ttl = ttl_s
@@ -147,6 +150,10 @@ class JobCache:
         self._keep_page = redis.register_script(_KEEP_PAGE)
         self._hits = metrics.CACHE_REQUESTS.labels("job", "hit")
         self._misses = metrics.CACHE_REQUESTS.labels("job", "miss")
+
+    def _reader(self) -> Any:
+        """The client of a read: the instrumented one under a recording span, else the one without spans."""
+        return self._redis if telemetry.recording() else self._untraced_redis
 
     def _key(self, job_id: str) -> str:
         return self._prefix + job_id
@@ -165,7 +172,7 @@ class JobCache:
         keys = [self._key(job_id)] if counter_key is None else [self._key(job_id), counter_key]
         try:
             count, owner, version, body, gzipped = await self._get_counting(
-                keys=keys, args=[counter_ttl_s, "z" if gzip_ok else "b"]
+                keys=keys, args=[counter_ttl_s, "z" if gzip_ok else "b"], client=self._reader()
             )
         except RedisError as exc:
             log.warning("job cache read failed: %s", exc)
@@ -230,7 +237,7 @@ class JobCache:
         keys = [self._key(job_id) for job_id, _ in versions] + ([counter_key] if counter_key else [])
         args = [counter_ttl_s if counter_key else "", *(version for _, version in versions)]
         try:
-            count, *found = await self._bodies(keys=keys, args=args) if keys else (0,)
+            count, *found = await self._bodies(keys=keys, args=args, client=self._reader()) if keys else (0,)
         except RedisError as exc:
             log.warning("job cache read failed: %s", exc)
             return [None] * len(versions), 0
@@ -246,7 +253,9 @@ class JobCache:
         keys = self._list_keys(owner) + ([counter_key] if counter_key else [])
         wanted = f"{variant}:z" if gzip_ok else variant
         try:
-            count, generation, body, gzipped = await self._page(keys=keys, args=[counter_ttl_s, variant, wanted])
+            count, generation, body, gzipped = await self._page(
+                keys=keys, args=[counter_ttl_s, variant, wanted], client=self._reader()
+            )
         except RedisError as exc:
             log.warning("list cache read failed: %s", exc)
             return CachedPage(b"", None, False), 0
