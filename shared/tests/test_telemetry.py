@@ -87,12 +87,15 @@ class Seen:
                 or telemetry.fastapi_telemetry()["exclude"](scope),
             }
         )
-        # The server span FastAPI would open, from the same provider: a child of the caller's span, if it
-        # sent one; else a root when sampled, a child of the unsampled span otherwise.
-        headers = {name.decode(): value.decode() for name, value in scope["headers"]}
-        caller = propagate.extract(headers, otel_context.get_current())
-        with self.tracer.start_as_current_span("GET /v1/jobs", caller, kind=trace.SpanKind.SERVER) as span:
-            self.requests[-1]["span"] = span.get_span_context()
+        if self.requests[-1]["excluded_from_fastapi"]:  # FastAPI opens no span: the request's is the current one
+            self.requests[-1]["span"] = current
+        else:
+            # The server span FastAPI would open, from the same provider: a child of the caller's span, if it
+            # sent one; else a root (sampled: HeadSampling judged its trace id).
+            headers = {name.decode(): value.decode() for name, value in scope["headers"]}
+            caller = propagate.extract(headers, otel_context.get_current())
+            with self.tracer.start_as_current_span("GET /v1/jobs", caller, kind=trace.SpanKind.SERVER) as span:
+                self.requests[-1]["span"] = span.get_span_context()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
@@ -202,11 +205,12 @@ async def test_the_ratio_is_applied_once_not_twice(request_: tuple[str, str]) ->
 
 async def test_the_request_ratios_decision_is_trace_id_ratio_based_s_own() -> None:
     """Deployed, requests are judged by a plain TraceIdRatioBased, whose decision HeadSampling takes itself (no
-    SamplingResult made): for every request it must be the one the SDK's sampler gives for its trace id."""
+    SamplingResult made): for every request it must be the one the SDK's sampler gives for its trace id (a
+    request that may write: an unsampled read keeps no trace id to check)."""
     ratio = sampling.TraceIdRatioBased(0.3)
     app, seen, exporter = gate(sampling.ALWAYS_OFF, ratio)
     for _ in range(400):
-        await call(app, ("GET", "/v1/jobs"))
+        await call(app, ("POST", "/v1/jobs/x/cancel"))
     decisions = []
     for r in seen.requests:
         trace_id = r["span"].trace_id if sampled(r) else r["current"].trace_id
@@ -215,6 +219,29 @@ async def test_the_request_ratios_decision_is_trace_id_ratio_based_s_own() -> No
         assert sampled(r) is judged
     assert 60 <= sum(decisions) <= 180  # binomial(400, 0.3): beyond 6 sigma otherwise
     assert len(exporter.get_finished_spans()) == sum(decisions)
+
+
+async def test_an_unsampled_read_runs_under_no_span_and_a_write_under_its_unsampled_trace() -> None:
+    """A read (GET, HEAD) that is not sampled and brings no trace context runs suppressed under no span at all;
+    one that may write (any other method, a WebSocket) under a non-recording span of its own trace, which a job
+    or event it makes passes on; a read with a caller's unsampled traceparent keeps the caller's trace."""
+    app, seen, exporter = gate(sampling.ALWAYS_OFF, sampling.ALWAYS_OFF)
+    caller = "0af7651916cd43dd8448eb211c80319c"
+    await call(app, ("GET", "/v1/jobs/0123456789abcdef0123456789abcdef"))
+    await call(app, ("HEAD", "/v1/jobs/0123456789abcdef0123456789abcdef/stems/vocals"))
+    await call(app, ("POST", "/v1/jobs/x/cancel"))
+    await call(app, ("DELETE", "/v1/jobs/x"))
+    await call(app, ("GET", "/v1/ws"), kind="websocket")
+    await call(app, ("GET", "/v1/jobs"), headers=[(b"traceparent", f"00-{caller}-b7ad6b7169203331-00".encode())])
+    get, head, post, delete, websocket, followed = seen.requests
+    assert all(not r["instrumented"] and r["excluded_from_fastapi"] for r in seen.requests)
+    for read in (get, head):
+        assert not read["current"].is_valid and read["traceparent"] is None
+    for write in (post, delete, websocket):
+        assert write["current"].is_valid and not write["current"].trace_flags.sampled
+        assert write["traceparent"].endswith("-00")
+    assert format(followed["current"].trace_id, "032x") == caller and followed["traceparent"].endswith("-00")
+    assert exporter.get_finished_spans() == ()
 
 
 def test_the_unsampled_span_context_is_the_one_the_api_makes() -> None:
@@ -343,9 +370,9 @@ async def test_fastapi_opens_a_server_span_for_sampled_requests_only(monkeypatch
     assert spans_started(reader) == len(spans)
     assert {s.name for s in spans} == {"GET /v1/jobs/{job_id}"}
     assert {s.attributes["http.route"] for s in spans} == {"/v1/jobs/{job_id}"}
-    # Each request's job would carry its own trace id, sampled or not: a span of the request's trace.
+    # What a sampled read passes on is its own trace; an unsampled read, under no span, passes nothing on.
     assert {format(s.context.trace_id, "032x") for s in spans} == {t.split("-")[1] for t in traced}
-    assert all(t and not int(t[-2:], 16) & 1 for t in carried if t not in traced)
+    assert all(t is None for t in carried if t not in traced)
 
 
 def test_without_tracing_the_app_is_served_as_it_is() -> None:
