@@ -1,8 +1,10 @@
 """Keys and notes spelled as musicians write them, and the DJs' key codes."""
 
+import numpy as np
 import pytest
+import synth
 
-from analyzer.keys import camelot, key_name, open_key, parse_key, pitch_class, spell
+from analyzer.keys import camelot, estimate, key_name, open_key, parse_key, pitch_class, spell
 
 
 @pytest.mark.parametrize(
@@ -40,3 +42,27 @@ def test_notes_are_spelled_for_the_key():
     # A minor key's raised leading tone is a sharp even in a flat key.
     assert spell(1, "D minor") == "C♯" and spell(10, "D minor") == "B♭"
     assert spell(6, "C major") == "F♯" and spell(10, "C major") == "B♭"
+
+
+
+def _held_notes(weights: dict[int, float]) -> np.ndarray:
+    """8 s of sines on the given pitch classes (0 = middle C), each at its weight."""
+    t = np.arange(8 * synth.RATE) / synth.RATE
+    return sum(w * np.sin(2 * np.pi * 261.63 * 2 ** (pc / 12) * t) for pc, w in weights.items()).astype(np.float32)
+
+
+# C major's notes, its tonic triad loudest; and A harmonic minor's (with G♯), its tonic triad loudest.
+_C_MAJOR_NOTES = {0: 2, 2: 1, 4: 2, 5: 1, 7: 2, 9: 1, 11: 1}
+_A_HARMONIC_MINOR_NOTES = {9: 2, 11: 1, 0: 2, 2: 1, 4: 2, 5: 1, 8: 1}
+
+
+@pytest.mark.parametrize("opening", ["A minor", "A major"])
+def test_music_on_a_major_scale_that_opens_on_its_sixth_degree_is_in_the_relative_minor(opening):
+    # The opening chord's root decides (chord readings often take a minor chord for a major or seventh one).
+    notes = _held_notes(_C_MAJOR_NOTES)
+    assert estimate(notes, synth.RATE)[0][0] == "C major"
+    assert estimate(notes, synth.RATE, opening=opening)[0][0] == "A minor"
+
+
+def test_a_minor_key_with_its_leading_tone_stays_minor_when_it_opens_on_the_relative_major():
+    assert estimate(_held_notes(_A_HARMONIC_MINOR_NOTES), synth.RATE, opening="C major")[0][0] == "A minor"
