@@ -63,18 +63,13 @@ return {count, cached[1], cached[2], body, gzipped}
 """
 
 
-# KEYS: jobs, then the caller's rate-limit counter when ARGV[1] (its TTL) is not ''. ARGV[2...]: the jobs' versions.
-# Returns {count, the cached body of each job whose cached version is the one given ('' where not)}.
+# KEYS: jobs. ARGV: their versions. Returns the cached body of each job whose cached version is the one given
+# ('' where not).
 _BODIES = """
-local jobs, count = #ARGV - 1, 0
-if ARGV[1] ~= '' then
-  count = redis.call('INCR', KEYS[jobs + 1])
-  if count == 1 then redis.call('EXPIRE', KEYS[jobs + 1], ARGV[1]) end
-end
-local found = {count}
-for i = 1, jobs do
+local found = {}
+for i = 1, #KEYS do
   local cached = redis.call('HMGET', KEYS[i], 'v', 'b')
-  if cached[1] == ARGV[i + 1] and cached[2] then found[i + 1] = cached[2] else found[i + 1] = '' end
+  if cached[1] == ARGV[i] and cached[2] then found[i] = cached[2] else found[i] = '' end
 end
 return found
 """
@@ -229,19 +224,18 @@ class JobCache:
         except RedisError as exc:
             log.warning("job cache fill failed: %s", exc)
 
-    async def bodies(
-        self, versions: list[tuple[str, int]], *, counter_key: str | None = None, counter_ttl_s: int = 0
-    ) -> tuple[list[bytes | None], int]:
-        """The cached JSON bodies of (job id, version) pairs, None where the cache lacks that version, and the
-        incremented `counter_key` (0 without one), in one call; a Redis outage is all misses and a count of 0."""
-        keys = [self._key(job_id) for job_id, _ in versions] + ([counter_key] if counter_key else [])
-        args = [counter_ttl_s if counter_key else "", *(version for _, version in versions)]
+    async def bodies(self, versions: list[tuple[str, int]]) -> list[bytes | None]:
+        """The cached JSON bodies of (job id, version) pairs, None where the cache lacks that version, in one
+        call; a Redis outage is all misses."""
+        if not versions:
+            return []
+        keys = [self._key(job_id) for job_id, _ in versions]
         try:
-            count, *found = await self._bodies(keys=keys, args=args, client=self._reader()) if keys else (0,)
+            found = await self._bodies(keys=keys, args=[version for _, version in versions], client=self._reader())
         except RedisError as exc:
             log.warning("job cache read failed: %s", exc)
-            return [None] * len(versions), 0
-        return [body or None for body in found], int(count)
+            return [None] * len(versions)
+        return [body or None for body in found]
 
     async def page(
         self, owner: str, variant: str, *, gzip_ok: bool, counter_key: str | None, counter_ttl_s: int

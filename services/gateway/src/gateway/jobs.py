@@ -131,7 +131,7 @@ class Jobs:
         A page read under a list `generation` is cached (with its gzip form) unless a job changed since.
         """
         versions, next_cursor = await self.repo.page_versions(owner, status=status, limit=limit, after=after)
-        bodies, _ = await self.cache.bodies(versions)
+        bodies = await self.cache.bodies(versions)
         missing = [job_id for (job_id, _), body in zip(versions, bodies, strict=True) if body is None]
         if missing:
             found = await self.repo.list_items(missing)  # one deleted meanwhile is left out of the page
