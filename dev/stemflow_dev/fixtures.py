@@ -20,7 +20,10 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from .namespaces import delete_namespace, delete_namespace_keys, leased
 from .stack import StackUrls, containers_unusable, ensure_stack, start_containers
+
+__all__ = ["delete_namespace", "delete_namespace_keys"]  # used by tests that make namespaces of their own
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +105,22 @@ def base_env(stack: StackUrls, isolation: Isolation, tmp_path_factory: pytest.Te
 
 
 @pytest_asyncio.fixture(scope="session")
-async def mongo_db(stack: StackUrls, isolation: Isolation) -> AsyncIterator[object]:
+async def namespace_lease(stack: StackUrls, isolation: Isolation) -> AsyncIterator[None]:
+    """This run's lease on its namespace (see `stemflow_dev.namespaces`), taken after sweeping what killed runs
+    left on these servers. The fixtures below remove what they made; the lease is given back after them."""
+    async with leased(
+        STATE_DIR,
+        isolation.namespace,
+        stack,
+        mongodb_db=isolation.mongodb_db,
+        derived=[f"{isolation.namespace}-{s}" for s in DERIVED_NAMESPACES],
+        remove_at_end=False,
+    ):
+        yield
+
+
+@pytest_asyncio.fixture(scope="session")
+async def mongo_db(stack: StackUrls, isolation: Isolation, namespace_lease: None) -> AsyncIterator[object]:
     from pymongo import AsyncMongoClient
 
     client: AsyncMongoClient = AsyncMongoClient(stack.mongodb_url, tz_aware=True)
@@ -114,7 +132,7 @@ async def mongo_db(stack: StackUrls, isolation: Isolation) -> AsyncIterator[obje
 
 
 @pytest_asyncio.fixture(scope="session")
-async def redis_client(stack: StackUrls, isolation: Isolation) -> AsyncIterator[object]:
+async def redis_client(stack: StackUrls, isolation: Isolation, namespace_lease: None) -> AsyncIterator[object]:
     import redis.asyncio as redis
 
     client = redis.from_url(stack.redis_url)
@@ -125,51 +143,17 @@ async def redis_client(stack: StackUrls, isolation: Isolation) -> AsyncIterator[
         await client.aclose()
 
 
-async def delete_namespace_keys(client: Any, namespace: str) -> None:
-    """Remove every Redis key a namespace's services wrote (`<namespace>:...`)."""
-    keys = [k async for k in client.scan_iter(match=f"{namespace}:*", count=1000)]
-    if keys:
-        await client.delete(*keys)
-
-
 # Suffixes of the namespaces tests derive from the run's own on the shared broker
 # (`f"{isolation.namespace}-outages"`, ...): the session's clean-up removes them too.
 DERIVED_NAMESPACES = ("outages", "ni", "nt", "gw", "img")
 
 
 @pytest_asyncio.fixture(scope="session", autouse=False)
-async def broker_cleanup(stack: StackUrls, isolation: Isolation) -> AsyncIterator[None]:
+async def broker_cleanup(stack: StackUrls, isolation: Isolation, namespace_lease: None) -> AsyncIterator[None]:
     """Delete this run's exchanges and queues at the end of the session (derived namespaces included)."""
     yield
     for namespace in (isolation.namespace, *(f"{isolation.namespace}-{s}" for s in DERIVED_NAMESPACES)):
         await delete_namespace(stack.amqp_url, namespace)
-
-
-async def delete_namespace(amqp_url: str, namespace: str) -> None:
-    """Remove every exchange and queue a namespace declared (queue names from the topology)."""
-    import aio_pika
-
-    from stemflow_shared.topology import ALL_QUEUES, Names
-
-    names = Names(namespace)
-    connection = await aio_pika.connect(amqp_url)
-    try:
-        queues = [names.queue(q) for q in ALL_QUEUES if not q.per_replica]
-        queues += [names.dead_letter_queue, names.dead_letter_watch_queue]
-        for queue in queues:
-            channel = await connection.channel()
-            try:
-                await channel.queue_delete(queue)
-            except Exception:
-                pass
-        for exchange in (names.work_exchange, names.exchange, names.dead_letter_exchange):
-            channel = await connection.channel()
-            try:
-                await channel.exchange_delete(exchange)
-            except Exception:
-                pass
-    finally:
-        await connection.close()
 
 
 SERVING_REPLICA = "tests"
