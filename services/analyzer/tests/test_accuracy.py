@@ -97,3 +97,12 @@ def test_corpus_truth_is_consistent(readings):
         assert truth["chords"][0][0] == 0.0
         assert all(a[1] == b[0] for a, b in zip(truth["chords"], truth["chords"][1:], strict=False))
         assert Path(truth["audio"]).exists()
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_a_ballads_eighth_notes_are_not_its_beat(tmp_path, seed):
+    # A 62 and a 76 BPM ballad, hats in eighths: at double tempo nothing falls between the beats, so the
+    # eighths are the beat's subdivision, not the beat (the octave choice read both at double before).
+    truth = corpus.render(tmp_path, corpus.Spec("arrangement", "ballad", seed, "tuning", 20.0))
+    samples, sr = sf.read(truth["audio"], dtype="float32", always_2d=True)
+    assert analyze(samples.T.copy(), sr).tempo_bpm == pytest.approx(truth["tempo_bpm"], rel=0.04)
