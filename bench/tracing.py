@@ -61,8 +61,8 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -544,6 +544,391 @@ def summarise(samples: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
+# --- in process: each call's CPU time with no server or client around it (--in-process) ---------------------
+
+
+INPROCESS_CONFIGS: dict[str, dict[str, str]] = {
+    "off": {},
+    "default": DEPLOYED,
+    "unsampled": {**DEPLOYED, "STEMFLOW_TRACES_REQUEST_RATIO": "0"},  # default's unsampled path alone
+    "debug_100": CONFIGS["debug_100"],
+}
+PREVIOUS_OFF = "previous_off"  # the --baseline-pythonpath code, tracing off: `previous`'s own baseline
+# call: (method, path, share of the batch size: a creation costs 15 reads and leaves a file behind)
+INPROCESS_CALLS: dict[str, tuple[str, str, float]] = {
+    "get_cached": ("GET", "/v1/jobs/{job_id}", 1.0),
+    "list_first_page": ("GET", "/v1/jobs", 1.0),
+    "models": ("GET", "/v1/models", 1.0),
+    "healthz": ("GET", "/healthz", 1.0),
+    "create_job": ("POST", "/v1/jobs", 0.1),
+}
+WORKER_READY = "@@ready"
+WORKER_ANSWER = "@@"
+
+
+class AsgiDriver:
+    """Calls an ASGI app as a server does, one request at a time, with no socket or HTTP parsing around it."""
+
+    def __init__(self, app: Any, key: str) -> None:
+        self.app = app
+        self.headers = [(b"host", b"127.0.0.1:8000"), (b"authorization", f"Bearer {key}".encode())]
+        self.state: dict[str, Any] = {}
+
+    async def request(
+        self, method: str, path: str, body: bytes = b"", content_type: bytes = b"", answer: bytearray | None = None
+    ) -> int:
+        """One request, as wrk sends it; returns the status (the answer's body goes to `answer`, if given)."""
+        import asyncio
+
+        headers = self.headers
+        if body:
+            headers = [*headers, (b"content-type", content_type), (b"content-length", b"%d" % len(body))]
+        path, _, query = path.partition("?")
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.4"},
+            "http_version": "1.1",
+            "method": method,
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": query.encode(),
+            "root_path": "",
+            "headers": headers,
+            "client": ("127.0.0.1", 40000),
+            "server": ("127.0.0.1", 8000),
+            "state": self.state.copy(),
+        }
+        status = 0
+        asked = False
+        answered = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            nonlocal asked
+            if not asked:
+                asked = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await answered.wait()  # what a server says once the answer is out and the client gone
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                if answer is not None:
+                    answer.extend(message.get("body", b""))
+                if not message.get("more_body", False):
+                    answered.set()
+
+        await self.app(scope, receive, send)
+        return status
+
+    @asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        """The app's lifespan, started and shut down as uvicorn runs it."""
+        import asyncio
+
+        to_app: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        from_app: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": self.state}
+        task = asyncio.create_task(self.app(scope, to_app.get, from_app.put))
+        await to_app.put({"type": "lifespan.startup"})
+        started = await from_app.get()
+        if started["type"] != "lifespan.startup.complete":
+            raise RuntimeError(f"the gateway did not start: {started}")
+        try:
+            yield
+        finally:
+            await to_app.put({"type": "lifespan.shutdown"})
+            await from_app.get()
+            await task
+
+
+def run_inprocess_worker() -> None:
+    """A worker (`--in-process-worker`): the gateway app of its environment, batches of calls on demand."""
+    import uvloop
+
+    uvloop.run(_inprocess_worker())
+
+
+async def _inprocess_worker() -> None:
+    import asyncio
+
+    from opentelemetry import trace
+
+    from gateway.main import app_from_environment
+
+    app = app_from_environment()  # as a server process builds it: HeadSampling outermost when tracing is on
+    gateway = app
+    while not hasattr(gateway, "router"):  # the FastAPI app behind HeadSampling
+        gateway = gateway.app
+    flush = getattr(trace.get_tracer_provider(), "force_flush", None)
+    driver = AsgiDriver(app, os.environ["BENCH_API_KEY"])
+    seconds = 0.25
+    boundary = uuid.uuid4().hex
+    upload = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="s.wav"\r\n'
+            "Content-Type: audio/wav\r\n\r\n"
+        ).encode()
+        + wav(seconds)
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    upload_type = f"multipart/form-data; boundary={boundary}".encode()
+    async with driver.lifespan():
+        jobs = gateway.state.jobs
+        job_id = ""
+        for _ in range(int(os.environ["BENCH_JOBS"])):  # seeded: they stay queued, no worker runs
+            answer = bytearray()
+            status = await driver.request("POST", "/v1/jobs", upload, upload_type, answer)
+            if status >= 300:
+                raise RuntimeError(f"the gateway refused a job: {status} {answer.decode()}")
+            job_id = json.loads(answer)["id"]
+        await jobs.relay.drain(30)
+        paths = {call: path.format(job_id=job_id) for call, (_, path, _) in INPROCESS_CALLS.items()}
+
+        async def batch(call: str, n: int) -> dict[str, Any]:
+            method = INPROCESS_CALLS[call][0]
+            path = paths[call]
+            body, content_type = (upload, upload_type) if method == "POST" else (b"", b"")
+            statuses: set[int] = set()
+            cpu, loop_thread = time.process_time(), time.thread_time()
+            for _ in range(n):
+                statuses.add(await driver.request(method, path, body, content_type))
+            if method == "POST":
+                await jobs.relay.drain(30)  # the job.submitted of each creation, published after the answer
+            if flush is not None:
+                flush()  # the batch's sampled spans exported (the batch processor's thread), inside the batch
+            cpu, loop_thread = time.process_time() - cpu, time.thread_time() - loop_thread
+            if method == "POST":
+                await driver.request("GET", paths["list_first_page"])  # the list's cache, emptied by the creations
+            return {
+                "cpu_us": 1e6 * cpu / n,
+                "loop_thread_us": 1e6 * loop_thread / n,
+                "statuses": sorted(statuses),
+            }
+
+        for call in INPROCESS_CALLS:  # warm: every path run, the caches filled
+            await batch(call, 20)
+        reader = asyncio.StreamReader()
+        await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        print(WORKER_READY, flush=True)
+        while line := await reader.readline():
+            command = json.loads(line)
+            if command["call"] == "quit":
+                break
+            print(WORKER_ANSWER + json.dumps(await batch(command["call"], command["n"])), flush=True)
+
+
+def in_process(args: argparse.Namespace, sink_url: str, baseline: str | None, cpu: int | None) -> dict[str, Any]:
+    """Each call's CPU time per request in every configuration's worker, in interleaved batches."""
+    import asyncio
+
+    from pymongo import AsyncMongoClient
+
+    from stemflow_dev.fixtures import STATE_DIR, delete_namespace, delete_namespace_keys
+    from stemflow_dev.services import Ports, service_env
+    from stemflow_dev.stack import ensure_stack
+    from stemflow_shared.auth import ApiKeys
+
+    configs = dict(INPROCESS_CONFIGS)
+    if baseline:
+        configs[PREVIOUS_OFF] = {"PYTHONPATH": baseline}
+        configs[PREVIOUS] = {**DEPLOYED, "PYTHONPATH": baseline}
+    urls = ensure_stack(STATE_DIR)
+    run = uuid.uuid4().hex[:6]
+    namespaces = {config: f"bi{run}{config.replace('_', '')}" for config in configs}
+    databases = {config: f"stemflow_{namespaces[config]}" for config in configs}
+    clear_tracing_environment()
+    tracing = {"OTEL_EXPORTER_OTLP_ENDPOINT": sink_url, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", **SDK_METRICS}
+
+    async def create_keys() -> dict[str, str]:
+        client: AsyncMongoClient[Any] = AsyncMongoClient(urls.mongodb_url)
+        try:
+            for config in configs:
+                await announce_models(urls.redis_url, namespaces[config])
+            return {c: await ApiKeys(client[databases[c]]).create("bench-tracing") for c in configs}
+        finally:
+            await client.close()
+
+    async def clean() -> None:
+        import redis.asyncio as redis_async
+
+        client: AsyncMongoClient[Any] = AsyncMongoClient(urls.mongodb_url)
+        keys = redis_async.from_url(urls.redis_url)
+        for config in configs:
+            await client.drop_database(databases[config])
+            await delete_namespace(urls.amqp_url, namespaces[config])
+            await delete_namespace_keys(keys, namespaces[config])
+        await client.close()
+        await keys.aclose()
+
+    workers: dict[str, subprocess.Popen[str]] = {}
+    samples: dict[str, dict[str, list[dict[str, Any]]]] = {c: {k: [] for k in configs} for c in INPROCESS_CALLS}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            keys = asyncio.run(create_keys())
+            for config, extra in configs.items():
+                env = service_env(
+                    urls,
+                    namespace=namespaces[config],
+                    mongodb_db=databases[config],
+                    blob_dir=Path(tmp) / config / "blobs",
+                    model_repo=Path(tmp) / "models",
+                    ports=Ports.free(),
+                    extra={"LOG_LEVEL": "WARNING", "RATE_LIMIT_PER_MINUTE": "0"},
+                )
+                env.update({"BENCH_API_KEY": keys[config], "BENCH_JOBS": str(args.jobs)})
+                env.update({**(tracing if extra.keys() - {"PYTHONPATH"} else {}), **extra})
+                workers[config] = subprocess.Popen(
+                    pinned(cpu, [sys.executable, __file__, "--in-process-worker"]),
+                    env={**os.environ, **env},
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+            for config, worker in workers.items():
+                _worker_line(config, worker, WORKER_READY)
+
+            def ask(config: str, call: str, n: int) -> dict[str, Any]:
+                worker = workers[config]
+                assert worker.stdin is not None
+                worker.stdin.write(json.dumps({"call": call, "n": n}) + "\n")
+                worker.stdin.flush()
+                return json.loads(_worker_line(config, worker, WORKER_ANSWER))
+
+            names = list(configs)
+            for round_index in range(args.batches):
+                order = names[round_index % len(names) :] + names[: round_index % len(names)]
+                for call, (_, _, share) in INPROCESS_CALLS.items():
+                    for config in order:
+                        result = ask(config, call, max(1, round(args.batch_size * share)))
+                        if any(status >= 300 for status in result["statuses"]):
+                            raise RuntimeError(f"{config} answered {call} with {result['statuses']}")
+                        samples[call][config].append({**result, "round": round_index, "load": load()})
+                if round_index % 10 == 9 or round_index == args.batches - 1:
+                    print(f"  in process: {round_index + 1}/{args.batches} rounds (load {load()[0]:.1f})", flush=True)
+        finally:
+            for worker in workers.values():
+                if worker.poll() is None and worker.stdin is not None:
+                    worker.stdin.write(json.dumps({"call": "quit"}) + "\n")
+                    worker.stdin.close()
+            for worker in workers.values():
+                try:
+                    worker.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    worker.kill()
+                    worker.wait()
+            asyncio.run(clean())
+    return {
+        "batch_size": args.batch_size,
+        "batches": args.batches,
+        "calls": {call: summarise_in_process(call, by_config) for call, by_config in samples.items()},
+    }
+
+
+def _worker_line(config: str, worker: subprocess.Popen[str], prefix: str) -> str:
+    """The worker's next line that starts with `prefix` (without it); anything else it printed is passed on."""
+    assert worker.stdout is not None
+    for line in worker.stdout:
+        if line.startswith(prefix):
+            return line[len(prefix) :]
+        print(f"  [{config}] {line}", end="", flush=True)
+    raise RuntimeError(f"the in-process worker {config} ended (exit status {worker.wait()})")
+
+
+def median_interval(values: list[float]) -> tuple[float, float]:
+    """A distribution-free 95% confidence interval of the median: the order statistics n/2 -+ 0.98 sqrt(n)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    half = 0.98 * n**0.5
+    low, high = max(0, int(n / 2 - half)), min(n - 1, int(-(-(n / 2 + half) // 1)))
+    return ordered[low], ordered[high]
+
+
+def summarise_in_process(call: str, by_config: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per configuration, the median CPU µs per request; against its baseline, the median of the per-round
+    ratios with its 95% interval and quartiles, and the median of the per-round differences in µs.
+
+    `default` flushes its few sampled spans at the end of every batch: one export of 2-10 spans per batch, where
+    a deployed gateway exports every 5 s, many requests' spans at a time. So for the reads `default` is also
+    composed from the two configurations that bracket it, per round: `unsampled` (its path for the 99% not
+    sampled) plus the request ratio times what a sampled request adds (`debug_100`, whose batches export
+    hundreds of spans at a time, less `unsampled`): `default_composed`.
+    """
+    from stemflow_shared.telemetry import DEFAULT_REQUEST_RATIO
+
+    values = {config: [r["cpu_us"] for r in runs] for config, runs in by_config.items()}
+    if "unsampled" in values and "debug_100" in values and INPROCESS_CALLS[call][0] == "GET":
+        values["default_composed"] = [
+            unsampled + DEFAULT_REQUEST_RATIO * (debug - unsampled)
+            for unsampled, debug in zip(values["unsampled"], values["debug_100"], strict=True)
+        ]
+    row: dict[str, Any] = {}
+    for config, runs in values.items():
+        row[config] = {
+            "cpu_us_per_request": round(statistics.median(runs), 2),
+            "cpu_us_runs": [round(v, 2) for v in runs],
+        }
+        if config in by_config:
+            row[config]["loop_thread_us_per_request"] = round(
+                statistics.median(r["loop_thread_us"] for r in by_config[config]), 2
+            )
+            row[config]["load_1min_runs"] = [r["load"][0] for r in by_config[config]]
+    for config, against in IN_PROCESS_PAIRS:
+        if config in values and against in values:
+            row[config][f"ratio_vs_{against}"] = paired_ratio(values[config], values[against])
+    for config in ("default", "default_composed"):
+        if config in row and "ratio_vs_off" in row[config]:
+            row[config]["goal_max_cpu_increase_vs_off"] = GOAL_DEFAULT_PER_REQUEST
+            row[config]["meets_goal"] = row[config]["ratio_vs_off"]["median"] <= 1 + GOAL_DEFAULT_PER_REQUEST
+    return row
+
+
+IN_PROCESS_PAIRS = (
+    *((config, "off") for config in INPROCESS_CONFIGS if config != "off"),
+    ("default_composed", "off"),
+    (PREVIOUS, PREVIOUS_OFF),
+    (PREVIOUS_OFF, "off"),
+)
+
+
+def paired_ratio(mine: list[float], theirs: list[float]) -> dict[str, Any]:
+    """The median of the per-round ratios, its 95% interval and quartiles, and the median per-round difference."""
+    per_round = [m / t for m, t in zip(mine, theirs, strict=True)]
+    differences = [m - t for m, t in zip(mine, theirs, strict=True)]
+    quartiles = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
+    low, high = median_interval(per_round)
+    return {
+        "median": round(statistics.median(per_round), 4),
+        "ci95": [round(low, 4), round(high, 4)],
+        "quartiles": [round(quartiles[0], 4), round(quartiles[2], 4)],
+        "added_us_median": round(statistics.median(differences), 2),
+    }
+
+
+def print_in_process(report: dict[str, Any]) -> None:
+    print(
+        f"\nin process ({report['batches']} interleaved rounds of {report['batch_size']} requests a call, "
+        "CPU time of the worker process per request; ratios: median of the per-round ratios [95% interval of the "
+        "median], the median added µs in brackets):"
+    )
+    for call, row in report["calls"].items():
+        print(f"{call}: off {row['off']['cpu_us_per_request']:.1f} µs CPU/req")
+        for config, against in IN_PROCESS_PAIRS:
+            if config not in row or f"ratio_vs_{against}" not in row[config]:
+                continue
+            ratio = row[config][f"ratio_vs_{against}"]
+            goal = ""
+            if "meets_goal" in row[config]:
+                goal = f"  goal <= x{1 + GOAL_DEFAULT_PER_REQUEST:.2f}: {'meets' if row[config]['meets_goal'] else 'MISSES'}"
+            print(
+                f"  {config:>16}: {row[config]['cpu_us_per_request']:8.1f} µs, x{ratio['median']:.3f} vs {against} "
+                f"[{ratio['ci95'][0]:.3f}-{ratio['ci95'][1]:.3f}] ({ratio['added_us_median']:+.1f} µs){goal}"
+            )
+
+
 # --- a whole job through the five services -------------------------------------------------------
 
 
@@ -696,6 +1081,12 @@ def main() -> None:
     parser.add_argument("--no-requests", action="store_true", help="only the whole jobs")
     parser.add_argument("--baseline-pythonpath", help="the previous code: a checkout's root or a PYTHONPATH")
     parser.add_argument("--out", type=Path, default=RESULTS / "tracing.json")
+    parser.add_argument(
+        "--in-process", action="store_true", help="each call driven through ASGI in worker processes, no wrk"
+    )
+    parser.add_argument("--batches", type=int, default=30, help="--in-process: interleaved rounds")
+    parser.add_argument("--batch-size", type=int, default=300, help="--in-process: requests of a call a round")
+    parser.add_argument("--in-process-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--sink", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--floor", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -704,6 +1095,12 @@ def main() -> None:
         return
     if args.floor:
         print(json.dumps(span_floor(args.floor)))
+        return
+    if args.in_process_worker:
+        run_inprocess_worker()
+        return
+    if args.in_process:
+        main_in_process(args)
         return
     if shutil.which("wrk") is None:
         sys.exit("bench/tracing.py needs wrk: apt-get install -y wrk")
@@ -729,15 +1126,7 @@ def main() -> None:
         "load_at_start": load(),
     }
     try:
-        deadline = time.monotonic() + 30
-        while True:  # another process: its readiness can only be polled
-            try:
-                httpx.get(f"{sink_url}/stats", timeout=1)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        wait_for_sink(sink_url)
         if not args.no_requests:
             with gateways(args, configs, sink_url, cpus[0]) as ctx:
                 samples = measure(args, ctx, cpus)
@@ -766,6 +1155,48 @@ def main() -> None:
     report["load_at_end"] = load()
     print_report(report)
     save(args.out, report)
+
+
+def main_in_process(args: argparse.Namespace) -> None:
+    from stemflow_dev.services import Ports
+
+    baseline = baseline_pythonpath(args.baseline_pythonpath)
+    available = sorted(os.sched_getaffinity(0))
+    cpus = (available[0], available[1]) if len(available) >= 2 and shutil.which("taskset") else (None, None)
+    sink_port = Ports.free().gateway
+    sink = subprocess.Popen(pinned(cpus[1], [sys.executable, __file__, "--sink", str(sink_port)]))
+    sink_url = f"http://127.0.0.1:{sink_port}"
+    report: dict[str, Any] = {
+        "what": "CPU time per request of the gateway app driven in process, by sampling setting",
+        "configs": {name: env for name, env in INPROCESS_CONFIGS.items()},
+        "previous": {"pythonpath": baseline} if baseline else None,
+        "pinned_cpus": {"workers": cpus[0], "sink": cpus[1]},
+        "load_at_start": load(),
+    }
+    try:
+        wait_for_sink(sink_url)
+        report["in_process"] = in_process(args, sink_url, baseline, cpus[0])
+        report["exported_to_sink"] = httpx.get(f"{sink_url}/stats", timeout=5).json()
+    finally:
+        sink.terminate()
+        sink.wait()
+    report["load_at_end"] = load()
+    print(f"\nload (1, 5, 15 min): {report['load_at_start']} at the start, {report['load_at_end']} at the end")
+    print_in_process(report["in_process"])
+    print(f"exported to the sink: {report['exported_to_sink']}")
+    save(RESULTS / "tracing_in_process.json" if args.out == RESULTS / "tracing.json" else args.out, report)
+
+
+def wait_for_sink(sink_url: str) -> None:
+    deadline = time.monotonic() + 30
+    while True:  # another process: its readiness can only be polled
+        try:
+            httpx.get(f"{sink_url}/stats", timeout=1)
+            return
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def save(path: Path, report: dict[str, Any]) -> None:
