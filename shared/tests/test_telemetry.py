@@ -475,3 +475,57 @@ async def test_a_client_without_redis_spans_skips_the_instrumentation_and_shares
         instrumentor.uninstrument()
         await redis_client.delete(key)
     assert isinstance(plain, type(redis_client))
+
+
+async def test_a_client_skipping_suppressed_makes_the_instrumentations_spans_and_skips_its_wrapper_otherwise(
+    redis_client: Any, isolation: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`redis_skipping_suppressed`: spans where the instrumentation makes them (under a recording span, and a
+    background command's root judged by the sampler); under suppressed instrumentation the wrapper is not even
+    entered; `without_redis_spans` of it still skips the wrapper."""
+    import copy
+
+    from opentelemetry.instrumentation import redis as redis_instrumentation
+    from opentelemetry.instrumentation.redis import RedisInstrumentor
+    from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+    entered: list[bool] = []
+
+    def counted() -> bool:
+        entered.append(True)
+        return is_instrumentation_enabled()
+
+    monkeypatch.setattr(redis_instrumentation, "is_instrumentation_enabled", counted)  # the wrapper's first step
+    exporter = InMemorySpanExporter()
+    provider = provider_of(sampling.ParentBased(sampling.ALWAYS_ON), sampling.ALWAYS_ON)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    key = f"{isolation.redis_prefix}skipping-client"
+    client = telemetry.redis_skipping_suppressed(copy.copy(redis_client))  # made before the class is instrumented
+    instrumentor = RedisInstrumentor()
+    instrumentor.instrument(tracer_provider=provider)
+    try:
+        assert client.connection_pool is redis_client.connection_pool
+        with suppress_instrumentation():
+            assert await client.set(key, b"1")
+            assert await client.incr(key) == 2
+        assert entered == [] and exporter.get_finished_spans() == ()
+        with provider.get_tracer("test").start_as_current_span("GET /v1/models"):
+            assert await client.get(key) == b"2"
+        assert await client.incr(key) == 3  # background work: a root span, judged at the request ratio
+        assert await telemetry.without_redis_spans(client).get(key) == b"3"
+        assert len(entered) == 2
+        assert [s.name for s in exporter.get_finished_spans()] == ["GET", "GET /v1/models", "INCRBY"]
+    finally:
+        instrumentor.uninstrument()
+        await redis_client.delete(key)
+    assert isinstance(client, type(redis_client))
+
+
+async def test_head_sampling_switches_the_current_context_as_attach_does_and_restores_it() -> None:
+    assert telemetry._current_context_variable() is not None  # the API's default runtime context: the fast path
+    app, seen, _ = gate(sampling.ALWAYS_OFF)
+    before = otel_context.get_current()
+    await call(app, ("GET", "/v1/jobs/0123"))
+    (request,) = seen.requests
+    assert request["instrumented"] is False and not request["current"].is_valid
+    assert otel_context.get_current() is before and is_instrumentation_enabled()

@@ -197,3 +197,37 @@ async def test_an_unsampled_traceparent_suppresses_instrumentation(traced_gatewa
         assert len(gw.exporter.get_finished_spans()) == exported
         assert gw.recorder.started == recorded
         assert gw.spans_started() == started
+
+
+async def test_untraced_requests_redis_commands_skip_the_instrumentation_and_traced_ones_keep_their_spans(
+    traced_gateway: Any, helpers: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model list's Redis commands (the rate limit's script, the separators' announcements): not sampled, they
+    never enter the Redis instrumentation's wrapper (the gateway's client skips it where instrumentation is
+    suppressed); traced by its caller, each is a span under the request's."""
+    from opentelemetry.instrumentation import redis as redis_instrumentation
+
+    entered: list[bool] = []
+    wrapper_check = redis_instrumentation.is_instrumentation_enabled
+
+    def counted() -> bool:
+        entered.append(True)
+        return wrapper_check()
+
+    async with traced_gateway(job_ratio=0, request_ratio=0) as gw:
+        headers = await helpers.new_key(gw.app, "sampling")
+        monkeypatch.setattr(redis_instrumentation, "is_instrumentation_enabled", counted)  # the wrapper's first step
+        for _ in range(3):
+            assert (await gw.client.get("/v1/models", headers=headers)).status_code == 200
+        assert entered == []
+        assert gw.exporter.get_finished_spans() == ()
+
+        sampled = {**headers, "traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"}
+        assert (await gw.client.get("/v1/models", headers=sampled)).status_code == 200
+        assert entered
+        spans = trace_of(gw.exporter.get_finished_spans(), int(CALLER_TRACE, 16))
+        (server,) = [s for s in spans if s.kind is trace.SpanKind.SERVER]
+        assert server.name == "GET /v1/models"
+        redis_spans = [s for s in spans if s.attributes.get("db.system") == "redis"]
+        assert sorted(s.name for s in redis_spans) == ["EVALSHA", "HGETALL"]
+        assert all(s.parent.span_id == server.context.span_id for s in redis_spans)

@@ -67,11 +67,15 @@ def create_app(settings: Settings) -> FastAPI:
             event_listeners=[SlowCommandLogger(settings.slow_mongodb_command_ms)],
         )
         database = mongo[settings.mongodb_db]
-        redis_client = redis.from_url(
-            settings.redis_url,
-            socket_timeout=2,
-            socket_connect_timeout=2,
-            max_connections=settings.redis_max_connections,
+        # Its commands on requests that are not traced skip the Redis instrumentation's wrapper (rate limits,
+        # the model list's announcements, the job cache): they would make no span anyway.
+        redis_client = telemetry.redis_skipping_suppressed(
+            redis.from_url(
+                settings.redis_url,
+                socket_timeout=2,
+                socket_connect_timeout=2,
+                max_connections=settings.redis_max_connections,
+            )
         )
         broker = Broker(
             settings.amqp_url,
