@@ -174,3 +174,52 @@ async def test_the_cli_uploads_the_song_as_the_body(
     assert job["input"]["filename"] == "ça va.wav" and job["input"]["content_type"] == "audio/wav"
     assert job["input"]["size"] == sum(sent) == song.stat().st_size
     assert job["options"]["analyze"] is False and job["options"]["targets"][0]["stems"] == 2
+
+
+@pytest.mark.parametrize("kind", ["raw", "multipart"])
+async def test_a_client_that_leaves_mid_upload_leaves_nothing_behind(app: Any, helpers: Any, kind: str) -> None:
+    """The body is read straight from ASGI `receive`: a disconnect in the middle is the client's (499), and
+    neither the upload, its temporary file nor a job remains."""
+    owner = f"raw-left-{kind}"
+    alice = await helpers.new_key(app, owner)
+    blob_dir = Path(app.state.settings.blob_dir)
+    before, temps_before = uploads(app), set(blob_dir.glob(".tmp/*"))
+    content_type, first = b"audio/wav", b"x" * 65536
+    if kind == "multipart":
+        content_type = b"multipart/form-data; boundary=cut"
+        first = b'--cut\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n' + first
+    incoming = [
+        {"type": "http.request", "body": first, "more_body": True},
+        {"type": "http.request", "body": b"y" * 65536, "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/jobs",
+        "raw_path": b"/v1/jobs",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"gateway"),
+            (b"authorization", alice["Authorization"].encode()),
+            (b"content-type", content_type),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("gateway", 80),
+    }
+    await app(scope, receive, send)
+    assert incoming == [] and sent[0]["status"] == 499
+    assert uploads(app) == before and set(blob_dir.glob(".tmp/*")) == temps_before
+    assert await app.state.jobs.repo.jobs.count_documents({"owner": owner}) == 0

@@ -145,7 +145,9 @@ class _Form:
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self._in_file:
-            self._file_data.append((len(self._upload.files) - 1, data[start:end]))
+            # Mostly the whole chunk the server handed over: kept as it is rather than copied.
+            piece = data if start == 0 and end == len(data) else data[start:end]
+            self._file_data.append((len(self._upload.files) - 1, piece))
             return
         self._part.value.extend(data[start:end])
         if len(self._part.value) > MAX_FIELD_BYTES:
