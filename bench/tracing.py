@@ -291,13 +291,10 @@ def gateways(
     """
     import asyncio
 
-    from pymongo import AsyncMongoClient
-
-    from stemflow_dev.fixtures import STATE_DIR, delete_namespace, delete_namespace_keys
+    from stemflow_dev.fixtures import STATE_DIR
     from stemflow_dev.procs import ProcessGroup, ServiceSpec
     from stemflow_dev.services import Ports, service_env
     from stemflow_dev.stack import ensure_stack
-    from stemflow_shared.auth import ApiKeys
 
     urls = ensure_stack(STATE_DIR)
     run = uuid.uuid4().hex[:6]
@@ -339,16 +336,7 @@ def gateways(
             group.start(specs, Path(tmp) / "logs")
             group.wait_ready(timeout=120)
 
-            async def create_keys() -> dict[str, str]:
-                client: AsyncMongoClient[Any] = AsyncMongoClient(urls.mongodb_url)
-                try:
-                    for config in configs:
-                        await announce_models(urls.redis_url, namespaces[config])
-                    return {c: await ApiKeys(client[databases[c]]).create("bench-tracing") for c in configs}
-                finally:
-                    await client.close()
-
-            keys = asyncio.run(create_keys())
+            keys = asyncio.run(create_keys(urls, namespaces, databases))
             job_ids = {c: seed(f"http://127.0.0.1:{ports[c]}", keys[c], args.jobs) for c in configs}
             yield {
                 "scripts": {
@@ -362,20 +350,7 @@ def gateways(
             }
         finally:
             group.stop()
-
-            async def clean() -> None:
-                import redis.asyncio as redis_async
-
-                client: AsyncMongoClient[Any] = AsyncMongoClient(urls.mongodb_url)
-                keys = redis_async.from_url(urls.redis_url)
-                for config in configs:
-                    await client.drop_database(databases[config])
-                    await delete_namespace(urls.amqp_url, namespaces[config])
-                    await delete_namespace_keys(keys, namespaces[config])
-                await client.close()
-                await keys.aclose()
-
-            asyncio.run(clean())
+            asyncio.run(remove_namespaces(urls, namespaces, databases))
 
 
 async def announce_models(redis_url: str, namespace: str) -> None:
@@ -392,6 +367,40 @@ async def announce_models(redis_url: str, namespace: str) -> None:
         await SeparatorRegistry(client, f"{namespace}:").announce(announcement, ttl_s=3600)
     finally:
         await client.aclose()
+
+
+async def create_keys(urls: Any, namespaces: dict[str, str], databases: dict[str, str]) -> dict[str, str]:
+    """Each configuration's models announced and an API key in its database."""
+    from pymongo import AsyncMongoClient
+
+    from stemflow_shared.auth import ApiKeys
+
+    client: AsyncMongoClient[Any] = AsyncMongoClient(urls.mongodb_url)
+    try:
+        for config in namespaces:
+            await announce_models(urls.redis_url, namespaces[config])
+        return {c: await ApiKeys(client[databases[c]]).create("bench-tracing") for c in namespaces}
+    finally:
+        await client.close()
+
+
+async def remove_namespaces(urls: Any, namespaces: dict[str, str], databases: dict[str, str]) -> None:
+    """What the configurations left: their databases, queues and exchanges, Redis keys."""
+    import redis.asyncio as redis_async
+    from pymongo import AsyncMongoClient
+
+    from stemflow_dev.fixtures import delete_namespace, delete_namespace_keys
+
+    client: AsyncMongoClient[Any] = AsyncMongoClient(urls.mongodb_url)
+    keys = redis_async.from_url(urls.redis_url)
+    try:
+        for config in namespaces:
+            await client.drop_database(databases[config])
+            await delete_namespace(urls.amqp_url, namespaces[config])
+            await delete_namespace_keys(keys, namespaces[config])
+    finally:
+        await client.close()
+        await keys.aclose()
 
 
 def wav(seconds: float = 0.25) -> bytes:
@@ -725,12 +734,9 @@ def in_process(args: argparse.Namespace, sink_url: str, baseline: str | None, cp
     """Each call's CPU time per request in every configuration's worker, in interleaved batches."""
     import asyncio
 
-    from pymongo import AsyncMongoClient
-
-    from stemflow_dev.fixtures import STATE_DIR, delete_namespace, delete_namespace_keys
+    from stemflow_dev.fixtures import STATE_DIR
     from stemflow_dev.services import Ports, service_env
     from stemflow_dev.stack import ensure_stack
-    from stemflow_shared.auth import ApiKeys
 
     configs = dict(INPROCESS_CONFIGS)
     if baseline:
@@ -743,32 +749,11 @@ def in_process(args: argparse.Namespace, sink_url: str, baseline: str | None, cp
     clear_tracing_environment()
     tracing = {"OTEL_EXPORTER_OTLP_ENDPOINT": sink_url, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", **SDK_METRICS}
 
-    async def create_keys() -> dict[str, str]:
-        client: AsyncMongoClient[Any] = AsyncMongoClient(urls.mongodb_url)
-        try:
-            for config in configs:
-                await announce_models(urls.redis_url, namespaces[config])
-            return {c: await ApiKeys(client[databases[c]]).create("bench-tracing") for c in configs}
-        finally:
-            await client.close()
-
-    async def clean() -> None:
-        import redis.asyncio as redis_async
-
-        client: AsyncMongoClient[Any] = AsyncMongoClient(urls.mongodb_url)
-        keys = redis_async.from_url(urls.redis_url)
-        for config in configs:
-            await client.drop_database(databases[config])
-            await delete_namespace(urls.amqp_url, namespaces[config])
-            await delete_namespace_keys(keys, namespaces[config])
-        await client.close()
-        await keys.aclose()
-
     workers: dict[str, subprocess.Popen[str]] = {}
     samples: dict[str, dict[str, list[dict[str, Any]]]] = {c: {k: [] for k in configs} for c in INPROCESS_CALLS}
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            keys = asyncio.run(create_keys())
+            keys = asyncio.run(create_keys(urls, namespaces, databases))
             for config, extra in configs.items():
                 env = service_env(
                     urls,
@@ -820,7 +805,7 @@ def in_process(args: argparse.Namespace, sink_url: str, baseline: str | None, cp
                 except subprocess.TimeoutExpired:
                     worker.kill()
                     worker.wait()
-            asyncio.run(clean())
+            asyncio.run(remove_namespaces(urls, namespaces, databases))
     return {
         "batch_size": args.batch_size,
         "batches": args.batches,

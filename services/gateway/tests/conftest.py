@@ -123,6 +123,24 @@ async def submit(client: httpx.AsyncClient, headers: dict[str, str], **fields: s
     return await client.post("/v1/jobs", headers=headers, files=files, data=fields)
 
 
+def upload_scope(headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+    """The ASGI scope of a `POST /v1/jobs` with these headers, for tests that drive `receive` themselves."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/jobs",
+        "raw_path": b"/v1/jobs",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"gateway"), *headers],
+        "client": ("127.0.0.1", 50000),
+        "server": ("gateway", 80),
+    }
+
+
 async def _once(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
@@ -163,6 +181,7 @@ def helpers() -> Any:
         wav_bytes=wav_bytes,
         assert_problem=assert_problem,
         submit=submit,
+        upload_scope=upload_scope,
         completed_job=completed_job,
         running_app=running_app,
         announce_models=announce_models,

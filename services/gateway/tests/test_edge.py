@@ -99,26 +99,13 @@ async def test_a_client_that_leaves_mid_upload_is_a_499_not_a_500(app: Any, help
         f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
         "Content-Type: audio/wav\r\n\r\n"
     ).encode() + helpers.wav_bytes()[:20_000]
-    headers = [
-        (b"authorization", alice["Authorization"].encode()),
-        (b"content-type", f"multipart/form-data; boundary={boundary}".encode()),
-        (b"content-length", b"1000000"),
-        (b"host", b"gateway"),
-    ]
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/jobs",
-        "raw_path": b"/v1/jobs",
-        "root_path": "",
-        "query_string": b"",
-        "headers": headers,
-        "client": ("127.0.0.1", 50000),
-        "server": ("gateway", 80),
-    }
+    scope = helpers.upload_scope(
+        [
+            (b"authorization", alice["Authorization"].encode()),
+            (b"content-type", f"multipart/form-data; boundary={boundary}".encode()),
+            (b"content-length", b"1000000"),
+        ]
+    )
     messages = [{"type": "http.request", "body": first, "more_body": True}, {"type": "http.disconnect"}]
 
     async def receive() -> dict[str, Any]:

@@ -201,24 +201,7 @@ async def test_a_client_that_leaves_mid_upload_leaves_nothing_behind(app: Any, h
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/jobs",
-        "raw_path": b"/v1/jobs",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [
-            (b"host", b"gateway"),
-            (b"authorization", alice["Authorization"].encode()),
-            (b"content-type", content_type),
-        ],
-        "client": ("127.0.0.1", 50000),
-        "server": ("gateway", 80),
-    }
+    scope = helpers.upload_scope([(b"authorization", alice["Authorization"].encode()), (b"content-type", content_type)])
     await app(scope, receive, send)
     assert incoming == [] and sent[0]["status"] == 499
     assert uploads(app) == before and set(blob_dir.glob(".tmp/*")) == temps_before
