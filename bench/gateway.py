@@ -15,9 +15,11 @@ is `GET /healthz` (the HTTP stack alone); every scenario is also given as a
 ratio to it. With `--baseline-pythonpath` (e.g. an older checkout's
 services/gateway/src) the same sizes are also served by that code, interleaved
 too, and compared. Prints p50/p95/p99, req/s and the gateway's CPU time per
-request, the list p95 ratio 100k/1k, the RSS growth of a 500 MB upload (both
-body kinds) and the issue's reference peer figures, with the machine's load
-average before and after; writes bench/results/gateway.json. `--scenarios`
+request, the whole stack's CPU per request (gateway, wrk, MongoDB, Redis and
+RabbitMQ: what bounds latency on a machine they share, by Little's law a p50
+of at least connections * stack CPU / cores), the list p95 ratio 100k/1k, the
+RSS growth of a 500 MB upload (both body kinds) and the issue's reference peer
+figures, with the machine's load average before and after; writes bench/results/gateway.json. `--scenarios`
 picks scenarios; `--profile DIR` records each scenario's gateway with py-spy
 (collapsed stacks) and prints where its CPU went.
 
@@ -39,6 +41,7 @@ import asyncio
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -68,6 +71,7 @@ RSS_LIMIT_MB = 64
 STUCK_JOB_TIMEOUT_S = 3600.0  # the gateway's default (STUCK_JOB_TIMEOUT_S)
 SCENARIOS = ("healthz", "get_hit", "get_miss", "list_first", "list_deep", "create_5mb", "create_5mb_raw")
 UPLOADS = ("create_5mb", "create_5mb_raw")
+SERVER_COMMANDS = {"mongod", "redis-server", "beam.smp"}
 # Run once over a list of distinct requests (each a cache miss), instead of repeating them for the duration.
 ONCE = ("get_miss",)
 # The issue's reference: a FastAPI + PostgreSQL peer (offset pagination with a full count), 10 connections, 1,000 jobs.
@@ -195,6 +199,25 @@ def process_cpu_s(pgid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def servers_cpu_s() -> float:
+    """CPU time of the servers every request also uses (MongoDB, Redis, RabbitMQ), whoever else uses them too."""
+    total = 0
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() not in SERVER_COMMANDS:
+                continue
+            fields = (comm.parent / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def rss_kb(pgid: int, field_name: str) -> int:
     """VmRSS or VmHWM summed over the gateway's processes."""
     total = 0
@@ -266,9 +289,10 @@ class Wrk:
         )
         argv = [self.executable, f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "30s"]
         spy = self._spy(target, f"{name}.txt", seconds)
-        cpu_before = process_cpu_s(target.pid)
+        cpu_before, wrk_before, servers_before = process_cpu_s(target.pid), children_cpu_s(), servers_cpu_s()
         out = subprocess.run([*argv, "-s", str(script), target.base_url], capture_output=True, text=True, check=True)
         cpu = process_cpu_s(target.pid) - cpu_before
+        wrk_cpu, servers_cpu = children_cpu_s() - wrk_before, servers_cpu_s() - servers_before
         if spy is not None:
             spy.wait()
         raw = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("BENCHJSON "))[10:])
@@ -282,6 +306,8 @@ class Wrk:
             "p99_ms": raw["p99_us"] / 1000,
             "mean_ms": round(raw["mean_us"] / 1000, 3),
             "gateway_cpu_us_per_request": round(cpu * 1e6 / requests, 1),
+            # Everything one request costs on this machine: the gateway, the client (wrk) and the servers.
+            "stack_cpu_us_per_request": round((cpu + wrk_cpu + servers_cpu) * 1e6 / requests, 1),
             "errors": {k: v for k, v in raw["errors"].items() if v},
         }
 
@@ -563,14 +589,15 @@ def print_variant(label: str, variant: dict[str, Any]) -> None:
     for size, per_size in variant["sizes"].items():
         print(f"\n== {label}: {int(size):,} jobs ({per_size['owner_jobs']:,} for the measured owner)")
         header = f"{'scenario':<15}{'conns':>6}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'req/s':>10}"
-        print(header + f"{'cpu µs/req':>12}{'vs healthz':>12}")
+        print(header + f"{'cpu µs/req':>12}{'stack µs/req':>14}{'vs healthz':>12}")
         for row in per_size["figures"].values():
             for name, fig in row.items():
                 ratio = f"{fig['rps_vs_healthz']:.2f}x" if "rps_vs_healthz" in fig else "-"
                 errors = f"  errors {fig['errors']}" if fig["errors"] else ""
                 print(
                     f"{name:<15}{fig['connections']:>6}{fig['p50_ms']:>9.2f}{fig['p95_ms']:>9.2f}{fig['p99_ms']:>9.2f}"
-                    f"{fig['rps']:>10.0f}{fig['gateway_cpu_us_per_request']:>12.0f}{ratio:>12}{errors}"
+                    f"{fig['rps']:>10.0f}{fig['gateway_cpu_us_per_request']:>12.0f}"
+                    f"{fig.get('stack_cpu_us_per_request', 0):>14.0f}{ratio:>12}{errors}"
                 )
     print(f"\nlist p95 ratio {variant['list_p95_ratio_sizes']}: {variant['list_p95_ratio']}")
 
@@ -629,6 +656,12 @@ def compare(current: dict[str, Any], bigs: list[dict[str, Any]]) -> list[str]:
         cpu = worst(scenario, "gateway_cpu_us_per_request", False)
         goal(f"{scenario} CPU ms", cpu / 1000 if cpu is not None else None, GOALS_23[key])
         goal(f"{scenario} p50 ms", worst(scenario, "p50_ms", False), GOALS["upload_5mb_p50_ms"])
+        stack = worst(scenario, "stack_cpu_us_per_request", False)
+        if stack is not None:
+            # Little's law: 10 requests in flight, each needing `stack` of CPU on `cores` cores that nothing else
+            # uses, cannot complete faster than 10 * stack / cores apiece.
+            floor_ms = 10 * stack / 1000 / (os.cpu_count() or 1)
+            goal(f"{scenario} p50 floor ms (CPU-bound)", floor_ms, GOALS["upload_5mb_p50_ms"])
     goal("get_hit p50 ms", worst("get_hit", "p50_ms", False), GOALS["get_hit_p50_ms"])
     goal("get_hit req/s", worst("get_hit", "rps", True), GOALS["get_hit_rps_c10"], True)
     for big in bigs:
