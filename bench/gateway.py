@@ -18,7 +18,9 @@ too, and compared. Prints p50/p95/p99, req/s and the gateway's CPU time per
 request, the whole stack's CPU per request (gateway, wrk, MongoDB, Redis and
 RabbitMQ: what bounds latency on a machine they share, by Little's law a p50
 of at least connections * stack CPU / cores), the list p95 ratio 100k/1k, the
-RSS growth of a 500 MB upload (both body kinds) and the issue's reference peer
+RSS growth of a 500 MB upload (both body kinds), the floor under the upload goals
+(a bare ASGI app under the gateway's server settings that only receives, or
+receives and hashes, the 5 MB body: its CPU per upload, user and kernel) and the issue's reference peer
 figures, with the machine's load average before and after; writes bench/results/gateway.json. `--scenarios`
 picks scenarios; `--profile DIR` records each scenario's gateway with py-spy
 (collapsed stacks) and prints where its CPU went.
@@ -43,6 +45,7 @@ import os
 import platform
 import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -538,6 +541,102 @@ def big_upload(target: Target, *, raw: bool = False) -> dict[str, Any]:
 # --- report -------------------------------------------------------------------------
 
 
+# A bare ASGI app under the gateway's server settings: what any 5 MB upload costs before the gateway's own work.
+FLOOR_APP = """
+import hashlib
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while (message := await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    digest = hashlib.sha256() if scope["path"] == "/sha256" else None
+    size, more = 0, True
+    while more:
+        message = await receive()
+        more, body = message.get("more_body", False), message.get("body", b"")
+        size += len(body)
+        if digest is not None:
+            digest.update(body)
+    answer = str(size).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(answer))]})
+    await send({"type": "http.response.body", "body": answer})
+
+
+if __name__ == "__main__":
+    import sys
+
+    import uvicorn
+
+    from stemflow_shared.httpserver import HttpLimits, server_options
+
+    uvicorn.run(app, port=int(sys.argv[1]), loop="uvloop", log_level="warning", **server_options(HttpLimits()))
+"""
+FLOOR_UPLOADS = 40
+
+
+def upload_floor(work: Path, body_path: Path) -> dict[str, Any]:
+    """The CPU per upload of a bare ASGI app under uvicorn with the gateway's loop and HTTP protocol, which only
+    reads the body (`drain`) or reads and hashes it (`sha256`), one connection sending one body after another:
+    the floor under the upload goals, user and kernel time apart."""
+    (work / "floor_app.py").write_text(FLOOR_APP)
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(work / "floor_app.py"), str(port)])
+    body = body_path.read_bytes()
+    answer = str(len(body)).encode()
+    figures: dict[str, Any] = {"uploads": FLOOR_UPLOADS, "megabytes": UPLOAD_MB}
+    try:
+        wait_listening(port)
+        for path in ("/drain", "/sha256"):
+            head = (
+                f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: audio/wav\r\nContent-Length: {len(body)}\r\n\r\n"
+            )
+            with socket.create_connection(("127.0.0.1", port)) as conn:
+                user, total = process_times(server.pid)
+                for _ in range(FLOOR_UPLOADS):
+                    conn.sendall(head.encode() + body)
+                    received = b""
+                    while not received.endswith(answer):
+                        received += conn.recv(4096)
+                after_user, after_total = process_times(server.pid)
+            figures[path.strip("/")] = {
+                "cpu_ms": round((after_total - total) * 1000 / FLOOR_UPLOADS, 2),
+                "user_ms": round((after_user - user) * 1000 / FLOOR_UPLOADS, 2),
+                "kernel_ms": round(((after_total - total) - (after_user - user)) * 1000 / FLOOR_UPLOADS, 2),
+            }
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return figures
+
+
+def process_times(pid: int) -> tuple[float, float]:
+    """A process's user and user + kernel CPU time, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, (int(fields[11]) + int(fields[12])) / tick
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_listening(port: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def add_ratios(variant: dict[str, Any]) -> None:
     """Each scenario against the same run's /healthz; list p95 at the largest size against the smallest."""
     for per_size in variant["sizes"].values():
@@ -608,6 +707,11 @@ def print_report(results: dict[str, Any]) -> None:
     print_variant("current code", results["current"])
     for big in results.get("upload_500mb", []):
         print(f"500 MB {big['body']} upload: {big['seconds']} s, gateway RSS +{big['rss_growth_mb']} MB")
+    if floor := results.get("upload_floor"):
+        print(f"{floor['megabytes']} MB uploads to a bare ASGI app (the gateway's server settings), CPU per upload:")
+        for name in ("drain", "sha256"):
+            f = floor[name]
+            print(f"    {name:<7} {f['cpu_ms']:.2f} ms ({f['user_ms']:.2f} user, {f['kernel_ms']:.2f} kernel)")
     if "current_vs_baseline" in results:
         print("\ncurrent / baseline code (req/s, p50, p95, CPU per request), measured interleaved:")
         for size, per_size in results["current_vs_baseline"].items():
@@ -626,7 +730,7 @@ def print_report(results: dict[str, Any]) -> None:
         print("  " + line)
 
 
-def compare(current: dict[str, Any], bigs: list[dict[str, Any]]) -> list[str]:
+def compare(current: dict[str, Any], bigs: list[dict[str, Any]], floor: dict[str, Any] | None = None) -> list[str]:
     """Each goal of the gateway issue and of issue 23 with this run's figure (the worst size where sizes differ)."""
     sizes = sorted(current["sizes"], key=int)
     rows: list[tuple[str, float, float, bool]] = []
@@ -662,6 +766,10 @@ def compare(current: dict[str, Any], bigs: list[dict[str, Any]]) -> list[str]:
             # uses, cannot complete faster than 10 * stack / cores apiece.
             floor_ms = 10 * stack / 1000 / (os.cpu_count() or 1)
             goal(f"{scenario} p50 floor ms (CPU-bound)", floor_ms, GOALS["upload_5mb_p50_ms"])
+    if floor is not None:
+        # Not the gateway's figure: what the server and kernel take to receive (and hash) the body at all.
+        goal("bare app: receive CPU ms", floor["drain"]["cpu_ms"], GOALS_23["upload_raw_cpu_ms"])
+        goal("bare app: receive + sha256 CPU ms", floor["sha256"]["cpu_ms"], GOALS_23["upload_raw_cpu_ms"])
     goal("get_hit p50 ms", worst("get_hit", "p50_ms", False), GOALS["get_hit_p50_ms"])
     goal("get_hit req/s", worst("get_hit", "rps", True), GOALS["get_hit_rps_c10"], True)
     for big in bigs:
@@ -849,6 +957,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         for name, runs in row.items():
                             row[name] = median_figures(runs)
             results["upload_500mb"] = [big_upload(targets[0], raw=raw) for raw in (False, True) if args.big_upload]
+            if set(scenarios) & set(UPLOADS):
+                results["upload_floor"] = upload_floor(work, uploads["create_5mb_raw"][0])
             results["profiles"] = (
                 {path.stem: profile_summary(path) for path in sorted(profile.glob("*.txt"))} if profile else {}
             )
@@ -936,7 +1046,7 @@ def main() -> None:
             "baseline_code": args.baseline_pythonpath,
             "peer_reference": PEER,
             "goals": {**GOALS, "issue_23": GOALS_23},
-            "comparison": compare(results["current"], results["upload_500mb"]),
+            "comparison": compare(results["current"], results["upload_500mb"], results.get("upload_floor")),
         }
     )
     print_report(results)
