@@ -233,6 +233,22 @@ async def test_queues_are_quorum_queues_with_a_delivery_limit(broker: Broker) ->
             await channel.declare_queue(queue.name, durable=True, arguments={"x-queue-type": "classic"})
 
 
+async def test_queue_depth_follows_the_queue(broker: Broker) -> None:
+    """Each call asks the broker: the depth moves as messages arrive and leave (a robust channel's cache of
+    passive declares once kept the first count forever)."""
+    queue = await broker.declare_queue(INGEST_QUEUE)
+    assert await broker.queue_depth(INGEST_QUEUE) == 0
+    connection = await aio_pika.connect(broker.url)
+    async with connection:
+        channel = await connection.channel()
+        for _ in range(2):
+            await channel.default_exchange.publish(aio_pika.Message(b"{}"), routing_key=queue.name)
+        assert await broker.queue_depth(INGEST_QUEUE) == 2
+        message = await (await channel.get_queue(queue.name, ensure=False)).get()
+        await message.ack()
+        assert await broker.queue_depth(INGEST_QUEUE) == 1
+
+
 async def test_a_redelivered_event_that_was_handled_is_not_worked_again(broker: Broker, stack: Any) -> None:
     import redis.asyncio as redis
 

@@ -220,7 +220,9 @@ class Broker:
             raise RuntimeError("Broker.connect() was not called")
         if self._inspect is None or self._inspect.is_closed:
             self._inspect = await self._connection.channel(publisher_confirms=False)
-        queue = await self._inspect.declare_queue(self.names.queue(spec, replica), passive=True)
+        # Not robust: a robust channel answers a passive declare of a name it declared before from its own
+        # cache, with that first declaration's count, and the depth would never change.
+        queue = await self._inspect.declare_queue(self.names.queue(spec, replica), passive=True, robust=False)
         result = queue.declaration_result
         return int(result.message_count or 0) if result is not None else 0
 
