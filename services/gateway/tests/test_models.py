@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.models import ModelCatalogue
 from stemflow_dev.fixtures import SERVING_REPLICA
 from stemflow_shared.separators import CATALOGUE, SeparatorRegistry
+from stemflow_shared.topology import separator_queue
 
 
 async def test_models_lists_the_catalogue_with_what_is_served(client: Any, app: Any, helpers: Any) -> None:
@@ -94,3 +96,45 @@ async def test_the_openapi_document_has_no_dangling_references(client: Any) -> N
         assert ref.startswith("#/components/schemas/"), ref
         assert ref.removeprefix("#/components/schemas/") in components, ref
     assert "/v1/models" in document["paths"]
+
+
+async def test_the_listing_reuses_a_queue_depth_for_a_second_and_a_jobs_place_reads_it_afresh(
+    app: Any, base_env: dict[str, str]
+) -> None:
+    """Polls of `/v1/models` cost the broker one round of passive declares per second; a job's place in its
+    queue (`estimate` with no max age) always sees the queue as it is. Real broker, real queue."""
+    import aio_pika
+
+    served = app.state.jobs.models
+    now = [1000.0]
+    catalogue = ModelCatalogue(served._registry, served._broker, listing_max_age_s=1.0, clock=lambda: now[0])
+    queue_name = served._broker.names.queue(separator_queue("htdemucs"))
+
+    def depth(listing: dict[str, Any]) -> int:
+        return next(m["queue_depth"] for m in listing["models"] if m["name"] == "htdemucs")
+
+    before = depth(await catalogue.listing())
+    connection = await aio_pika.connect(base_env["AMQP_URL"])
+    try:
+        channel = await connection.channel()  # publisher confirms: the message is in the queue once this returns
+        await channel.default_exchange.publish(aio_pika.Message(b"{}"), routing_key=queue_name)
+        queue = await channel.declare_queue(queue_name, passive=True)
+        taken = False
+        try:
+            assert depth(await catalogue.listing()) == before  # read 0 s ago: reused
+            now[0] += 0.9
+            assert depth(await catalogue.listing()) == before  # 0.9 s ago: still reused
+            assert (await catalogue.estimate("htdemucs")).queue_depth == before + 1  # a job's place: afresh
+            message = await queue.get()
+            await message.ack()
+            taken = True
+            now[0] += 0.9
+            assert depth(await catalogue.listing()) == before + 1  # the estimate's read, 0.9 s old
+            now[0] += 0.2
+            assert depth(await catalogue.listing()) == before  # over a second old: read again
+        finally:
+            if not taken:
+                message = await queue.get()
+                await message.ack()
+    finally:
+        await connection.close()
