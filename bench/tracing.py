@@ -415,8 +415,8 @@ def wav(seconds: float = 0.25) -> bytes:
     return buffer.getvalue()
 
 
-def create_script(folder: Path, name: str, seconds: float) -> Path:
-    """A wrk script that POSTs /v1/jobs with a WAV of `seconds` as multipart form data."""
+def multipart_upload(seconds: float) -> tuple[bytes, str]:
+    """A multipart form with a WAV of `seconds` as its file, and the form's boundary."""
     boundary = uuid.uuid4().hex
     body = (
         (
@@ -426,6 +426,12 @@ def create_script(folder: Path, name: str, seconds: float) -> Path:
         + wav(seconds)
         + f"\r\n--{boundary}--\r\n".encode()
     )
+    return body, boundary
+
+
+def create_script(folder: Path, name: str, seconds: float) -> Path:
+    """A wrk script that POSTs /v1/jobs with a WAV of `seconds` as multipart form data."""
+    body, boundary = multipart_upload(seconds)
     (folder / f"{name}.body").write_bytes(body)
     script = folder / f"{name}.lua"
     script.write_text(
@@ -674,16 +680,7 @@ async def _inprocess_worker() -> None:
         gateway = gateway.app
     flush = getattr(trace.get_tracer_provider(), "force_flush", None)
     driver = AsgiDriver(app, os.environ["BENCH_API_KEY"])
-    seconds = 0.25
-    boundary = uuid.uuid4().hex
-    upload = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="s.wav"\r\n'
-            "Content-Type: audio/wav\r\n\r\n"
-        ).encode()
-        + wav(seconds)
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
+    upload, boundary = multipart_upload(0.25)
     upload_type = f"multipart/form-data; boundary={boundary}".encode()
     async with driver.lifespan():
         jobs = gateway.state.jobs
