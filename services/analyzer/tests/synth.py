@@ -100,6 +100,23 @@ def click_track(
     return np.stack([out, out]).astype(np.float32) * 0.5
 
 
+def four_on_the_floor(bpm: float, seconds: float = 16.0, rate: int = RATE) -> np.ndarray:
+    """A (2, n) float32 kick on every beat from 0 s, and between the beats a chord stab and a hat.
+
+    The stabs and hats enter from silence, so a log-spectral flux rises most on them; the kick carries the
+    most energy.
+    """
+    n, beat = round(seconds * rate), 60.0 / bpm
+    out = np.zeros(n)
+    rng = np.random.default_rng(0)
+    stab = 0.3 * sum(_note(midi, 0.45 * beat, rate, 0.0, 6) for midi in (48, 60, 64, 67))
+    for at in np.arange(0.0, seconds, beat):
+        _add(out, _kick(rate), at, rate)
+        _add(out, stab, at + beat / 2, rate)
+        _add(out, 0.5 * _hat(rate, rng), at + beat / 2, rate)
+    return np.stack([out, out]).astype(np.float32) * 0.3
+
+
 def sine(freq: float, rms: float, seconds: float, rate: int = RATE, channels: int = 1) -> np.ndarray:
     """A (channels, n) float32 sine with the given RMS (full-scale square wave = 1)."""
     t = np.arange(round(seconds * rate)) / rate

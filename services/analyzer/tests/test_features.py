@@ -253,6 +253,16 @@ def test_no_bars_are_claimed_without_evidence(bpm):
         assert (analysis.downbeats, analysis.meter) == ([], None)
 
 
+@pytest.mark.parametrize("bpm", [118, 124, 128])
+def test_beats_fall_on_the_kick_not_on_louder_sounding_off_beat_stabs(bpm):
+    analysis = analyze(synth.four_on_the_floor(bpm), RATE)
+    beat = 60 / bpm
+    assert analysis.tempo_bpm == pytest.approx(bpm, rel=0.01)
+    # Distance of each beat from the nearest kick (kicks every `beat` from 0 s).
+    off = np.abs((np.array(analysis.beats) + beat / 2) % beat - beat / 2)
+    assert np.median(off) < 0.05
+
+
 def test_the_drums_and_bass_stems_join_the_mixs_rhythm():
     mix = synth.song(100, 0, "major", seconds=16.0, seed=1)
     analysis = analyze(mix, RATE, stems={"drums": synth.click_track(100, seconds=16.0, offset_s=0.0), "bass": mix})

@@ -44,7 +44,6 @@ def test_notes_are_spelled_for_the_key():
     assert spell(6, "C major") == "F♯" and spell(10, "C major") == "B♭"
 
 
-
 def _held_notes(weights: dict[int, float]) -> np.ndarray:
     """8 s of sines on the given pitch classes (0 = middle C), each at its weight."""
     t = np.arange(8 * synth.RATE) / synth.RATE

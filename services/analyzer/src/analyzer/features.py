@@ -86,6 +86,13 @@ _SIXTEENTHS_RATIO = 0.8
 _TRIPLETS_RATIO = 0.2
 # Mel band ranges (of `_N_MELS` from 30 Hz) of the low (to ~480 Hz), middle (~2.3 kHz) and high bands.
 _BAND_SPLITS = ((0, 6), (6, 22), (22, 40))
+# Beat phase (`_on_energy_rises`): the beats move to the points halfway between them when the energy rises
+# there (linear power summed over the mel bands) this many times as much as on them. The log flux that
+# finds the period favours sounds entering from quiet: a four-on-the-floor groove's off-beat bass, stabs
+# and open hats read as its beats over the kick and claps. Tuning split, arrangements on the mix: beat F
+# 0.940 -> 0.962, downbeat F 0.886 -> 0.911 (two four-on-the-floor songs at 1.6 and 3.4; a chorale in
+# time reads 1.2, and 1.2 would move it); true stems and chorales unchanged.
+_PHASE_RATIO = 1.4
 # End beats weaker than this share of the median beat are in silence.
 _EDGE_STRENGTH = 0.1
 # A beat is on the grid within this share of a period.
@@ -320,12 +327,14 @@ def warm_up() -> None:
 def _rhythm(y: np.ndarray) -> _Rhythm:
     """Tempo, confidence, beat times, octave alternatives and bars of mono `y` at `RHYTHM_RATE`."""
     power = _power_spectrogram(y)
-    onsets, bass_onsets, bands = _onset_envelopes(power)
+    mel = power @ _mel_bank().T
+    onsets, bass_onsets, bands = _onset_envelopes(mel)
     acf = _autocorrelation(onsets)
     lag = _tempo_lag(acf)
     if lag is None:
         return _Rhythm(0.0, 0.0, np.zeros(0))
     lag, beats = _choose_octave(onsets, bands, acf, lag)
+    beats = _on_energy_rises(mel, beats)
     if beats.size < 2:
         return _Rhythm(0.0, 0.0, np.zeros(0))
     frames = _refine(onsets, beats)
@@ -354,11 +363,12 @@ def _power_spectrogram(y: np.ndarray) -> np.ndarray:
     return np.abs(scipy.fft.rfft(frames * _hann(), axis=-1)) ** 2
 
 
-def _onset_envelopes(power: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Spectral flux of the log-mel spectrogram, one value per frame: over all bands, over the bass bands,
-    and (3, frames) over the low, middle and high bands (kick and bass; snare body and chords; hats and snare noise).
+def _onset_envelopes(mel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Spectral flux of the log of a (frames, bands) mel spectrogram, one value per frame: over all bands, over the
+    bass bands, and (3, frames) over the low, middle and high bands (kick and bass; snare body and chords; hats and
+    snare noise).
     """
-    db = 10 * np.log10(np.maximum(power @ _mel_bank().T, 1e-10))
+    db = 10 * np.log10(np.maximum(mel, 1e-10))
     db = np.maximum(db, db.max(initial=-100.0) - 80.0)
     rise = np.vstack([np.zeros((1, _N_MELS)), np.maximum(np.diff(db, axis=0), 0.0)])
     bands = np.array([rise[:, lo:hi].mean(axis=1) for lo, hi in _BAND_SPLITS])
@@ -494,6 +504,23 @@ def _choose_octave(onsets: np.ndarray, bands: np.ndarray, acf: np.ndarray, lag: 
     return period, beats
 
 
+def _on_energy_rises(mel: np.ndarray, beats: np.ndarray) -> np.ndarray:
+    """The beats, or the points halfway between them where the energy rises `_PHASE_RATIO` times as much there.
+
+    The rise is of linear power over all mel bands, so a kick under sustained sound counts for its energy,
+    not for how far it lifts its bands in dB.
+    """
+    if beats.size < 4:
+        return beats
+    rise = np.concatenate([[0.0], np.maximum(np.diff(mel.sum(axis=1)), 0.0)])
+    halfway = (beats[1:] + beats[:-1]) // 2
+    on = float(_local_max(rise, beats[:-1]).mean())
+    if float(_local_max(rise, halfway).mean()) <= _PHASE_RATIO * on:
+        return beats
+    last = beats[-1] + (beats[-1] - beats[-2]) // 2
+    return np.append(halfway, last) if last < rise.size else halfway
+
+
 def _half_time(high: np.ndarray, beats: np.ndarray) -> bool:
     """Whether the hats play sixteenths of these beats as strongly as eighths, and no triplets: a half-time groove."""
     step = np.diff(beats)
@@ -557,7 +584,7 @@ def _attack_starts(onsets: np.ndarray, peaks: np.ndarray) -> np.ndarray:
     """
     starts = peaks.astype(float)
     for i, peak in enumerate(peaks):
-        top = int(round(peak))
+        top = round(float(peak))
         if top < 2 or top >= onsets.size - 1:
             continue
         floor = float(onsets[max(top - _ATTACK_FRAMES, 0) : top].min())
