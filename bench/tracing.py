@@ -293,7 +293,7 @@ def gateways(
 
     from stemflow_dev.fixtures import STATE_DIR
     from stemflow_dev.procs import ProcessGroup, ServiceSpec
-    from stemflow_dev.services import Ports, service_env
+    from stemflow_dev.services import Ports
     from stemflow_dev.stack import ensure_stack
 
     urls = ensure_stack(STATE_DIR)
@@ -310,19 +310,11 @@ def gateways(
         }
         specs = []
         for config, extra in configs.items():
-            env = service_env(
-                urls,
-                namespace=namespaces[config],
-                mongodb_db=databases[config],
-                blob_dir=Path(tmp) / config / "blobs",
-                model_repo=Path(tmp) / "models",
-                ports=Ports(
-                    gateway=ports[config],
-                    gateway_metrics=Ports.free().gateway_metrics,
-                    gateway_internal=Ports.free().gateway_internal,
-                ),
-                extra={"LOG_LEVEL": "WARNING", "RATE_LIMIT_PER_MINUTE": "0"},
+            free = Ports.free()
+            gateway_ports = Ports(
+                gateway=ports[config], gateway_metrics=free.gateway_metrics, gateway_internal=free.gateway_internal
             )
+            env = gateway_env(urls, namespaces[config], databases[config], Path(tmp), config, gateway_ports)
             specs.append(
                 ServiceSpec(
                     name=f"gateway-{config}",
@@ -367,6 +359,21 @@ async def announce_models(redis_url: str, namespace: str) -> None:
         await SeparatorRegistry(client, f"{namespace}:").announce(announcement, ttl_s=3600)
     finally:
         await client.aclose()
+
+
+def gateway_env(urls: Any, namespace: str, database: str, tmp: Path, config: str, ports: Any) -> dict[str, str]:
+    """A configuration's gateway environment: its own namespace, database and blobs, no rate limit."""
+    from stemflow_dev.services import service_env
+
+    return service_env(
+        urls,
+        namespace=namespace,
+        mongodb_db=database,
+        blob_dir=tmp / config / "blobs",
+        model_repo=tmp / "models",
+        ports=ports,
+        extra={"LOG_LEVEL": "WARNING", "RATE_LIMIT_PER_MINUTE": "0"},
+    )
 
 
 async def create_keys(urls: Any, namespaces: dict[str, str], databases: dict[str, str]) -> dict[str, str]:
@@ -732,7 +739,7 @@ def in_process(args: argparse.Namespace, sink_url: str, baseline: str | None, cp
     import asyncio
 
     from stemflow_dev.fixtures import STATE_DIR
-    from stemflow_dev.services import Ports, service_env
+    from stemflow_dev.services import Ports
     from stemflow_dev.stack import ensure_stack
 
     configs = dict(INPROCESS_CONFIGS)
@@ -752,15 +759,7 @@ def in_process(args: argparse.Namespace, sink_url: str, baseline: str | None, cp
         try:
             keys = asyncio.run(create_keys(urls, namespaces, databases))
             for config, extra in configs.items():
-                env = service_env(
-                    urls,
-                    namespace=namespaces[config],
-                    mongodb_db=databases[config],
-                    blob_dir=Path(tmp) / config / "blobs",
-                    model_repo=Path(tmp) / "models",
-                    ports=Ports.free(),
-                    extra={"LOG_LEVEL": "WARNING", "RATE_LIMIT_PER_MINUTE": "0"},
-                )
+                env = gateway_env(urls, namespaces[config], databases[config], Path(tmp), config, Ports.free())
                 env.update({"BENCH_API_KEY": keys[config], "BENCH_JOBS": str(args.jobs)})
                 env.update({**(tracing if extra.keys() - {"PYTHONPATH"} else {}), **extra})
                 workers[config] = subprocess.Popen(
