@@ -1087,15 +1087,9 @@ def main() -> None:
         sys.exit("bench/tracing.py needs wrk: apt-get install -y wrk")
     import asyncio
 
-    from stemflow_dev.services import Ports
-
     baseline = baseline_pythonpath(args.baseline_pythonpath)
     configs = {**CONFIGS, **({PREVIOUS: {**DEPLOYED, "PYTHONPATH": baseline}} if baseline else {})}
-    available = sorted(os.sched_getaffinity(0))
-    cpus = (available[0], available[1]) if len(available) >= 2 and shutil.which("taskset") else (None, None)
-    sink_port = Ports.free().gateway
-    sink = subprocess.Popen(pinned(cpus[1], [sys.executable, __file__, "--sink", str(sink_port)]))
-    sink_url = f"http://127.0.0.1:{sink_port}"
+    cpus, sink, sink_url = start_sink()
     report: dict[str, Any] = {
         "what": "CPU time per request of the gateway, and per whole job of the five services, by sampling setting",
         "configs": {name: {k: v for k, v in env.items() if k != "PYTHONPATH"} for name, env in configs.items()},
@@ -1138,15 +1132,20 @@ def main() -> None:
     save(args.out, report)
 
 
-def main_in_process(args: argparse.Namespace) -> None:
+def start_sink() -> tuple[tuple[int | None, int | None], subprocess.Popen[bytes], str]:
+    """The CPUs to pin the gateways and the client to (where there are two), and the span sink on the second."""
     from stemflow_dev.services import Ports
 
-    baseline = baseline_pythonpath(args.baseline_pythonpath)
     available = sorted(os.sched_getaffinity(0))
     cpus = (available[0], available[1]) if len(available) >= 2 and shutil.which("taskset") else (None, None)
     sink_port = Ports.free().gateway
     sink = subprocess.Popen(pinned(cpus[1], [sys.executable, __file__, "--sink", str(sink_port)]))
-    sink_url = f"http://127.0.0.1:{sink_port}"
+    return cpus, sink, f"http://127.0.0.1:{sink_port}"
+
+
+def main_in_process(args: argparse.Namespace) -> None:
+    baseline = baseline_pythonpath(args.baseline_pythonpath)
+    cpus, sink, sink_url = start_sink()
     report: dict[str, Any] = {
         "what": "CPU time per request of the gateway app driven in process, by sampling setting",
         "configs": {name: env for name, env in INPROCESS_CONFIGS.items()},
