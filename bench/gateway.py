@@ -191,15 +191,21 @@ def group_pids(pgid: int) -> list[int]:
     return pids
 
 
-def process_cpu_s(pgid: int) -> float:
-    total = 0
+def group_times_s(pgid: int) -> tuple[float, float]:
+    """User CPU time, and user + kernel, of a process group's processes, in seconds."""
+    user = kernel = 0
     for pid in group_pids(pgid):
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+        user, kernel = user + int(fields[11]), kernel + int(fields[12])
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, (user + kernel) / tick
+
+
+def process_cpu_s(pgid: int) -> float:
+    return group_times_s(pgid)[1]
 
 
 def servers_cpu_s() -> float:
@@ -538,9 +544,6 @@ def big_upload(target: Target, *, raw: bool = False) -> dict[str, Any]:
     }
 
 
-# --- report -------------------------------------------------------------------------
-
-
 # A bare ASGI app under the gateway's server settings: what any 5 MB upload costs before the gateway's own work.
 FLOOR_APP = """
 import hashlib
@@ -581,60 +584,39 @@ def upload_floor(work: Path, body_path: Path) -> dict[str, Any]:
     """The CPU per upload of a bare ASGI app under uvicorn with the gateway's loop and HTTP protocol, which only
     reads the body (`drain`) or reads and hashes it (`sha256`), one connection sending one body after another:
     the floor under the upload goals, user and kernel time apart."""
+    from stemflow_dev.procs import ProcessGroup, ServiceSpec
+    from stemflow_dev.services import Ports
+
     (work / "floor_app.py").write_text(FLOOR_APP)
-    port = free_port()
-    server = subprocess.Popen([sys.executable, str(work / "floor_app.py"), str(port)])
+    port = Ports.free().gateway
     body = body_path.read_bytes()
     answer = str(len(body)).encode()
     figures: dict[str, Any] = {"uploads": FLOOR_UPLOADS, "megabytes": UPLOAD_MB}
-    try:
-        wait_listening(port)
+    with ProcessGroup() as group:
+        argv = [sys.executable, str(work / "floor_app.py"), str(port)]
+        group.start([ServiceSpec("floor-app", argv, ready_url=f"http://127.0.0.1:{port}/ready")], work / "logs")
+        group.wait_ready(timeout=60)
+        pgid = group.pid("floor-app")
         for path in ("/drain", "/sha256"):
-            head = (
-                f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: audio/wav\r\nContent-Length: {len(body)}\r\n\r\n"
-            )
+            head = f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: audio/wav\r\nContent-Length: {len(body)}\r\n\r\n".encode()
             with socket.create_connection(("127.0.0.1", port)) as conn:
-                user, total = process_times(server.pid)
+                user, total = group_times_s(pgid)
                 for _ in range(FLOOR_UPLOADS):
-                    conn.sendall(head.encode() + body)
+                    conn.sendall(head + body)
                     received = b""
                     while not received.endswith(answer):
                         received += conn.recv(4096)
-                after_user, after_total = process_times(server.pid)
+                after_user, after_total = group_times_s(pgid)
+            cpu, user_cpu = after_total - total, after_user - user
             figures[path.strip("/")] = {
-                "cpu_ms": round((after_total - total) * 1000 / FLOOR_UPLOADS, 2),
-                "user_ms": round((after_user - user) * 1000 / FLOOR_UPLOADS, 2),
-                "kernel_ms": round(((after_total - total) - (after_user - user)) * 1000 / FLOOR_UPLOADS, 2),
+                "cpu_ms": round(cpu * 1000 / FLOOR_UPLOADS, 2),
+                "user_ms": round(user_cpu * 1000 / FLOOR_UPLOADS, 2),
+                "kernel_ms": round((cpu - user_cpu) * 1000 / FLOOR_UPLOADS, 2),
             }
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     return figures
 
 
-def process_times(pid: int) -> tuple[float, float]:
-    """A process's user and user + kernel CPU time, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, (int(fields[11]) + int(fields[12])) / tick
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def wait_listening(port: int, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+# --- report -------------------------------------------------------------------------
 
 
 def add_ratios(variant: dict[str, Any]) -> None:
