@@ -871,7 +871,7 @@ class Bench:
         self.group.wait_ready(timeout=120)
         target.pid = self.group.pid(spec.name)
         target.keys = {o: create_key(self.urls.mongodb_url, f"stemflow_{namespace}", o) for o in (*OWNERS, UPLOADER)}
-        asyncio.run(announce_models(self.redis_url, namespace))
+        asyncio.run(announce_served_models(self.redis_url, namespace))
         started = time.perf_counter()
         seed(target.jobs, size, time.time())
         print(f"{variant}: seeded {size:,} jobs in {time.perf_counter() - started:.1f} s", flush=True)
@@ -961,17 +961,15 @@ def median_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-async def announce_models(redis_url: str, namespace: str) -> None:
-    """Every model served in the namespace for the run, as a separator pool announces them (uploads need one)."""
+async def announce_served_models(redis_url: str, namespace: str) -> None:
+    """Every model served in the namespace for the run (uploads need one), announced for a day: runs are long."""
     import redis.asyncio as redis_async
 
-    from stemflow_shared.separators import CATALOGUE, Announcement, SeparatorRegistry, ServedModel
+    from stemflow_dev.fixtures import announce_models
 
     client = redis_async.from_url(redis_url)
     try:
-        served = [ServedModel(name=name, sources=entry.sources) for name, entry in CATALOGUE.items()]
-        announcement = Announcement(replica="bench", models=served, slots=1, mean_job_s=60.0)
-        await SeparatorRegistry(client, f"{namespace}:").announce(announcement, ttl_s=24 * 3600)
+        await announce_models(client, namespace, ttl_s=24 * 3600)
     finally:
         await client.aclose()
 

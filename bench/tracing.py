@@ -345,22 +345,6 @@ def gateways(
             asyncio.run(remove_namespaces(urls, namespaces, databases))
 
 
-async def announce_models(redis_url: str, namespace: str) -> None:
-    """Every model served in the namespace, as a separator pool announces them: the gateway takes uploads only
-    for a model some separator serves, and these gateways run without one."""
-    import redis.asyncio as redis_async
-
-    from stemflow_shared.separators import CATALOGUE, Announcement, SeparatorRegistry, ServedModel
-
-    client = redis_async.from_url(redis_url)
-    try:
-        served = [ServedModel(name=name, sources=entry.sources) for name, entry in CATALOGUE.items()]
-        announcement = Announcement(replica="bench", models=served, slots=1, mean_job_s=60.0)
-        await SeparatorRegistry(client, f"{namespace}:").announce(announcement, ttl_s=3600)
-    finally:
-        await client.aclose()
-
-
 def gateway_env(urls: Any, namespace: str, database: str, tmp: Path, config: str, ports: Any) -> dict[str, str]:
     """A configuration's gateway environment: its own namespace, database and blobs, no rate limit."""
     from stemflow_dev.services import service_env
@@ -377,18 +361,23 @@ def gateway_env(urls: Any, namespace: str, database: str, tmp: Path, config: str
 
 
 async def create_keys(urls: Any, namespaces: dict[str, str], databases: dict[str, str]) -> dict[str, str]:
-    """Each configuration's models announced and an API key in its database."""
+    """Each configuration's models announced (the gateway takes uploads only for a served model; these gateways
+    run without a separator) and an API key in its database."""
+    import redis.asyncio as redis_async
     from pymongo import AsyncMongoClient
 
+    from stemflow_dev.fixtures import announce_models
     from stemflow_shared.auth import ApiKeys
 
     client: AsyncMongoClient[Any] = AsyncMongoClient(urls.mongodb_url)
+    redis_client = redis_async.from_url(urls.redis_url)
     try:
         for config in namespaces:
-            await announce_models(urls.redis_url, namespaces[config])
+            await announce_models(redis_client, namespaces[config])
         return {c: await ApiKeys(client[databases[c]]).create("bench-tracing") for c in namespaces}
     finally:
         await client.close()
+        await redis_client.aclose()
 
 
 async def remove_namespaces(urls: Any, namespaces: dict[str, str], databases: dict[str, str]) -> None:
