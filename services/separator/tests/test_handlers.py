@@ -175,6 +175,47 @@ async def test_cancelling_mid_job_leaves_no_files(rig: dict[str, Any], tmp_path:
     assert list((tmp_path / "work").iterdir()) == []
 
 
+async def test_a_handler_cancelled_mid_job_stops_separating(rig: dict[str, Any], tmp_path: Path) -> None:
+    """A lost broker connection cancels the handler: the job's thread stops too, not only the await."""
+    first = await ingested(rig["blobs"], tmp_path, 60.0, stems=4, output_format="wav", quality="fast")
+    second = await ingested(rig["blobs"], tmp_path, 4.0, stems=4, output_format="wav", quality="fast")
+    connection = await aio_pika.connect(rig["broker"].url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(rig["broker"].names.exchange, "separation.progress")
+        task = asyncio.create_task(rig["separator"].on_ingested(first))
+        async with queue.iterator() as messages:
+            async for message in messages:
+                await message.ack()
+                if json.loads(message.body)["data"]["percent"] > 10:
+                    break
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # By now the first job's thread has ended: its stems folder is gone and nothing of it is queued.
+        assert list((tmp_path / "work").iterdir()) == []
+        seen = await _drain_progress(queue)
+        # The engine serves jobs in turn: a thread left running would have its segments run beside the
+        # second job's, and report progress while they do.
+        [completed] = await rig["separator"].on_ingested(second)
+        assert completed.spec is SEPARATION_COMPLETED
+        after = await _drain_progress(queue)
+
+    assert first.data.job_id not in {job for job, _ in after}, (seen, after)
+    assert {job for job, _ in after} == {second.data.job_id}
+    assert stem_files(tmp_path / "blobs", first.data.job_id) == []
+
+
+async def _drain_progress(queue: Any) -> list[tuple[str, float]]:
+    """The progress events waiting in `queue` now, after the publisher's confirmed ones have landed."""
+    seen: list[tuple[str, float]] = []
+    while (message := await queue.get(no_ack=True, fail=False)) is not None:
+        data = json.loads(message.body)["data"]
+        seen.append((data["job_id"], data["percent"]))
+    return seen
+
+
 def _drop_the_bag(repo: Path) -> None:
     (repo / "htdemucs_6s.yaml").unlink()
 

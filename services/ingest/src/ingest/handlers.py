@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import tempfile
 from pathlib import Path, PurePosixPath
@@ -11,7 +10,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from stemflow_shared import metrics, telemetry
-from stemflow_shared.cancellation import is_cancelled
+from stemflow_shared.cancellation import is_cancelled, to_thread_settled
 from stemflow_shared.events import (
     ANALYSIS_COMPLETED,
     AUDIO_INGESTED,
@@ -208,7 +207,8 @@ class Ingest:
 
         async def run(src: Path) -> NormalisedAudio:
             with telemetry.tracer().start_as_current_span("ingest.decode") as span:
-                audio = await asyncio.to_thread(
+                # Cancelled (the broker connection lost): the decode ends before its folder is removed.
+                audio = await to_thread_settled(
                     normalise, src, dst, trim_start=options.trim_start, trim_end=options.trim_end, limits=self._limits
                 )
                 span.set_attributes(

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from stemflow_shared import metrics
-from stemflow_shared.cancellation import is_cancelled
+from stemflow_shared.cancellation import is_cancelled, to_thread_settled
 from stemflow_shared.events import (
     AUDIO_INGESTED,
     MEDIA_TYPES,
@@ -118,7 +118,9 @@ class Separator:
         try:
             with tempfile.TemporaryDirectory(prefix="stemflow-stems-", dir=self._settings.work_dir) as tmp:
                 async with self._blobs.local_path(job.audio.blob_key) as path:
-                    separated, files = await asyncio.to_thread(
+                    # Cancelled (the broker connection lost, the service stopping): the thread stops at the
+                    # next segment and ends before the temporary stems are removed.
+                    separated, files = await to_thread_settled(
                         separate_file,
                         self._engine,
                         loaded,
@@ -134,6 +136,7 @@ class Separator:
                         progress=progress.report,
                         should_cancel=cancelled.is_set,
                         seed=job_seed(job.job_id),
+                        stop=cancelled,
                     )
                 return await self._store(job, separated, files, loaded.samplerate), separated
         finally:
