@@ -96,7 +96,9 @@ async def test_jobs_in_flight_survive_a_broker_restart(
             return job
 
         results = await asyncio.wait_for(asyncio.gather(*(finished(j["id"]) for j in [*jobs, late])), 400)
-        assert [r["status"] for r in results] == ["completed"] * (JOBS + 1)
+        assert [r["status"] for r in results] == ["completed"] * (JOBS + 1), [
+            (r["id"], r["status"], r.get("error"), r["stages"]) for r in results if r["status"] != "completed"
+        ]
         assert all(sorted(s["name"] for s in r["result"]["stems"]) == ["accompaniment", "vocals"] for r in results)
         await client.aclose()
     finally:
