@@ -16,58 +16,52 @@ async def test_the_result_and_the_error_of_the_thread_reach_the_caller() -> None
         await to_thread_settled(lambda: 1 / 0)
 
 
-async def test_a_cancelled_caller_stops_the_work_and_waits_for_the_thread() -> None:
-    started, stop = threading.Event(), threading.Event()
-    log: list[str] = []
+class Worker:
+    """Thread work that runs until `release` is set, and a log of what ended when."""
 
-    def work() -> str:
-        started.set()
-        stop.wait()
-        log.append("thread ended")
-        raise RuntimeError("stopped early")  # what a stopped worker raises: dropped, the caller was cancelled
+    def __init__(self) -> None:
+        self.started, self.release = threading.Event(), threading.Event()
+        self.log: list[str] = []
 
-    async def caller() -> str:
+    def work(self) -> None:
+        self.started.set()
+        self.release.wait()
+        self.log.append("thread ended")
+        # What a stopped worker raises (dropped: the caller was cancelled).
+        raise RuntimeError("stopped early")
+
+    async def caller(self, stop: threading.Event | None) -> None:
         try:
-            return await to_thread_settled(work, stop=stop)
+            await to_thread_settled(self.work, stop=stop)
         finally:
-            log.append("caller cleans up")
+            self.log.append("caller ended")
 
-    task = asyncio.create_task(caller())
-    await asyncio.to_thread(started.wait)
+    async def running(self, stop: threading.Event | None = None) -> asyncio.Task[None]:
+        task = asyncio.create_task(self.caller(stop))
+        await asyncio.to_thread(self.started.wait)
+        return task
+
+
+async def test_a_cancelled_caller_stops_the_work_and_waits_for_the_thread() -> None:
+    worker = Worker()
+    task = await worker.running(stop=worker.release)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert stop.is_set()
-    assert log == ["thread ended", "caller cleans up"]
+    assert worker.release.is_set()
+    assert worker.log == ["thread ended", "caller ended"]
 
 
 async def test_work_that_cannot_be_stopped_is_waited_for_even_when_cancelled_twice() -> None:
-    started, release = threading.Event(), threading.Event()
-    log: list[str] = []
-
-    def work() -> None:
-        started.set()
-        release.wait()
-        log.append("thread ended")
-
-    async def caller() -> None:
-        try:
-            await to_thread_settled(work)
-        except asyncio.CancelledError:
-            log.append("caller cancelled")
-            raise
-
-    task = asyncio.create_task(caller())
-    await asyncio.to_thread(started.wait)
-    task.cancel()
-    for _ in range(5):
-        await asyncio.sleep(0)
-    task.cancel()
-    for _ in range(5):
-        await asyncio.sleep(0)
+    worker = Worker()
+    task = await worker.running()
+    for _ in range(2):
+        task.cancel()
+        for _ in range(5):
+            await asyncio.sleep(0)
     # Both cancellations were delivered, and the caller still waits for the thread.
-    assert not task.done() and log == []
-    release.set()
+    assert not task.done() and worker.log == []
+    worker.release.set()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert log == ["thread ended", "caller cancelled"]
+    assert worker.log == ["thread ended", "caller ended"]

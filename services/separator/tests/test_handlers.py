@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import math
@@ -107,6 +108,27 @@ async def ingested(blobs: FilesystemBlobStore, tmp_path: Path, seconds: float, *
     return make_event(AUDIO_INGESTED, data, source="/stemflow/test")
 
 
+@contextlib.asynccontextmanager
+async def progress_queue(rig: dict[str, Any]) -> AsyncIterator[Any]:
+    """A queue of its own that receives every `separation.progress` the separator publishes."""
+    async with await aio_pika.connect(rig["broker"].url) as connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(rig["broker"].names.exchange, "separation.progress")
+        yield queue
+
+
+async def separating(rig: dict[str, Any], event: Event[AudioIngested], queue: Any) -> asyncio.Task[Any]:
+    """The separator's handler on `event`, running, once it has reported more than 10 % done."""
+    task = asyncio.create_task(rig["separator"].on_ingested(event))
+    async with queue.iterator() as messages:
+        async for message in messages:
+            await message.ack()
+            if json.loads(message.body)["data"]["percent"] > 10:
+                break
+    return task
+
+
 def read_audio(path: Path) -> np.ndarray:
     data, _ = sf.read(path, dtype="float32", always_2d=True)
     return data.T
@@ -154,17 +176,8 @@ async def test_stems_and_residual_land_in_the_blob_store(
 async def test_cancelling_mid_job_leaves_no_files(rig: dict[str, Any], tmp_path: Path) -> None:
     event = await ingested(rig["blobs"], tmp_path, 60.0, stems=4, output_format="wav", quality="fast")
     job_id = event.data.job_id
-    connection = await aio_pika.connect(rig["broker"].url)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(exclusive=True)
-        await queue.bind(rig["broker"].names.exchange, "separation.progress")
-        task = asyncio.create_task(rig["separator"].on_ingested(event))
-        async with queue.iterator() as messages:
-            async for message in messages:
-                await message.ack()
-                if json.loads(message.body)["data"]["percent"] > 10:
-                    break
+    async with progress_queue(rig) as queue:
+        task = await separating(rig, event, queue)
         # Stems are being written now; the gateway's flag stops the job at the next segment.
         assert list((tmp_path / "work").glob("*/*.wav"))
         await rig["redis"].set(cancel_flag_key(rig["settings"].redis_prefix, job_id), b"1")
@@ -179,17 +192,8 @@ async def test_a_handler_cancelled_mid_job_stops_separating(rig: dict[str, Any],
     """A lost broker connection cancels the handler: the job's thread stops too, not only the await."""
     first = await ingested(rig["blobs"], tmp_path, 60.0, stems=4, output_format="wav", quality="fast")
     second = await ingested(rig["blobs"], tmp_path, 4.0, stems=4, output_format="wav", quality="fast")
-    connection = await aio_pika.connect(rig["broker"].url)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(exclusive=True)
-        await queue.bind(rig["broker"].names.exchange, "separation.progress")
-        task = asyncio.create_task(rig["separator"].on_ingested(first))
-        async with queue.iterator() as messages:
-            async for message in messages:
-                await message.ack()
-                if json.loads(message.body)["data"]["percent"] > 10:
-                    break
+    async with progress_queue(rig) as queue:
+        task = await separating(rig, first, queue)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
