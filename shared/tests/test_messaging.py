@@ -1,6 +1,7 @@
 """The messaging rules against a real RabbitMQ: confirms, dead-lettering with reasons, retries, tracing."""
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -40,20 +41,26 @@ def tracing() -> None:
     trace.set_tracer_provider(provider)
 
 
-@pytest_asyncio.fixture
-async def broker(stack: Any) -> AsyncIterator[Broker]:
+@contextlib.asynccontextmanager
+async def open_broker(stack: Any, delivery_limit: int = 3) -> AsyncIterator[Broker]:
+    """A broker on a namespace of its own, removed afterwards."""
+    from stemflow_dev.fixtures import delete_namespace
+
     ns = f"m{uuid.uuid4().hex[:8]}"
-    broker = await Broker(
-        stack.amqp_url, Names(ns), "test", BrokerOptions(delivery_limit=3, retry_backoff_s=0.01)
-    ).connect()
+    options = BrokerOptions(delivery_limit=delivery_limit, retry_backoff_s=0.01)
+    broker = await Broker(stack.amqp_url, Names(ns), "test", options).connect()
     try:
         yield broker
     finally:
         await broker.stop_consuming(1)
-        from stemflow_dev.fixtures import delete_namespace
-
         await broker.close()
         await delete_namespace(stack.amqp_url, ns)
+
+
+@pytest_asyncio.fixture
+async def broker(stack: Any) -> AsyncIterator[Broker]:
+    async with open_broker(stack) as broker:
+        yield broker
 
 
 def submitted(job_id: str = "j1") -> Event[JobSubmitted]:
@@ -70,6 +77,14 @@ async def next_dead_letter(broker: Broker, timeout: float = 10.0) -> aio_pika.ab
             message = await asyncio.wait_for(anext(messages), timeout)
             await message.ack()
             return message
+
+
+async def ready_in(broker: Broker, queue: str) -> int:
+    """Messages ready in `queue`, read on a connection of the test's own."""
+    async with await aio_pika.connect(broker.url) as connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        return int(declared.declaration_result.message_count or 0)
 
 
 async def publish_raw(broker: Broker, body: bytes, routing_key: str = "job.submitted") -> None:
@@ -247,6 +262,22 @@ async def test_queue_depth_follows_the_queue(broker: Broker) -> None:
         message = await (await channel.get_queue(queue.name, ensure=False)).get()
         await message.ack()
         assert await broker.queue_depth(INGEST_QUEUE) == 1
+
+
+async def test_a_delivery_whose_channel_closed_is_not_dead_lettered(broker: Broker) -> None:
+    """A lost connection closes the channel under a handler that then gives up on the message (its last
+    allowed attempt, say). The broker has put the message back already and delivers it again: a dead-letter
+    copy now would fail its job while that next delivery completes it."""
+    queue = await broker.declare_queue(INGEST_QUEUE)
+    await broker.publish(submitted())
+    async with await aio_pika.connect(broker.url) as connection:
+        channel = await connection.channel()
+        message = await (await channel.get_queue(queue.name, ensure=False)).get()
+        await channel.close()
+        await broker.dead_letter(message, queue.name, "handler_failed", "RuntimeError: gave up")
+
+    assert await ready_in(broker, broker.names.dead_letter_queue) == 0
+    assert await broker.queue_depth(INGEST_QUEUE) == 1  # back in its queue, for its next delivery
 
 
 async def test_a_redelivered_event_that_was_handled_is_not_worked_again(broker: Broker, stack: Any) -> None:

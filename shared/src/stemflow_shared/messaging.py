@@ -296,7 +296,14 @@ class Broker:
         return self._dlx
 
     async def dead_letter(self, message: AbstractIncomingMessage, queue: str, reason: str, detail: str) -> None:
-        """Send a copy with the reason in headers to the dead-letter exchange, then ack the original."""
+        """Send a copy with the reason in headers to the dead-letter exchange, then ack the original.
+
+        Not for a delivery whose channel has closed: the broker has put that message back already, and its
+        next delivery is the one to settle (a copy now would end a job whose message is still worked).
+        """
+        if not delivery_open(message):
+            log.warning("not dead-lettering a message from %s whose channel closed; it is redelivered", queue)
+            return
         headers = dict(message.headers or {})
         headers.update(
             {REASON_HEADER: reason, DETAIL_HEADER: detail[:1000], QUEUE_HEADER: queue, SERVICE_HEADER: self.service}
@@ -499,6 +506,11 @@ class Consumer:
         self, message: AbstractIncomingMessage, queue: str, attempts: int, exc: Exception
     ) -> None:
         detail = f"{type(exc).__name__}: {exc}"
+        if not delivery_open(message):
+            # A lost connection (the failure may be the ack itself): the broker has put the message back and
+            # delivers it again, where a done mark stops rework. This delivery is over; nothing to settle.
+            log.warning("the delivery from %s ended with its channel (%s); the broker redelivers it", queue, detail)
+            return
         try:
             if attempts >= self.broker.options.delivery_limit:
                 await self.broker.dead_letter(message, queue, "handler_failed", detail)
@@ -511,6 +523,14 @@ class Consumer:
         except _RETRYABLE:
             # The channel is gone; the broker requeues the unacked message by itself.
             log.warning("could not settle a failed message on %s; the broker will redeliver it", queue)
+
+
+def delivery_open(message: AbstractIncomingMessage) -> bool:
+    """Whether the channel that delivered `message` is still open, so that it can be acked or rejected."""
+    try:
+        return not message.channel.is_closed
+    except aiormq.exceptions.ChannelInvalidStateError:
+        return False
 
 
 def _delivery_count(message: AbstractIncomingMessage) -> int:
