@@ -211,6 +211,26 @@ async def test_a_handler_cancelled_mid_job_stops_separating(rig: dict[str, Any],
     assert stem_files(tmp_path / "blobs", first.data.job_id) == []
 
 
+async def test_a_duplicate_delivery_cancelled_mid_job_leaves_the_published_stems(
+    rig: dict[str, Any], tmp_path: Path
+) -> None:
+    """At-least-once: the same job delivered twice, the first completed and published its stems; the second
+    is cancelled (its connection lost) while it works. The published stems stay for the job to serve."""
+    event = await ingested(rig["blobs"], tmp_path, 30.0, stems=2, output_format="wav", quality="fast")
+    [completed] = await rig["separator"].on_ingested(event)
+    published = {stem.blob_key: stem.size for stem in completed.data.stems}
+    async with progress_queue(rig) as queue:
+        duplicate = await separating(rig, event, queue)
+        duplicate.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await duplicate
+
+    for key, size in published.items():
+        async with rig["blobs"].local_path(key) as path:
+            assert path.stat().st_size == size
+    assert list((tmp_path / "work").iterdir()) == []
+
+
 async def _drain_progress(queue: Any) -> list[tuple[str, float]]:
     """The progress events waiting in `queue` now, after the publisher's confirmed ones have landed."""
     seen: list[tuple[str, float]] = []

@@ -84,6 +84,10 @@ class Separator:
             await self._remove_stems(job)
             failed = StageFailed(job_id=job.job_id, target=job.target, error=ErrorInfo(code=code, message=str(exc)))
             return [make_event(SEPARATION_FAILED, failed, source=SOURCE, id=_event_id(job, "separation.failed"))]
+        except asyncio.CancelledError:
+            # Interrupted, not failed (the connection lost, the service stopping): the message's next delivery
+            # writes the same keys again, and a duplicate delivery of it may have published them already.
+            raise
         except BaseException:
             await self._remove_stems(job)
             raise
