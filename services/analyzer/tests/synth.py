@@ -117,6 +117,23 @@ def four_on_the_floor(bpm: float, seconds: float = 16.0, rate: int = RATE) -> np
     return np.stack([out, out]).astype(np.float32) * 0.3
 
 
+def soft_stabs_over_a_clicking_kick(bpm: float, seconds: float = 16.0, rate: int = RATE) -> np.ndarray:
+    """A (2, n) float32 kick with a beater's click on every beat from 0 s, and a soft chord stab between the beats.
+
+    The stabs enter from silence, so a log-spectral flux rises most on them; the kick carries a little more
+    energy (less than `four_on_the_floor`'s), and only it and its click reach the high band.
+    """
+    n, beat = round(seconds * rate), 60.0 / bpm
+    out = np.zeros(n)
+    rng = np.random.default_rng(0)
+    stab = 0.3 * sum(_note(midi, 0.45 * beat, rate, 0.0, 3) for midi in (48, 60, 64, 67))
+    for at in np.arange(0.0, seconds, beat):
+        _add(out, 0.7 * _kick(rate), at, rate)
+        _add(out, 0.3 * _hat(rate, rng), at, rate)
+        _add(out, stab, at + beat / 2, rate)
+    return np.stack([out, out]).astype(np.float32) * 0.3
+
+
 def sine(freq: float, rms: float, seconds: float, rate: int = RATE, channels: int = 1) -> np.ndarray:
     """A (channels, n) float32 sine with the given RMS (full-scale square wave = 1)."""
     t = np.arange(round(seconds * rate)) / rate
