@@ -134,6 +134,25 @@ def soft_stabs_over_a_clicking_kick(bpm: float, seconds: float = 16.0, rate: int
     return np.stack([out, out]).astype(np.float32) * 0.3
 
 
+def four_on_the_floor_after_an_intro(bpm: float, seconds: float = 16.0, rate: int = RATE) -> np.ndarray:
+    """A (2, n) float32 groove whose first four bars have only the off-beats: a held bass note and a chord stab
+    between the beats from 0 s; from the fifth bar a kick on every beat joins them.
+
+    Alone, the intro's off-beats sound like beats, so a tracker that follows the onsets comes in off the kicks.
+    """
+    n, beat = round(seconds * rate), 60.0 / bpm
+    out = np.zeros(n)
+    stab = 0.3 * sum(_note(midi, 0.45 * beat, rate, 0.0, 6) for midi in (60, 64, 67))
+    # A held bass note (decaying over two beats, cut after most of one), as a synth or fretless bass plays it.
+    bass = 0.5 * _note(36, 4 * beat, rate, 0.0, 4)[: round(0.45 * beat * rate)]
+    for i, at in enumerate(np.arange(0.0, seconds, beat)):
+        if i >= 16:
+            _add(out, _kick(rate), at, rate)
+        _add(out, stab, at + beat / 2, rate)
+        _add(out, bass, at + beat / 2, rate)
+    return np.stack([out, out]).astype(np.float32) * 0.3
+
+
 def sine(freq: float, rms: float, seconds: float, rate: int = RATE, channels: int = 1) -> np.ndarray:
     """A (channels, n) float32 sine with the given RMS (full-scale square wave = 1)."""
     t = np.arange(round(seconds * rate)) / rate

@@ -274,6 +274,17 @@ def test_beats_fall_on_a_clicking_kick_a_little_louder_than_the_off_beat_stabs(b
     assert np.median(off) < 0.05
 
 
+@pytest.mark.parametrize("bpm", [118, 124, 128])
+def test_beats_stay_on_the_kicks_through_an_intro_of_off_beats(bpm):
+    # The intro's off-beat bass and stabs are all there is to follow for four bars; the kicks that come in
+    # after it say where the beats are, for the intro too.
+    analysis = analyze(synth.four_on_the_floor_after_an_intro(bpm), RATE)
+    beat = 60 / bpm
+    assert analysis.tempo_bpm == pytest.approx(bpm, rel=0.01)
+    off = np.abs((np.array(analysis.beats) + beat / 2) % beat - beat / 2)
+    assert np.mean(off < 0.05) > 0.9
+
+
 def test_the_drums_and_bass_stems_join_the_mixs_rhythm():
     mix = synth.song(100, 0, "major", seconds=16.0, seed=1)
     analysis = analyze(mix, RATE, stems={"drums": synth.click_track(100, seconds=16.0, offset_s=0.0), "bass": mix})
