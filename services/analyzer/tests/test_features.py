@@ -253,36 +253,31 @@ def test_no_bars_are_claimed_without_evidence(bpm):
         assert (analysis.downbeats, analysis.meter) == ([], None)
 
 
+def kick_offsets(bpm: float, audio: np.ndarray) -> np.ndarray:
+    """Each beat's distance from the nearest kick (kicks every beat from 0 s), once the tempo is right."""
+    analysis = analyze(audio, RATE)
+    assert analysis.tempo_bpm == pytest.approx(bpm, rel=0.01)
+    beat = 60 / bpm
+    return np.abs((np.array(analysis.beats) + beat / 2) % beat - beat / 2)
+
+
 @pytest.mark.parametrize("bpm", [118, 124, 128])
 def test_beats_fall_on_the_kick_not_on_louder_sounding_off_beat_stabs(bpm):
-    analysis = analyze(synth.four_on_the_floor(bpm), RATE)
-    beat = 60 / bpm
-    assert analysis.tempo_bpm == pytest.approx(bpm, rel=0.01)
-    # Distance of each beat from the nearest kick (kicks every `beat` from 0 s).
-    off = np.abs((np.array(analysis.beats) + beat / 2) % beat - beat / 2)
-    assert np.median(off) < 0.05
+    assert np.median(kick_offsets(bpm, synth.four_on_the_floor(bpm))) < 0.05
 
 
 @pytest.mark.parametrize("bpm", [118, 124, 128])
 def test_beats_fall_on_a_clicking_kick_a_little_louder_than_the_off_beat_stabs(bpm):
     # The energy rises 0.9-1.3 times as much on the kick as on the stabs, short of moving the beats alone;
     # the kick's click in the high band, where the stabs do not reach, moves them.
-    analysis = analyze(synth.soft_stabs_over_a_clicking_kick(bpm), RATE)
-    beat = 60 / bpm
-    assert analysis.tempo_bpm == pytest.approx(bpm, rel=0.01)
-    off = np.abs((np.array(analysis.beats) + beat / 2) % beat - beat / 2)
-    assert np.median(off) < 0.05
+    assert np.median(kick_offsets(bpm, synth.soft_stabs_over_a_clicking_kick(bpm))) < 0.05
 
 
 @pytest.mark.parametrize("bpm", [118, 124, 128])
 def test_beats_stay_on_the_kicks_through_an_intro_of_off_beats(bpm):
     # The intro's off-beat bass and stabs are all there is to follow for four bars; the kicks that come in
     # after it say where the beats are, for the intro too.
-    analysis = analyze(synth.four_on_the_floor_after_an_intro(bpm), RATE)
-    beat = 60 / bpm
-    assert analysis.tempo_bpm == pytest.approx(bpm, rel=0.01)
-    off = np.abs((np.array(analysis.beats) + beat / 2) % beat - beat / 2)
-    assert np.mean(off < 0.05) > 0.9
+    assert np.mean(kick_offsets(bpm, synth.four_on_the_floor_after_an_intro(bpm)) < 0.05) > 0.9
 
 
 def test_the_drums_and_bass_stems_join_the_mixs_rhythm():
