@@ -390,9 +390,14 @@ def _onset_envelopes(mel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     """
     db = 10 * np.log10(np.maximum(mel, 1e-10))
     db = np.maximum(db, db.max(initial=-100.0) - 80.0)
-    rise = np.vstack([np.zeros((1, _N_MELS)), np.maximum(np.diff(db, axis=0), 0.0)])
+    rise = _rises(db)
     bands = np.array([rise[:, lo:hi].mean(axis=1) for lo, hi in _BAND_SPLITS])
     return rise.mean(axis=1), rise[:, :_BASS_BANDS].mean(axis=1), bands
+
+
+def _rises(x: np.ndarray) -> np.ndarray:
+    """How much `x` rises from each frame (axis 0) to the next, 0 where it falls and at the first frame."""
+    return np.concatenate([np.zeros((1, *x.shape[1:])), np.maximum(np.diff(x, axis=0), 0.0)])
 
 
 def _autocorrelation(onsets: np.ndarray) -> np.ndarray:
@@ -527,7 +532,7 @@ def _choose_octave(onsets: np.ndarray, bands: np.ndarray, acf: np.ndarray, lag: 
 def _kick_strength(low: np.ndarray) -> np.ndarray:
     """Per frame, how much a kick starts in the `low` bins' power: its rise, as far as it falls again within
     `_KICK_DECAY_FRAMES` (a held bass note's does not)."""
-    rise = np.concatenate([[0.0], np.maximum(np.diff(low), 0.0)])
+    rise = _rises(low)
     peak = np.maximum(low, np.concatenate([low[1:], [0.0]]))
     later = np.concatenate([low[_KICK_DECAY_FRAMES:], np.zeros(min(_KICK_DECAY_FRAMES, low.size))])[: low.size]
     return np.minimum(rise, np.maximum(peak - later, 0.0))
@@ -538,7 +543,6 @@ def _half_grid(beats: np.ndarray, lag: float) -> tuple[np.ndarray, np.ndarray]:
     so that slow tempo drift stays on the grid)."""
     middle = beats.size // 2
     index = np.round((beats - beats[middle]) / (lag / 2))
-    fit = np.array([0.0, lag / 2, float(beats[middle])])
     for _ in range(3):
         fit = np.polyfit(index, beats, 2 if beats.size >= 8 else 1)
         fit = np.concatenate([np.zeros(3 - fit.size), fit])
@@ -589,7 +593,7 @@ def _on_energy_rises(mel: np.ndarray, beats: np.ndarray) -> np.ndarray:
     halfway = (beats[1:] + beats[:-1]) // 2
 
     def ratio(power: np.ndarray) -> float:
-        rise = np.concatenate([[0.0], np.maximum(np.diff(power), 0.0)])
+        rise = _rises(power)
         return float(_local_max(rise, halfway).mean()) / max(float(_local_max(rise, beats[:-1]).mean()), 1e-12)
 
     overall = ratio(mel.sum(axis=1))
