@@ -301,7 +301,7 @@ class Broker:
         Not for a delivery whose channel has closed: the broker has put that message back already, and its
         next delivery is the one to settle (a copy now would end a job whose message is still worked).
         """
-        if not delivery_open(message):
+        if not _delivery_open(message):
             log.warning("not dead-lettering a message from %s whose channel closed; it is redelivered", queue)
             return
         headers = dict(message.headers or {})
@@ -506,7 +506,7 @@ class Consumer:
         self, message: AbstractIncomingMessage, queue: str, attempts: int, exc: Exception
     ) -> None:
         detail = f"{type(exc).__name__}: {exc}"
-        if not delivery_open(message):
+        if not _delivery_open(message):
             # A lost connection (the failure may be the ack itself): the broker has put the message back and
             # delivers it again, where a done mark stops rework. This delivery is over; nothing to settle.
             log.warning("the delivery from %s ended with its channel (%s); the broker redelivers it", queue, detail)
@@ -525,7 +525,7 @@ class Consumer:
             log.warning("could not settle a failed message on %s; the broker will redeliver it", queue)
 
 
-def delivery_open(message: AbstractIncomingMessage) -> bool:
+def _delivery_open(message: AbstractIncomingMessage) -> bool:
     """Whether the channel that delivered `message` is still open, so that it can be acked or rejected."""
     try:
         return not message.channel.is_closed
