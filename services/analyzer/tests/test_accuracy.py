@@ -125,3 +125,17 @@ def test_beats_of_slow_attacks_are_where_the_notes_start(bpm):
     errors = (beats[:, None] - notes[None, :])[np.arange(beats.size), np.abs(beats[:, None] - notes).argmin(axis=1)]
     assert analysis.tempo_bpm == pytest.approx(bpm, rel=0.04)
     assert abs(np.median(errors)) < 0.045 and np.mean(np.abs(errors) < 0.07) >= 0.9, errors
+
+
+@pytest.mark.parametrize(("piece", "seed"), [("bwv352", 6), ("bwv67.7", 24)])
+def test_a_legato_chorales_beat_is_its_quarter_note(tmp_path, piece, seed):
+    # Bach chorales from the tuning split, played by strings (71 BPM) and a choir (67 BPM): no sharp attacks,
+    # so the mel flux is mostly noise. Read before from it at 130 and 132 BPM with the beats on nothing (beat F
+    # 0.10 and 0.04); the semitone flux, the chord changes and the harmony's phase read the quarter notes.
+    pytest.importorskip("music21")
+    truth = corpus.render(tmp_path, corpus.Spec("composition", piece, seed, "tuning"))
+    assert truth is not None and truth["ensemble"] in {"strings", "choir"}
+    samples, sr = sf.read(truth["audio"], dtype="float32", always_2d=True)
+    analysis = analyze(samples.T.copy(), sr)
+    assert analysis.tempo_bpm == pytest.approx(truth["tempo_bpm"], rel=0.04)
+    assert beat_f_measure(truth["beats"], analysis.beats) >= 0.8
