@@ -84,6 +84,16 @@ _MAX_DOUBLED_BPM = 200.0
 _SLOW_BPM = 80.0
 _SIXTEENTHS_RATIO = 0.8
 _TRIPLETS_RATIO = 0.2
+# Above this tempo, a reading whose weaker beats are a syncopated groove's eighths (`_syncopated`) is doubled
+# back: pop grooves at 82-96 BPM with sixteenth hats read at 171-184 (the doubling's evidence there, sixteenths
+# between eighths, is the same as a half-time groove's). Tuning split with 16 more live, pop16, half-time,
+# ballad and rock songs each: the three such songs' weaker places 0.20-0.26 and 1.00; every reading above
+# 150 BPM on its true tempo (half-time, punk) at least 0.45 where one place is full; a pop16 song read right
+# at 114 BPM shows 0.26 and 0.93 too, so the rule holds only above half-time grooves' tempi. Arrangements'
+# tempo Acc1 there 0.950 -> 0.969, beat F 0.972 -> 0.978.
+_SYNCOPATED_BPM = 160.0
+_SYNCOPATED_EMPTY = 0.3
+_SYNCOPATED_FULL = 0.8
 # Legato music (`_legato`): where the mel flux's 95th percentile stands under this many times its median
 # (tuning split: strings, organ and choir chorales 1.59-1.98; winds 3.0-5.4, piano 16-19, every arrangement
 # 2.97 or more), the beat is read from the flux in semitone bands (`_pitch_flux`): the mel flux of a legato
@@ -94,15 +104,6 @@ _TRIPLETS_RATIO = 0.2
 # the harmony, not the drum rules (`_on_kicks`, `_on_energy_rises`: strings' slow rises put the beats on the
 # off-beats), places them. Tuning split, chorales: tempo Acc1 0.73 -> 0.82, beat F 0.66 -> 0.85, chords
 # majmin 0.73 -> 0.75; arrangements unchanged.
-# Above this tempo, a reading whose weaker beats are a syncopated groove's eighths (`_syncopated`) is doubled
-# back: pop grooves at 82-96 BPM with sixteenth hats read at 171-184 (the doubling's evidence there, sixteenths
-# between eighths, is the same as a half-time groove's). Tuning split with 16 more live, pop16, half-time,
-# ballad and rock songs each: the three such songs' weaker places 0.20-0.26 and 1.00; every reading above
-# 150 BPM on its true tempo (half-time, punk) at least 0.45 where one place is full; a pop16 song read right
-# at 114 BPM shows 0.26 and 0.93 too, so the rule holds only above half-time grooves' tempi.
-_SYNCOPATED_BPM = 160.0
-_SYNCOPATED_EMPTY = 0.3
-_SYNCOPATED_FULL = 0.8
 _LEGATO_PEAKINESS = 2.5
 _CHORD_PULSE_CONTRAST = 2.5
 # Mel band ranges (of `_N_MELS` from 30 Hz) of the low (to ~480 Hz), middle (~2.3 kHz) and high bands.
@@ -534,7 +535,9 @@ def _choose_octave(onsets: np.ndarray, bands: np.ndarray, acf: np.ndarray, lag: 
     slower + evenness of the faster + halfway strength of the faster -
     `_OCTAVE_BIAS`) is positive. Below
     `_SLOW_BPM`, hats in even sixteenths make a half-time groove, counted at
-    double tempo as DJs and charts count it (a 140 BPM dubstep track, not 70).
+    double tempo as DJs and charts count it (a 140 BPM dubstep track, not 70);
+    above `_SYNCOPATED_BPM`, beats every other one of which is a syncopated
+    groove's eighth are counted at half the tempo.
     """
     readings = {}
     for factor in (0.5, 1.0, 2.0):
