@@ -33,7 +33,7 @@ from stemflow_shared.events import (
 )
 from stemflow_shared.messaging import Handler
 from stemflow_shared.reuse import ResultIndex
-from stemflow_shared.storage import BlobNotFound, job_prefix, normalised_key, stem_key
+from stemflow_shared.storage import BlobNotFound, normalised_key, stem_key
 
 from .audio import AudioError, Limits, NormalisedAudio, normalise
 from .fetch import fetch
@@ -159,16 +159,22 @@ class Ingest:
             metrics.CACHE_REQUESTS.labels("results", "miss").inc()
             return None
         stems: list[StemInfo] = []
+        created: list[str] = []
         try:
             for stem in previous.stems if job.options.separate else ():
                 extension = PurePosixPath(stem.blob_key).suffix.lstrip(".")
                 key = stem_key(job.job_id, stem.name, extension)
+                existed = await self._blobs.exists(key)
                 async with self._blobs.local_path(stem.blob_key) as path:
                     copied = await self._blobs.put_file(key, Path(path))
+                if not existed:
+                    created.append(key)
                 stems.append(stem.model_copy(update={"blob_key": key, "size": copied.size}))
         except BlobNotFound:
-            # The earlier job was deleted under the index entry: compute afresh.
-            await self._blobs.delete_prefix(f"{job_prefix(job.job_id)}/stems")
+            # The earlier job was deleted under the index entry: compute afresh. Only the copies this attempt
+            # created go: a redelivered job.submitted may find the stems its own separation already published.
+            for key in created:
+                await self._blobs.delete_prefix(key)
             metrics.CACHE_REQUESTS.labels("results", "stale").inc()
             return None
         metrics.CACHE_REQUESTS.labels("results", "hit").inc()
