@@ -445,6 +445,25 @@ def test_the_spans_of_an_unsampled_job_run_uninstrumented() -> None:
     assert [s.name for s in exporter.get_finished_spans()] == ["process job.submitted"]
 
 
+def test_no_client_spans_suppresses_instrumentation_under_a_recording_span_and_leaves_the_rest_alone() -> None:
+    """A traced request's side calls make no client spans; where nothing records, the context is not even switched."""
+    provider = provider_of(sampling.ALWAYS_ON, sampling.ALWAYS_ON)
+    tracer = provider.get_tracer("test")
+    with tracer.start_as_current_span("POST /v1/jobs") as span:
+        assert span.is_recording()
+        with telemetry.no_client_spans():
+            assert not is_instrumentation_enabled()
+        assert is_instrumentation_enabled()
+    unsampled = trace.NonRecordingSpan(telemetry.unsampled_span_context(1, 1))
+    token = otel_context.attach(trace.set_span_in_context(unsampled))
+    try:
+        before = otel_context.get_current()
+        with telemetry.no_client_spans():
+            assert otel_context.get_current() is before
+    finally:
+        otel_context.detach(token)
+
+
 async def test_a_client_without_redis_spans_skips_the_instrumentation_and_shares_the_pool(
     redis_client: Any, isolation: Any
 ) -> None:

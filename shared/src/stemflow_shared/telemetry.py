@@ -431,6 +431,25 @@ def recording() -> bool:
     return trace.get_current_span().is_recording()
 
 
+@contextmanager
+def no_client_spans() -> Iterator[None]:
+    """A block whose client calls (Redis, MongoDB, httpx) make no spans, on a traced request or job too.
+
+    For the side reads and writes of a traced request that say nothing about its job and cost as much
+    as the spans that do: a job's creation checks the separators' announcements (a Redis HGETALL) and
+    caches the new job (a Redis EVALSHA). Those were two of the seven spans of a traced creation (eight
+    with the rate limit's count, which is never a span now: gateway.ratelimit), and about a fifth of the
+    CPU time tracing added to it (bench/tracing.py --in-process; docs/runbook.md, "Sampling"). The spans
+    of the job's own writes and of its event stay. Where nothing records, nothing is done (no context
+    switch).
+    """
+    if not trace.get_current_span().is_recording():
+        yield
+        return
+    with suppress_instrumentation():
+        yield
+
+
 def without_redis_spans(client: Any) -> Any:
     """A `redis.asyncio.Redis` that shares `client`'s connection pool and settings but whose commands never pass
     through the Redis instrumentation (for hot paths, used where `recording()` is false).

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from redis.exceptions import RedisError
 
-from stemflow_shared import metrics
+from stemflow_shared import metrics, telemetry
 from stemflow_shared.cancellation import cancel_flag_key
 from stemflow_shared.events import (
     AUDIO_INGESTED,
@@ -255,7 +255,8 @@ class Jobs:
     ) -> dict[str, Any]:
         """Insert the job with its `job.submitted` in the outbox, then publish in the background."""
         if batch_id is None:  # a batch checked its options once, before its first job
-            await self.models.require_served(options)
+            with telemetry.no_client_spans():  # a read of the announcements: nothing of the job's trace
+                await self.models.require_served(options)
         now = lifecycle.utcnow()
         input_doc = input_ref.model_dump(mode="json", exclude_none=True)
         doc = lifecycle.new_job(
@@ -277,7 +278,8 @@ class Jobs:
         doc = await self.repo.insert(doc, [event])
         metrics.JOBS_SUBMITTED.labels("upload" if input_ref.blob_key else "url").inc()
         self.relay.flush_soon(job_id, doc["outbox"])
-        await self.remember(doc)
+        with telemetry.no_client_spans():  # the cache's copy: the insert's span is the job's write
+            await self.remember(doc)
         return doc
 
     async def submit_batch(
@@ -294,7 +296,8 @@ class Jobs:
 
         Raises IdempotencyConflict with the earlier batch when its Idempotency-Key was used before.
         """
-        await self.models.require_served(options)
+        with telemetry.no_client_spans():
+            await self.models.require_served(options)
         now = lifecycle.utcnow()
         batch = {
             "_id": batch_id,
