@@ -561,7 +561,8 @@ def summarise(samples: dict[str, Any]) -> dict[str, Any]:
 INPROCESS_CONFIGS: dict[str, dict[str, str]] = {
     "off": {},
     "default": DEPLOYED,
-    "unsampled": {**DEPLOYED, "STEMFLOW_TRACES_REQUEST_RATIO": "0"},  # default's unsampled path alone
+    # default's unsampled path alone: no request and no job sampled (a creation is judged at the job ratio)
+    "unsampled": {**DEPLOYED, "OTEL_TRACES_SAMPLER_ARG": "0", "STEMFLOW_TRACES_REQUEST_RATIO": "0"},
     "debug_100": CONFIGS["debug_100"],
 }
 PREVIOUS_OFF = "previous_off"  # the --baseline-pythonpath code, tracing off: `previous`'s own baseline
@@ -825,14 +826,18 @@ def summarise_in_process(call: str, by_config: dict[str, list[dict[str, Any]]]) 
     a deployed gateway exports every 5 s, many requests' spans at a time. So for the reads `default` is also
     composed from the two configurations that bracket it, per round: `unsampled` (its path for the 99% not
     sampled) plus the request ratio times what a sampled request adds (`debug_100`, whose batches export
-    hundreds of spans at a time, less `unsampled`): `default_composed`.
+    hundreds of spans at a time, less `unsampled`): `default_composed`. A creation likewise, at the job ratio
+    (OTEL_TRACES_SAMPLER_ARG): its `default` batches of 30 export 0-8 traced creations' spans each.
     """
     from stemflow_shared.telemetry import DEFAULT_REQUEST_RATIO
 
     values = {config: [r["cpu_us"] for r in runs] for config, runs in by_config.items()}
-    if "unsampled" in values and "debug_100" in values and INPROCESS_CALLS[call][0] == "GET":
+    if "unsampled" in values and "debug_100" in values:
+        ratio = (
+            DEFAULT_REQUEST_RATIO if INPROCESS_CALLS[call][0] == "GET" else float(DEPLOYED["OTEL_TRACES_SAMPLER_ARG"])
+        )
         values["default_composed"] = [
-            unsampled + DEFAULT_REQUEST_RATIO * (debug - unsampled)
+            unsampled + ratio * (debug - unsampled)
             for unsampled, debug in zip(values["unsampled"], values["debug_100"], strict=True)
         ]
     row: dict[str, Any] = {}
