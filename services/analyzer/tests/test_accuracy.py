@@ -138,6 +138,34 @@ def test_beats_of_slow_attacks_are_where_the_notes_start(bpm):
     assert abs(np.median(errors)) < 0.045 and np.mean(np.abs(errors) < 0.07) >= 0.9, errors
 
 
+@pytest.mark.parametrize(("bpm", "program"), [(66.0, 48), (66.0, 52), (72.0, 52), (80.0, 52)])
+def test_a_legato_ensembles_beat_is_where_its_chords_change(bpm, program):
+    # Strings (GM 48) or a choir (52) in four parts, a chord a beat and the top voice passing on some eighths:
+    # no sharp attacks. Read before at 78, 95, 94 and 104 BPM (the mel flux's noise); the semitone flux, and the
+    # chord changes for the octave and phase, read the beat.
+    rng = np.random.default_rng(3)
+    beat, start = 60 / bpm, 0.4
+    count = int(20 / beat)
+    triads = [(0, 4, 7), (5, 9, 12), (7, 11, 14), (9, 12, 16), (2, 5, 9), (4, 7, 11)]
+    voices: list[list[Any]] = [[], [], [], []]  # soprano, alto, tenor, bass
+    for i in range(count):
+        root, third, fifth = triads[int(rng.integers(len(triads)))]
+        t0, t1 = start + i * beat, start + (i + 1) * beat - 0.02
+        voices[3].append(corpus.Note(t0, t1, 48 + root - 12 * (root > 7), 80))
+        voices[2].append(corpus.Note(t0, t1, 55 + fifth % 12 - 12 * (fifth % 12 > 9), 80))
+        voices[1].append(corpus.Note(t0, t1, 64 + third % 12 - 12 * (third % 12 > 8), 80))
+        top = 72 + root % 12 - 12 * (root % 12 > 7)
+        if rng.random() < 0.5:
+            voices[0] += [corpus.Note(t0, t0 + beat / 2 - 0.02, top, 80), corpus.Note(t0 + beat / 2, t1, top + 2, 80)]
+        else:
+            voices[0].append(corpus.Note(t0, t1, top, 80))
+    parts = [corpus.Part(program, notes) for notes in voices]
+    audio = corpus._render_parts(parts, corpus.soundfont(), round((start + (count + 1) * beat) * corpus.RATE))
+    analysis = analyze(audio.astype(np.float32), corpus.RATE)
+    assert analysis.tempo_bpm == pytest.approx(bpm, rel=0.04)
+    assert beat_f_measure(list(start + np.arange(count) * beat), analysis.beats) >= 0.8
+
+
 @pytest.mark.parametrize(("piece", "seed"), [("bwv352", 6), ("bwv67.7", 24)])
 def test_a_legato_chorales_beat_is_its_quarter_note(tmp_path, piece, seed):
     # Bach chorales from the tuning split, played by strings (71 BPM) and a choir (67 BPM): no sharp attacks,
