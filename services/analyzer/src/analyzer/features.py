@@ -418,11 +418,15 @@ def _onset_envelopes(mel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     bass bands, and (3, frames) over the low, middle and high bands (kick and bass; snare body and chords; hats and
     snare noise).
     """
-    db = 10 * np.log10(np.maximum(mel, 1e-10))
-    db = np.maximum(db, db.max(initial=-100.0) - 80.0)
-    rise = _rises(db)
+    rise = _log_rises(mel)
     bands = np.array([rise[:, lo:hi].mean(axis=1) for lo, hi in _BAND_SPLITS])
     return rise.mean(axis=1), rise[:, :_BASS_BANDS].mean(axis=1), bands
+
+
+def _log_rises(power: np.ndarray) -> np.ndarray:
+    """`_rises` of a (frames, bands) power in dB, floored 80 dB under its loudest value."""
+    db = 10 * np.log10(np.maximum(power, 1e-10))
+    return _rises(np.maximum(db, db.max(initial=-100.0) - 80.0))
 
 
 def _rises(x: np.ndarray) -> np.ndarray:
@@ -539,16 +543,24 @@ def _choose_octave(onsets: np.ndarray, bands: np.ndarray, acf: np.ndarray, lag: 
     above `_SYNCOPATED_BPM`, beats every other one of which is a syncopated
     groove's eighth are counted at half the tempo.
     """
+    tracked: dict[float, np.ndarray] = {}
+
+    def track(period: float) -> np.ndarray:
+        # Each period is tracked once: the half-time and syncopation rules below may ask for a reading's again.
+        if period not in tracked:
+            tracked[period] = _track(onsets, period)
+        return tracked[period]
+
     readings = {}
     for factor in (0.5, 1.0, 2.0):
         candidate = lag * factor
         ceiling = _MAX_DOUBLED_BPM if factor < 1 else MAX_BPM
         if MIN_BPM <= 60 * _FPS / candidate <= ceiling and candidate >= 4:
-            beats = _track(onsets, candidate)
+            beats = track(candidate)
             if beats.size >= 4 and _salience(acf, candidate) > 0:
                 readings[factor] = (candidate, beats, np.log(_salience(acf, candidate)), *_beat_contrasts(bands, beats))
     if 1.0 not in readings:
-        return lag, _track(onsets, lag)
+        return lag, track(lag)
     chosen = readings[1.0]
     if 0.5 in readings and _faster_wins(chosen, readings[0.5]):
         chosen = readings[0.5]
@@ -557,10 +569,10 @@ def _choose_octave(onsets: np.ndarray, bands: np.ndarray, acf: np.ndarray, lag: 
     period, beats = chosen[0], chosen[1]
     if 60 * _FPS / period < _SLOW_BPM and _half_time(bands[-1], beats):
         period /= 2
-        beats = _track(onsets, period)
+        beats = track(period)
     elif 60 * _FPS / period > _SYNCOPATED_BPM and _syncopated(bands, beats):
         period *= 2
-        beats = _track(onsets, period)
+        beats = track(period)
     return period, beats
 
 
@@ -912,9 +924,7 @@ def _legato(onsets: np.ndarray) -> bool:
 def _pitch_flux(power: np.ndarray) -> np.ndarray:
     """Spectral flux of the log power in semitone bands, one value per frame: a legato line's note changes,
     which stay inside one mel band, show here."""
-    db = 10 * np.log10(np.maximum(power @ _semitone_bank().T, 1e-10))
-    db = np.maximum(db, db.max(initial=-100.0) - 80.0)
-    return _rises(db).mean(axis=1)
+    return _log_rises(power @ _semitone_bank().T).mean(axis=1)
 
 
 def _chord_pulse(power: np.ndarray, lag: float, beats: np.ndarray) -> tuple[float, np.ndarray]:
