@@ -255,8 +255,7 @@ class Jobs:
     ) -> dict[str, Any]:
         """Insert the job with its `job.submitted` in the outbox, then publish in the background."""
         if batch_id is None:  # a batch checked its options once, before its first job
-            with telemetry.no_client_spans():  # a read of the announcements: nothing of the job's trace
-                await self.models.require_served(options)
+            await self.models.require_served(options)
         now = lifecycle.utcnow()
         input_doc = input_ref.model_dump(mode="json", exclude_none=True)
         doc = lifecycle.new_job(
@@ -296,8 +295,7 @@ class Jobs:
 
         Raises IdempotencyConflict with the earlier batch when its Idempotency-Key was used before.
         """
-        with telemetry.no_client_spans():
-            await self.models.require_served(options)
+        await self.models.require_served(options)
         now = lifecycle.utcnow()
         batch = {
             "_id": batch_id,

@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import APIRouter
 from redis.exceptions import RedisError
 
+from stemflow_shared import telemetry
 from stemflow_shared.events import JobOptions
 from stemflow_shared.messaging import Broker
 from stemflow_shared.separators import CATALOGUE, DEFAULT_MODEL, Announcement, SeparatorRegistry, stem_counts, unserved
@@ -120,7 +121,9 @@ class ModelCatalogue:
             return
         wanted = [(t.model, t.stems) for t in options.targets] or [(options.model, options.stems)]
         try:
-            live = await self.live()
+            # A side read of a job's creation: no span in the job's trace (telemetry.no_client_spans).
+            with telemetry.no_client_spans():
+                live = await self.live()
         except RedisError as exc:
             log.warning("the separator pools' announcements cannot be read (%s): accepting unchecked", exc)
             return
