@@ -24,11 +24,19 @@ pytestmark = pytest.mark.skipif(not corpus.available(), reason="needs fluidsynth
 @pytest.fixture(scope="module")
 def readings(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[dict[str, Any], Analysis]]:
     out = tmp_path_factory.mktemp("corpus")
-    songs = []
-    for truth in corpus.build(out, corpus.specs("small")):
-        samples, sr = sf.read(truth["audio"], dtype="float32", always_2d=True)
-        songs.append((truth, analyze(samples.T.copy(), sr)))
-    return songs
+    return [(truth, analyze_song(truth)) for truth in corpus.build(out, corpus.specs("small"))]
+
+
+def analyze_song(truth: dict[str, Any]) -> Analysis:
+    """The analysis of a rendered corpus song's mix."""
+    samples, sr = sf.read(truth["audio"], dtype="float32", always_2d=True)
+    return analyze(samples.T.copy(), sr)
+
+
+def analyze_parts(parts: list[Any], seconds: float) -> Analysis:
+    """The analysis of `parts` played together by FluidSynth, `seconds` long."""
+    audio = corpus._render_parts(parts, corpus.soundfont(), round(seconds * corpus.RATE))
+    return analyze(audio.astype(np.float32), corpus.RATE)
 
 
 def beat_f_measure(reference: list[float], estimate: list[float], window: float = 0.07) -> float:
@@ -104,8 +112,7 @@ def test_a_ballads_eighth_notes_are_not_its_beat(tmp_path, seed):
     # A 62 and a 76 BPM ballad, hats in eighths: at double tempo nothing falls between the beats, so the
     # eighths are the beat's subdivision, not the beat (the octave choice read both at double before).
     truth = corpus.render(tmp_path, corpus.Spec("arrangement", "ballad", seed, "tuning", 20.0))
-    samples, sr = sf.read(truth["audio"], dtype="float32", always_2d=True)
-    assert analyze(samples.T.copy(), sr).tempo_bpm == pytest.approx(truth["tempo_bpm"], rel=0.04)
+    assert analyze_song(truth).tempo_bpm == pytest.approx(truth["tempo_bpm"], rel=0.04)
 
 
 @pytest.mark.parametrize(("style", "seed"), [("pop16", 11), ("pop16", 23), ("live", 21)])
@@ -113,8 +120,7 @@ def test_a_syncopated_grooves_eighths_are_not_its_beat(tmp_path, style, seed):
     # Pop grooves at 85 and 96 BPM, sixteenth hats and a kick a sixteenth before beat 3 (tuning split, seeds
     # beyond the bench's): read before at 171 and 189, where every other eighth is empty and its neighbour full.
     truth = corpus.render(tmp_path, corpus.Spec("arrangement", style, seed, "tuning", 20.0))
-    samples, sr = sf.read(truth["audio"], dtype="float32", always_2d=True)
-    analysis = analyze(samples.T.copy(), sr)
+    analysis = analyze_song(truth)
     assert analysis.tempo_bpm == pytest.approx(truth["tempo_bpm"], rel=0.04)
     assert beat_f_measure(truth["beats"], analysis.beats) >= 0.9
 
@@ -130,8 +136,7 @@ def test_beats_of_slow_attacks_are_where_the_notes_start(bpm):
                                           base + int(rng.choice([0, 2, 4, 5, 7, 9, 11])), 80) for i in range(count)])
         for program, base in ((73, 72), (71, 64), (70, 48))
     ]  # fmt: skip
-    audio = corpus._render_parts(parts, corpus.soundfont(), round((start + (count + 1) * beat) * corpus.RATE))
-    analysis = analyze(audio.astype(np.float32), corpus.RATE)
+    analysis = analyze_parts(parts, start + (count + 1) * beat)
     notes, beats = start + np.arange(count) * beat, np.array(analysis.beats)
     errors = (beats[:, None] - notes[None, :])[np.arange(beats.size), np.abs(beats[:, None] - notes).argmin(axis=1)]
     assert analysis.tempo_bpm == pytest.approx(bpm, rel=0.04)
@@ -160,8 +165,7 @@ def test_a_legato_ensembles_beat_is_where_its_chords_change(bpm, program):
         else:
             voices[0].append(corpus.Note(t0, t1, top, 80))
     parts = [corpus.Part(program, notes) for notes in voices]
-    audio = corpus._render_parts(parts, corpus.soundfont(), round((start + (count + 1) * beat) * corpus.RATE))
-    analysis = analyze(audio.astype(np.float32), corpus.RATE)
+    analysis = analyze_parts(parts, start + (count + 1) * beat)
     assert analysis.tempo_bpm == pytest.approx(bpm, rel=0.04)
     assert beat_f_measure(list(start + np.arange(count) * beat), analysis.beats) >= 0.8
 
@@ -174,7 +178,6 @@ def test_a_legato_chorales_beat_is_its_quarter_note(tmp_path, piece, seed):
     pytest.importorskip("music21")
     truth = corpus.render(tmp_path, corpus.Spec("composition", piece, seed, "tuning"))
     assert truth is not None and truth["ensemble"] in {"strings", "choir"}
-    samples, sr = sf.read(truth["audio"], dtype="float32", always_2d=True)
-    analysis = analyze(samples.T.copy(), sr)
+    analysis = analyze_song(truth)
     assert analysis.tempo_bpm == pytest.approx(truth["tempo_bpm"], rel=0.04)
     assert beat_f_measure(truth["beats"], analysis.beats) >= 0.8
