@@ -443,7 +443,7 @@ def no_client_spans() -> Iterator[None]:
     of the job's own writes and of its event stay. Where nothing records, nothing is done (no context
     switch).
     """
-    if not trace.get_current_span().is_recording():
+    if not recording():
         yield
         return
     with suppress_instrumentation():
