@@ -270,7 +270,7 @@ async def test_prometheus_sees_the_job_in_the_key_series(
 
 
 async def test_the_recording_and_alert_rules_evaluate_on_the_real_series(
-    prometheus: Prometheus, scraped_job: dict[str, Any]
+    prometheus: Prometheus, scraped_job: dict[str, Any], system: Any, api_key: str
 ) -> None:
     async def evaluated() -> list[dict[str, Any]] | None:
         response = await prometheus.http.get(f"{prometheus.url}/api/v1/rules")
@@ -285,10 +285,17 @@ async def test_the_recording_and_alert_rules_evaluate_on_the_real_series(
         for group in yaml.safe_load(path.read_text())["groups"]:
             assert {rule.get("record") or rule["alert"] for rule in group["rules"]} <= loaded
 
-    async def recorded() -> float | None:
-        return await prometheus.value('job:http_server_requests:rate5m{job="gateway"}')
+    # rate() sees a series' increments only between two of its scrapes: the job alone may have made each of its
+    # request series once (one upload, one read), so the job is read again while the rule is awaited.
+    async with httpx.AsyncClient(
+        base_url=system.gateway_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=10
+    ) as http:
 
-    assert await wait_for(recorded, 30, "the gateway's request rate to be recorded") > 0
+        async def recorded() -> float | None:
+            assert (await http.get(f"/v1/jobs/{scraped_job['id']}")).status_code == 200
+            return await prometheus.value('job:http_server_requests:rate5m{job="gateway"}')
+
+        assert await wait_for(recorded, 30, "the gateway's request rate to be recorded") > 0
 
     async def audio_rate() -> list[dict[str, Any]]:
         return await prometheus.query('stage:stemflow_audio_seconds_processed:rate5m{stage="separation"}')
