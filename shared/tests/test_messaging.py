@@ -311,6 +311,32 @@ async def test_a_redelivered_event_that_was_handled_is_not_worked_again(broker: 
     await client.aclose()
 
 
+async def test_a_consumers_own_events_are_acked_unread_with_no_span(broker: Broker) -> None:
+    """`own_events`: an event the consuming process published itself (the gateway's job.submitted, back through
+    its own queue) is acked without a parse, a handler or a span; the others are handled as ever."""
+    EXPORTER.clear()
+    own, theirs = submitted("own"), submitted("theirs")
+    handled: list[str] = []
+    done = asyncio.Event()
+
+    async def ingest(event: Event[JobSubmitted]) -> None:
+        handled.append(event.id)
+        done.set()
+
+    await broker.consume(INGEST_QUEUE, {JOB_SUBMITTED: ingest}, own_events={own.id}.__contains__)
+    acked_unread = REGISTRY.get_sample_value("stemflow_dedup_hits_total", {"kind": "own_event"}) or 0.0
+    await broker.publish(own)
+    await broker.publish(theirs)
+    await asyncio.wait_for(done.wait(), 10)
+    # Queues are FIFO: the own event came first, and was not handled.
+    assert handled == [theirs.id]
+    assert REGISTRY.get_sample_value("stemflow_dedup_hits_total", {"kind": "own_event"}) == acked_unread + 1
+    assert await ready_in(broker, broker.names.queue(INGEST_QUEUE)) == 0  # acked, not left or requeued
+    await asyncio.sleep(0.05)
+    consumed = [s for s in EXPORTER.get_finished_spans() if s.kind == SpanKind.CONSUMER]
+    assert [s.attributes["messaging.message.id"] for s in consumed] == [theirs.id]
+
+
 async def test_every_dead_letter_reaches_the_watch_with_its_queue_reason_and_job(broker: Broker) -> None:
     """Ours (invalid data, a failing handler) and the broker's own (its delivery limit) alike."""
     seen: list[Any] = []

@@ -6,7 +6,16 @@ from datetime import timedelta
 from typing import Any
 
 from gateway import lifecycle
-from stemflow_shared.events import JOB_SUBMITTED, Event, InputRef, JobOptions, JobSubmitted, make_event
+from stemflow_shared.events import (
+    JOB_CANCELLED,
+    JOB_SUBMITTED,
+    Event,
+    InputRef,
+    JobCancelled,
+    JobOptions,
+    JobSubmitted,
+    make_event,
+)
 
 
 def _submitted(job_id: str, owner: str = "outbox-owner") -> Any:
@@ -50,13 +59,17 @@ async def test_a_new_jobs_events_are_published_from_what_was_written_and_its_own
     jobs = app.state.jobs
     job_id = lifecycle.new_job_id()
     event = _submitted(job_id)
-    doc = await jobs.repo.insert(_job(job_id), [event])
+    cancelled = make_event(JOB_CANCELLED, JobCancelled(job_id=job_id, owner="outbox-owner"), source=lifecycle.SOURCE)
+    doc = await jobs.repo.insert(_job(job_id), [event, cancelled])
 
-    assert await jobs.relay.flush(job_id, doc["outbox"]) == 1
+    assert await jobs.relay.flush(job_id, doc["outbox"]) == 2
     stored = await jobs.repo.jobs.find_one({"_id": job_id})
     assert stored["outbox"] == [] and "outbox_at" not in stored
     assert jobs.relay.published_here(event.id)
     assert not jobs.relay.published_here(_submitted(job_id).id)
+    # Only its job.submitted: the consumer acks what published_here names unread, and the gateway consumes no
+    # other event it publishes; were it ever to, that event must still be handled.
+    assert not jobs.relay.published_here(cancelled.id)
 
     # The gateway's own job.submitted coming back through its queue is not looked up nor adopted again, even if
     # (as here) it named a job that does not exist; another service's is adopted.

@@ -358,11 +358,15 @@ class Broker:
         replica: str | None = None,
         prefetch: int | None = None,
         done_marks: DoneMarks | None = None,
+        own_events: Callable[[str], bool] | None = None,
     ) -> Consumer:
         """Start consuming a service's queue; events are dispatched to handlers by type.
 
         With `done_marks`, an event whose handling completed (effects durable, outputs
         confirmed) is remembered by id, and a redelivery of it is acked without rework.
+        With `own_events`, a message whose id it answers true for (an event this process
+        published, come back through its own queue) is acked unread: no parse, no handler,
+        no span (a traced job's trace holds the consumers that did work on the event).
         """
         if self._connection is None:
             raise RuntimeError("Broker.connect() was not called")
@@ -372,7 +376,7 @@ class Broker:
         channel = await self._connection.channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=prefetch or self.options.prefetch)
         queue = await self.declare_queue(spec, replica=replica, channel=channel)
-        consumer = Consumer(self, channel, queue, {s.name: h for s, h in handlers.items()}, done_marks)
+        consumer = Consumer(self, channel, queue, {s.name: h for s, h in handlers.items()}, done_marks, own_events)
         await consumer.start()
         self._consumers.append(consumer)
         return consumer
@@ -393,6 +397,7 @@ class Consumer:
     queue: AbstractQueue
     handlers: dict[str, Handler]
     done_marks: DoneMarks | None = None
+    own_events: Callable[[str], bool] | None = None
     _tag: str | None = None
     _in_flight: set[asyncio.Task[Any]] = field(default_factory=set)
 
@@ -431,6 +436,11 @@ class Consumer:
         attempts = _delivery_count(message) + 1
         if attempts > 1 or message.redelivered:
             metrics.MESSAGES_REDELIVERED.labels(queue).inc()
+        if self.own_events is not None and message.message_id and self.own_events(message.message_id):
+            # Counted here only: the consumed and acked counters are of the messages handlers took.
+            metrics.DEDUP_HITS.labels("own_event").inc()
+            await message.ack()
+            return
         parent = extract_context(message.headers)
         span_name = f"process {message.routing_key or queue}"
         with tracer().start_as_current_span(span_name, context=parent, kind=SpanKind.CONSUMER) as span:

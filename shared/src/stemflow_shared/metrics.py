@@ -73,7 +73,12 @@ MONGODB_SLOW_COMMANDS = Counter(
 MESSAGES_CONSUMED = Counter(
     "stemflow_messages_consumed_total", "Messages delivered to a handler.", ["queue", "event"], registry=REGISTRY
 )
-MESSAGES_ACKED = Counter("stemflow_messages_acked_total", "Messages acknowledged.", ["queue"], registry=REGISTRY)
+MESSAGES_ACKED = Counter(
+    "stemflow_messages_acked_total",
+    "Messages delivered to a handler and acknowledged (an own event acked unread: stemflow_dedup_hits_total).",
+    ["queue"],
+    registry=REGISTRY,
+)
 MESSAGES_REDELIVERED = Counter(
     "stemflow_messages_redelivered_total", "Messages seen again after a failure.", ["queue"], registry=REGISTRY
 )
@@ -203,7 +208,8 @@ CACHE_REQUESTS = Counter("stemflow_cache_requests_total", "Cache lookups.", ["ca
 DEDUP_HITS = Counter(
     "stemflow_dedup_hits_total",
     "Work not done twice: a submission replayed with its Idempotency-Key (kind=idempotency_key), "
-    "an event delivered again after it was handled, acked without rework (kind=event).",
+    "an event delivered again after it was handled, acked without rework (kind=event), "
+    "an event come back to the service that published it, acked unread (kind=own_event).",
     ["kind"],
     registry=REGISTRY,
 )

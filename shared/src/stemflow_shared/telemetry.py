@@ -440,10 +440,11 @@ def no_client_spans() -> Iterator[None]:
     caches the new job (a Redis EVALSHA). Those were two of the seven spans of a traced creation (eight
     with the rate limit's count, which is never a span now: gateway.ratelimit), and about a fifth of the
     CPU time tracing added to it (bench/tracing.py --in-process; docs/runbook.md, "Sampling"). The spans
-    of the job's own writes and of its event stay. Where nothing records, nothing is done (no context
-    switch).
+    of the job's own writes and of its event stay. Where the trace is not sampled, nothing is done (no context
+    switch). The trace, not the current span: a request's background work (the outbox's publish after the
+    answer) still makes spans in its sampled trace after the request's span has ended and stopped recording.
     """
-    if not recording():
+    if not trace.get_current_span().get_span_context().trace_flags.sampled:
         yield
         return
     with suppress_instrumentation():

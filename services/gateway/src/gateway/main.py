@@ -124,7 +124,9 @@ def create_app(settings: Settings) -> FastAPI:
             "redis": redis_client.ping,
             "broker": broker.ready,
         }
-        await broker.consume(GATEWAY_QUEUE, {**handlers(jobs), **practice_mixes.handlers()})
+        await broker.consume(
+            GATEWAY_QUEUE, {**handlers(jobs), **practice_mixes.handlers()}, own_events=relay.published_here
+        )
         await broker.consume_dead_letters(DeadLetterWatch(jobs, practice_mixes).settle)
         grace = timedelta(seconds=settings.outbox_grace_s)
         background = [

@@ -9,6 +9,9 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
+from stemflow_shared import telemetry
+from stemflow_shared.events import JOB_SUBMITTED
+
 from .lifecycle import utcnow
 from .repository import JobRepository, event_from_entry
 
@@ -34,7 +37,8 @@ class OutboxRelay:
         self._published_here: dict[str, None] = {}
 
     def published_here(self, event_id: str) -> bool:
-        """Whether this process published that event lately (its own `job.submitted` needs no lookup)."""
+        """Whether this process published that `job.submitted` lately: its return through the gateway's own
+        queue needs no work (the broker consumer acks it unread: `Broker.consume(own_events=...)`)."""
         return event_id in self._published_here
 
     def _remember_published(self, event_id: str) -> None:
@@ -56,12 +60,17 @@ class OutboxRelay:
                 published: list[str] = []
                 try:
                     for entry in entries:
-                        await self._broker.publish(event_from_entry(entry))
+                        event = event_from_entry(entry)
+                        if event.spec is JOB_SUBMITTED:
+                            # Before the publish: the event may come back before its confirm does.
+                            self._remember_published(entry["id"])
+                        await self._broker.publish(event)
                         published.append(entry["id"])
-                        self._remember_published(entry["id"])
                 finally:
                     if published:
-                        await self._repo.mark_published(job_id, published)
+                        # The outbox's bookkeeping: in a traced job's trace, the publish's span says it went out.
+                        with telemetry.no_client_spans():
+                            await self._repo.mark_published(job_id, published)
                 return len(published)
         finally:
             lock, users = self._locks[job_id]
