@@ -58,6 +58,7 @@ def test_log_lines_of_a_server_configured_before_are_json_too(capsys: pytest.Cap
     saved = root.handlers[:], root.level
     try:
         logging.config.dictConfig(LOGGING_CONFIG)  # what uvicorn.Config does when it is given its default config
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # ... and log_level="warning"
         telemetry.setup_logging("unit", "INFO", "json")
         logging.getLogger("uvicorn.error").info("Application startup complete.")
         lines = capsys.readouterr().err.strip().splitlines()

@@ -628,12 +628,14 @@ def setup_logging(service: str, level: str = "INFO", fmt: str = "json") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # A server configured before this (uvicorn's own dictConfig gives "uvicorn" a plain-text handler and stops
-    # its propagation) would keep writing its lines in its own format: every logger goes through the root's.
+    # its propagation; its log_level sets "uvicorn.error"'s level) would keep writing its lines in its own
+    # format, at its own level: every logger goes through the root's, at the level asked here.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi"):
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
         logger.disabled = False
+        logger.setLevel(logging.NOTSET)
     # Connection chatter from these libraries drowns the service's own lines.
     for noisy in ("aiormq", "aio_pika", "pymongo", "httpx", "httpcore", "uvicorn.access", "numba"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
