@@ -749,9 +749,6 @@ def in_process(args: argparse.Namespace, sink_url: str, baseline: str | None, cp
     tracing = {"OTEL_EXPORTER_OTLP_ENDPOINT": sink_url, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", **SDK_METRICS}
 
     workers: dict[str, subprocess.Popen[str]] = {}
-    unknown = set(args.calls) - set(INPROCESS_CALLS)
-    if unknown:
-        raise SystemExit(f"--calls: no such call {sorted(unknown)}; the calls are {', '.join(INPROCESS_CALLS)}")
     calls = {call: INPROCESS_CALLS[call] for call in args.calls}
     samples: dict[str, dict[str, list[dict[str, Any]]]] = {c: {k: [] for k in configs} for c in calls}
     with tempfile.TemporaryDirectory() as tmp:
@@ -1043,6 +1040,15 @@ async def whole_jobs(args: argparse.Namespace, sink_url: str, baseline: str | No
 SERVICES = ("gateway", "notifier", "ingest", "separator", "analyzer")
 
 
+def in_process_calls(value: str) -> list[str]:
+    """--calls: a comma-separated list of INPROCESS_CALLS' names, refused before anything starts."""
+    calls = [call for call in value.split(",") if call]
+    unknown = sorted(set(calls) - set(INPROCESS_CALLS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"no such call {unknown}; the calls are {', '.join(INPROCESS_CALLS)}")
+    return calls
+
+
 def baseline_pythonpath(value: str | None) -> str | None:
     """A checkout's root (its shared/src and services/*/src) or a PYTHONPATH as it is."""
     if not value:
@@ -1072,7 +1078,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=300, help="--in-process: requests of a call a round")
     parser.add_argument(
         "--calls",
-        type=lambda value: [call for call in value.split(",") if call],
+        type=in_process_calls,
         default=list(INPROCESS_CALLS),
         help=f"--in-process: the calls measured, of {','.join(INPROCESS_CALLS)}",
     )
