@@ -437,10 +437,11 @@ def no_client_spans() -> Iterator[None]:
 
     For the side reads and writes of a traced request that say nothing about its job and cost as much
     as the spans that do: a job's creation checks the separators' announcements (a Redis HGETALL) and
-    caches the new job (a Redis EVALSHA). Those were two of the seven spans of a traced creation (eight
-    with the rate limit's count, which is never a span now: gateway.ratelimit), and about a fifth of the
-    CPU time tracing added to it (bench/tracing.py --in-process; docs/runbook.md, "Sampling"). The spans
-    of the job's own writes and of its event stay. Where the trace is not sampled, nothing is done (no context
+    caches the new job (a Redis EVALSHA), and the outbox marks its event published (a MongoDB update).
+    With the rate limit's count (never a span: gateway.ratelimit) and the gateway's own consumption of
+    the event (acked unread: Broker.consume's own_events), those were five of a traced creation's eight
+    spans (bench/tracing.py --in-process; docs/runbook.md, "Sampling"). The spans of the job's insert
+    and of its event's publish stay. Where the trace is not sampled, nothing is done (no context
     switch). The trace, not the current span: a request's background work (the outbox's publish after the
     answer) still makes spans in its sampled trace after the request's span has ended and stopped recording.
     """
