@@ -673,7 +673,11 @@ async def _inprocess_worker() -> None:
     from opentelemetry import trace
 
     from gateway.main import app_from_environment
+    from stemflow_dev.instructions import Counter
 
+    counter = Counter.from_environment()  # --instructions: this worker runs under callgrind
+    # Under callgrind the gateway runs ~50x slower: the events' return takes longer (idle time, no instructions).
+    settle_s = ECHO_SETTLE_S * (30 if counter is not None else 1)
     app = app_from_environment()  # as a server process builds it: HeadSampling outermost when tracing is on
     gateway = app
     while not hasattr(gateway, "router"):  # the FastAPI app behind HeadSampling
@@ -699,21 +703,25 @@ async def _inprocess_worker() -> None:
             path = paths[call]
             body, content_type = (upload, upload_type) if method == "POST" else (b"", b"")
             statuses: set[int] = set()
+            if counter is not None:
+                counter.start()
             cpu, loop_thread = time.process_time(), time.thread_time()
             for _ in range(n):
                 statuses.add(await driver.request(method, path, body, content_type))
             if method == "POST":
                 await jobs.relay.drain(30)  # the job.submitted of each creation, published after the answer
                 # ...and come back through the gateway's own queue: its consumption counted in this batch too.
-                await asyncio.sleep(ECHO_SETTLE_S)
+                await asyncio.sleep(settle_s)
             if flush is not None:
                 flush()  # the batch's sampled spans exported (the batch processor's thread), inside the batch
             cpu, loop_thread = time.process_time() - cpu, time.thread_time() - loop_thread
+            instructions = counter.stop() if counter is not None else 0
             if method == "POST":
                 await driver.request("GET", paths["list_first_page"])  # the list's cache, emptied by the creations
             return {
                 "cpu_us": 1e6 * cpu / n,
                 "loop_thread_us": 1e6 * loop_thread / n,
+                "instructions": instructions / n,
                 "statuses": sorted(statuses),
             }
 
@@ -733,6 +741,7 @@ def in_process(args: argparse.Namespace, sink_url: str, baseline: str | None, cp
     """Each call's CPU time per request in every configuration's worker, in interleaved batches."""
     import asyncio
 
+    from stemflow_dev import instructions
     from stemflow_dev.fixtures import STATE_DIR
     from stemflow_dev.services import Ports
     from stemflow_dev.stack import ensure_stack
@@ -758,8 +767,13 @@ def in_process(args: argparse.Namespace, sink_url: str, baseline: str | None, cp
                 env = gateway_env(urls, namespaces[config], databases[config], Path(tmp), config, Ports.free())
                 env.update({"BENCH_API_KEY": keys[config], "BENCH_JOBS": str(args.jobs)})
                 env.update({**(tracing if extra.keys() - {"PYTHONPATH"} else {}), **extra})
+                argv = [sys.executable, __file__, "--in-process-worker"]
+                if args.instructions:
+                    out = Path(tmp) / f"callgrind-{config}"
+                    argv = instructions.callgrind_argv(argv, out)
+                    env.update({**instructions.child_environment(out), **quiet_timers(env["MONGODB_URL"])})
                 workers[config] = subprocess.Popen(
-                    pinned(cpu, [sys.executable, __file__, "--in-process-worker"]),
+                    pinned(cpu, argv),
                     env={**os.environ, **env},
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
@@ -798,10 +812,30 @@ def in_process(args: argparse.Namespace, sink_url: str, baseline: str | None, cp
                     worker.kill()
                     worker.wait()
             asyncio.run(remove_namespaces(urls, namespaces, databases))
+    measure = "instructions" if args.instructions else "cpu_us"
     return {
         "batch_size": args.batch_size,
         "batches": args.batches,
-        "calls": {call: summarise_in_process(call, by_config) for call, by_config in samples.items()},
+        "measure": measure,
+        "calls": {call: summarise_in_process(call, by_config, measure) for call, by_config in samples.items()},
+    }
+
+
+def quiet_timers(mongodb_url: str) -> dict[str, str]:
+    """Under callgrind: the gateway's work on timers (the outbox sweep, the unfinished-jobs watch, retention,
+    PyMongo's heartbeats) put off for an hour, and no slow-command warnings (every command is slow there).
+
+    Timed work runs per second, not per request: at ~50x the wall time a request would carry ~50x its share,
+    the same in every configuration, and dilute what tracing adds. The requests' own paths do not change.
+    """
+    separator = "&" if "?" in mongodb_url else "?"
+    return {
+        "OUTBOX_SWEEP_INTERVAL_S": "3600",
+        "JOB_WATCH_INTERVAL_S": "3600",
+        "RETENTION_SWEEP_INTERVAL_S": "3600",
+        "SLOW_MONGODB_COMMAND_MS": "3600000",
+        "MONGODB_URL": f"{mongodb_url}{separator}heartbeatFrequencyMS=3600000",
+        "PYTHONHASHSEED": "0",  # the same dict and set layouts in every worker
     }
 
 
@@ -824,9 +858,12 @@ def median_interval(values: list[float]) -> tuple[float, float]:
     return ordered[low], ordered[high]
 
 
-def summarise_in_process(call: str, by_config: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Per configuration, the median CPU µs per request; against its baseline, the median of the per-round
-    ratios with its 95% interval and quartiles, and the median of the per-round differences in µs.
+def summarise_in_process(
+    call: str, by_config: dict[str, list[dict[str, Any]]], measure: str = "cpu_us"
+) -> dict[str, Any]:
+    """Per configuration, the median `measure` per request (CPU µs, or instructions under --instructions);
+    against its baseline, the median of the per-round ratios with its 95% interval and quartiles, and the
+    median of the per-round differences.
 
     `default` flushes its few sampled spans at the end of every batch: one export of 2-10 spans per batch, where
     a deployed gateway exports every 5 s, many requests' spans at a time. So for the reads `default` is also
@@ -837,7 +874,7 @@ def summarise_in_process(call: str, by_config: dict[str, list[dict[str, Any]]]) 
     """
     from stemflow_shared.telemetry import DEFAULT_REQUEST_RATIO
 
-    values = {config: [r["cpu_us"] for r in runs] for config, runs in by_config.items()}
+    values = {config: [r[measure] for r in runs] for config, runs in by_config.items()}
     if "unsampled" in values and "debug_100" in values:
         ratio = (
             DEFAULT_REQUEST_RATIO if INPROCESS_CALLS[call][0] == "GET" else float(DEPLOYED["OTEL_TRACES_SAMPLER_ARG"])
@@ -849,17 +886,17 @@ def summarise_in_process(call: str, by_config: dict[str, list[dict[str, Any]]]) 
     row: dict[str, Any] = {}
     for config, runs in values.items():
         row[config] = {
-            "cpu_us_per_request": round(statistics.median(runs), 2),
-            "cpu_us_runs": [round(v, 2) for v in runs],
+            f"{measure}_per_request": round(statistics.median(runs), 2),
+            f"{measure}_runs": [round(v, 2) for v in runs],
         }
-        if config in by_config:
+        if config in by_config and measure == "cpu_us":
             row[config]["loop_thread_us_per_request"] = round(
                 statistics.median(r["loop_thread_us"] for r in by_config[config]), 2
             )
             row[config]["load_1min_runs"] = [r["load"][0] for r in by_config[config]]
     for config, against in IN_PROCESS_PAIRS:
         if config in values and against in values:
-            row[config][f"ratio_vs_{against}"] = paired_ratio(values[config], values[against])
+            row[config][f"ratio_vs_{against}"] = paired_ratio(values[config], values[against], UNITS[measure])
     for config in ("default", "default_composed"):
         if config in row and "ratio_vs_off" in row[config]:
             row[config]["goal_max_cpu_increase_vs_off"] = GOAL_DEFAULT_PER_REQUEST
@@ -875,7 +912,10 @@ IN_PROCESS_PAIRS = (
 )
 
 
-def paired_ratio(mine: list[float], theirs: list[float]) -> dict[str, Any]:
+UNITS = {"cpu_us": "us", "instructions": "instructions"}  # of each in-process measure, in the ratios' keys
+
+
+def paired_ratio(mine: list[float], theirs: list[float], unit: str = "us") -> dict[str, Any]:
     """The median of the per-round ratios, its 95% interval and quartiles, and the median per-round difference."""
     per_round = [m / t for m, t in zip(mine, theirs, strict=True)]
     differences = [m - t for m, t in zip(mine, theirs, strict=True)]
@@ -885,18 +925,25 @@ def paired_ratio(mine: list[float], theirs: list[float]) -> dict[str, Any]:
         "median": round(statistics.median(per_round), 4),
         "ci95": [round(low, 4), round(high, 4)],
         "quartiles": [round(quartiles[0], 4), round(quartiles[2], 4)],
-        "added_us_median": round(statistics.median(differences), 2),
+        f"added_{unit}_median": round(statistics.median(differences), 2),
     }
 
 
 def print_in_process(report: dict[str, Any]) -> None:
+    measure = report.get("measure", "cpu_us")
+    unit = UNITS[measure]
+    what = (
+        "instructions of the worker process (callgrind)"
+        if measure == "instructions"
+        else "CPU time of the worker process"
+    )
     print(
         f"\nin process ({report['batches']} interleaved rounds of {report['batch_size']} requests a call, "
-        "CPU time of the worker process per request; ratios: median of the per-round ratios [95% interval of the "
-        "median], the median added µs in brackets):"
+        f"{what} per request; ratios: median of the per-round ratios [95% interval of the median], the median "
+        f"added {unit} in brackets):"
     )
     for call, row in report["calls"].items():
-        print(f"{call}: off {row['off']['cpu_us_per_request']:.1f} µs CPU/req")
+        print(f"{call}: off {row['off'][f'{measure}_per_request']:,.1f} {unit}/req")
         for config, against in IN_PROCESS_PAIRS:
             if config not in row or f"ratio_vs_{against}" not in row[config]:
                 continue
@@ -905,8 +952,9 @@ def print_in_process(report: dict[str, Any]) -> None:
             if "meets_goal" in row[config]:
                 goal = f"  goal <= x{1 + GOAL_DEFAULT_PER_REQUEST:.2f}: {'meets' if row[config]['meets_goal'] else 'MISSES'}"
             print(
-                f"  {config:>16}: {row[config]['cpu_us_per_request']:8.1f} µs, x{ratio['median']:.3f} vs {against} "
-                f"[{ratio['ci95'][0]:.3f}-{ratio['ci95'][1]:.3f}] ({ratio['added_us_median']:+.1f} µs){goal}"
+                f"  {config:>16}: {row[config][f'{measure}_per_request']:12,.1f} {unit}, x{ratio['median']:.3f} vs "
+                f"{against} [{ratio['ci95'][0]:.3f}-{ratio['ci95'][1]:.3f}] "
+                f"({ratio[f'added_{unit}_median']:+,.1f} {unit}){goal}"
             )
 
 
@@ -1082,6 +1130,12 @@ def main() -> None:
         default=list(INPROCESS_CALLS),
         help=f"--in-process: the calls measured, of {','.join(INPROCESS_CALLS)}",
     )
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="--in-process: count each batch's instructions under valgrind's callgrind (steady from process to "
+        "process and under load; ~50x slower: use small batches), not its CPU time",
+    )
     parser.add_argument("--in-process-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--sink", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--floor", help=argparse.SUPPRESS)
@@ -1095,6 +1149,13 @@ def main() -> None:
     if args.in_process_worker:
         run_inprocess_worker()
         return
+    if args.instructions and not args.in_process:
+        parser.error("--instructions goes with --in-process")
+    if args.instructions:
+        from stemflow_dev.instructions import missing
+
+        if reason := missing():
+            parser.error(f"--instructions: {reason}")
     if args.in_process:
         main_in_process(args)
         return
@@ -1162,7 +1223,8 @@ def main_in_process(args: argparse.Namespace) -> None:
     baseline = baseline_pythonpath(args.baseline_pythonpath)
     cpus, sink, sink_url = start_sink()
     report: dict[str, Any] = {
-        "what": "CPU time per request of the gateway app driven in process, by sampling setting",
+        "what": ("instructions" if args.instructions else "CPU time")
+        + " per request of the gateway app driven in process, by sampling setting",
         "configs": {name: env for name, env in INPROCESS_CONFIGS.items()},
         "previous": {"pythonpath": baseline} if baseline else None,
         "pinned_cpus": {"workers": cpus[0], "sink": cpus[1]},
@@ -1179,7 +1241,8 @@ def main_in_process(args: argparse.Namespace) -> None:
     print(f"\nload (1, 5, 15 min): {report['load_at_start']} at the start, {report['load_at_end']} at the end")
     print_in_process(report["in_process"])
     print(f"exported to the sink: {report['exported_to_sink']}")
-    save(RESULTS / "tracing_in_process.json" if args.out == RESULTS / "tracing.json" else args.out, report)
+    default_out = RESULTS / ("tracing_instructions.json" if args.instructions else "tracing_in_process.json")
+    save(default_out if args.out == RESULTS / "tracing.json" else args.out, report)
 
 
 def wait_for_sink(sink_url: str) -> None:
