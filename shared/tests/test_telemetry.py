@@ -549,3 +549,142 @@ async def test_head_sampling_switches_the_current_context_as_attach_does_and_res
     (request,) = seen.requests
     assert request["instrumented"] is False and not request["current"].is_valid
     assert otel_context.get_current() is before and is_instrumentation_enabled()
+
+
+def test_each_ratios_root_decision_is_its_samplers_own() -> None:
+    """HeadSampling compares a trace id with a bound where the sampler is the SDK's ratio or static sampler (alone or
+    a parent-based sampler's root): the same decision the sampler takes, for every trace id."""
+    ids = telemetry._PresetTraceIds()
+    trace_ids = [ids.generate_trace_id() for _ in range(3000)]
+    for sampler in (
+        sampling.ParentBased(sampling.TraceIdRatioBased(0.3)),
+        sampling.TraceIdRatioBased(0.05),
+        sampling.ParentBased(sampling.ALWAYS_ON),
+        sampling.ParentBased(sampling.ALWAYS_OFF),
+        sampling.ALWAYS_ON,
+        sampling.ALWAYS_OFF,
+    ):
+        bound = telemetry._root_bound(sampler)
+        assert bound is not None, sampler.get_description()
+        decided = [t & sampling.TraceIdRatioBased.TRACE_ID_LIMIT < bound for t in trace_ids]
+        asked = [sampler.should_sample(None, t, "POST").decision.is_sampled() for t in trace_ids]
+        assert decided == asked, sampler.get_description()
+    assert telemetry._root_bound(telemetry.JobSampling(sampling.ALWAYS_ON, sampling.ALWAYS_ON)) is None  # asked
+
+
+class CountingIds(telemetry._PresetTraceIds):
+    """The SDK draws a span id for every span it starts, sampled or not."""
+
+    def __init__(self) -> None:
+        self.span_ids = 0
+
+    def generate_span_id(self) -> int:
+        self.span_ids += 1
+        return super().generate_span_id()
+
+
+UNSAMPLED_PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+
+
+def test_a_span_of_an_unsampled_trace_is_not_built_where_the_sampler_would_drop_it() -> None:
+    """Parent-based job sampling drops a child of an unsampled parent: the SDK is not asked (no span id drawn), the
+    parent's span stays current with instrumentation suppressed, and what the block publishes says "not sampled"
+    under the parent's ids. A sampler that could sample such a child (not parent-based) is asked."""
+    for pipelines, built in (
+        (sampling.ParentBased(sampling.TraceIdRatioBased(0.5)), False),
+        (sampling.ALWAYS_ON, True),
+    ):
+        ids = CountingIds()
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider(sampler=telemetry.JobSampling(pipelines, sampling.ALWAYS_OFF), id_generator=ids)
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        tracer = telemetry._UnsampledUninstrumented(provider.get_tracer("test"))
+        parent = telemetry.extract_context({"traceparent": UNSAMPLED_PARENT})
+        for context in (parent, None):  # a consumer's parent from the message; a publisher's, current
+            token = otel_context.attach(parent) if context is None else None
+            try:
+                with tracer.start_as_current_span(
+                    "publish job.submitted", context=context, kind=trace.SpanKind.PRODUCER
+                ):
+                    headers: dict[str, Any] = {}
+                    telemetry.inject_headers(headers)
+                    instrumented = is_instrumentation_enabled()
+            finally:
+                if token is not None:
+                    otel_context.detach(token)
+            assert is_instrumentation_enabled()
+            if built:
+                assert instrumented and headers["traceparent"].endswith("-01")
+            else:
+                assert not instrumented and headers == {"traceparent": UNSAMPLED_PARENT}
+        assert (ids.span_ids, len(exporter.get_finished_spans())) == ((2, 2) if built else (0, 0))
+
+
+def test_a_span_of_an_unsampled_trace_made_before_the_provider_follows_the_providers_sampler() -> None:
+    """`telemetry.tracer` made before a provider is installed wraps the API's proxy tracer: the sampler judged is the
+    installed provider's."""
+    tracer = telemetry._UnsampledUninstrumented(trace.ProxyTracer("test"))
+    parent = telemetry.extract_context({"traceparent": UNSAMPLED_PARENT})
+    assert not tracer._drops_unsampled_children()  # no SDK yet: the API's no-op tracer
+    ids = CountingIds()
+    provider = TracerProvider(
+        sampler=telemetry.JobSampling(sampling.ParentBased(sampling.ALWAYS_ON), sampling.ALWAYS_OFF), id_generator=ids
+    )
+    tracer._tracer._real_tracer = provider.get_tracer("test")  # what the proxy does once a provider is installed
+    with tracer.start_as_current_span("process job.submitted", parent, kind=trace.SpanKind.CONSUMER) as span:
+        assert span.get_span_context() == trace.get_current_span(parent).get_span_context()
+    assert tracer._drops_unsampled_children() and ids.span_ids == 0
+
+
+class Stamp:
+    """A propagator that writes its own header (not W3C's)."""
+
+    fields = {"x-stamp"}
+
+    def inject(self, carrier: Any, context: Any = None, setter: Any = None) -> None:
+        carrier["x-stamp"] = format(trace.get_current_span(context).get_span_context().trace_id, "x")
+
+    def extract(self, carrier: Any, context: Any = None, getter: Any = None) -> Any:
+        return context
+
+
+def test_published_headers_are_what_the_configured_propagators_write() -> None:
+    """inject_headers writes the W3C headers itself where the propagators are the default and no baggage is set: the
+    same as propagate.inject, sampled or not, with a trace state; with baggage or other propagators, theirs."""
+    from opentelemetry import baggage
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    assert telemetry._default_propagators()
+    contexts = {
+        "sampled": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "unsampled": UNSAMPLED_PARENT,
+    }
+    for name, traceparent in contexts.items():
+        for carrier in ({"traceparent": traceparent}, {"traceparent": traceparent, "tracestate": "vendor=a,other=b"}):
+            context = TraceContextTextMapPropagator().extract(carrier)
+            for with_baggage in (False, True):
+                if with_baggage:
+                    context = baggage.set_baggage("tenant", "acme", context)
+                token = otel_context.attach(context)
+                try:
+                    ours: dict[str, Any] = {}
+                    telemetry.inject_headers(ours)
+                    theirs: dict[str, str] = {}
+                    propagate.inject(theirs)
+                finally:
+                    otel_context.detach(token)
+                assert ours == theirs, (name, carrier, with_baggage)
+                assert ours["traceparent"] == traceparent and ("baggage" in ours) == with_baggage
+    saved = propagate.get_global_textmap()
+    propagate.set_global_textmap(Stamp())
+    try:
+        assert not telemetry._default_propagators()
+        token = otel_context.attach(TraceContextTextMapPropagator().extract({"traceparent": UNSAMPLED_PARENT}))
+        try:
+            headers: dict[str, Any] = {}
+            telemetry.inject_headers(headers)
+        finally:
+            otel_context.detach(token)
+        assert headers == {"x-stamp": "af7651916cd43dd8448eb211c80319c"}
+    finally:
+        propagate.set_global_textmap(saved)

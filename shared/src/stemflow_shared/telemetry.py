@@ -19,10 +19,16 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
-from opentelemetry.context import Context
-from opentelemetry.instrumentation.utils import is_instrumentation_enabled, suppress_instrumentation
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, Context
+from opentelemetry.instrumentation.utils import (
+    _SUPPRESS_INSTRUMENTATION_KEY_PLAIN,
+    is_instrumentation_enabled,
+    suppress_instrumentation,
+)
+from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import sampling
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
@@ -296,8 +302,9 @@ class HeadSampling:
         self._requests = provider.sampler.requests
         self._starts_pipeline = frozenset((method.upper(), path) for method, path in starts_pipeline)
         self._ids = provider.id_generator
-        # The request ratio's decision as TraceIdRatioBased takes it, without its SamplingResult (3 µs a request).
-        self._requests_bound = self._requests.bound if type(self._requests) is sampling.TraceIdRatioBased else None
+        # Each ratio's decision of a root as its sampler takes it, without its SamplingResult (3 µs a request).
+        self._requests_bound = _root_bound(self._requests)
+        self._pipelines_bound = _root_bound(self._pipelines)
         with suppress_instrumentation():
             self._suppressed = otel_context.get_current()  # one context switch per request, not two
         self._current = _current_context_variable()
@@ -321,13 +328,14 @@ class HeadSampling:
         method = scope.get("method", "GET")  # a WebSocket's scope has none
         trace_id = RandomIdGenerator.generate_trace_id(self._ids)  # a fresh draw, never a preset one
         pipeline = (method, path) in self._starts_pipeline
-        if pipeline or self._requests_bound is None:
+        bound = self._pipelines_bound if pipeline else self._requests_bound
+        if bound is None:
             sampler = self._pipelines if pipeline else self._requests
             sampled = sampler.should_sample(
                 None, trace_id, method, trace.SpanKind.SERVER, {"http.request.method": method, "url.path": path}
             ).decision.is_sampled()
         else:
-            sampled = trace_id & sampling.TraceIdRatioBased.TRACE_ID_LIMIT < self._requests_bound
+            sampled = trace_id & sampling.TraceIdRatioBased.TRACE_ID_LIMIT < bound
         if sampled:
             preset, judged = _preset_trace_id.set(trace_id), _head_sampled.set(trace_id)
             try:
@@ -361,6 +369,19 @@ class HeadSampling:
             await self.app(scope, receive, send)
         finally:
             self._current.reset(reset)
+
+
+def _root_bound(sampler: Sampler) -> int | None:
+    """What `sampler` decides for a root span, as a bound on the trace id's low 64 bits (sampled when below it),
+    where the sampler is the SDK's own ratio or static sampler, alone or as a parent-based sampler's root;
+    None for any other sampler (it is asked)."""
+    if type(sampler) is sampling.ParentBased:
+        sampler = sampler._root
+    if type(sampler) is sampling.TraceIdRatioBased:
+        return int(sampler.bound)
+    if type(sampler) is sampling.StaticSampler:
+        return sampling.TraceIdRatioBased.TRACE_ID_LIMIT + 1 if sampler._decision.is_sampled() else 0
+    return None
 
 
 def _current_context_variable() -> contextvars.ContextVar[Context] | None:
@@ -448,8 +469,15 @@ def no_client_spans() -> Iterator[None]:
     if not trace.get_current_span().get_span_context().trace_flags.sampled:
         yield
         return
-    with suppress_instrumentation():
+    with _current_context(suppressed()):
         yield
+
+
+def suppressed(context: Context | None = None) -> Context:
+    """`context` (the current one by default) with instrumentation suppressed, as `suppress_instrumentation()`
+    sets it, in one copy of the context rather than two."""
+    base = otel_context.get_current() if context is None else context
+    return Context({**base, _SUPPRESS_INSTRUMENTATION_KEY: True, _SUPPRESS_INSTRUMENTATION_KEY_PLAIN: True})
 
 
 def without_redis_spans(client: Any) -> Any:
@@ -510,6 +538,36 @@ def _skipping_suppressed_class(cls: type) -> type:
     return skipping
 
 
+def _drops_unsampled_children(sampler: Any) -> bool:
+    """Whether `sampler` drops every span whose parent is valid and not sampled: JobSampling over a parent-based
+    sampler (every OTEL_TRACES_SAMPLER parentbased_*) whose not-sampled delegates are the default, ALWAYS_OFF
+    (JobSampling sends a span with a valid parent to `pipelines`, its head-judged trace aside, which is sampled)."""
+    pipelines = sampler.pipelines if isinstance(sampler, JobSampling) else None
+    return type(pipelines) is sampling.ParentBased and all(
+        type(delegate) is sampling.StaticSampler and not delegate._decision.is_sampled()
+        for delegate in (pipelines._local_parent_not_sampled, pipelines._remote_parent_not_sampled)
+    )
+
+
+@contextmanager
+def _current_context(context: Context) -> Iterator[None]:
+    """`context` current in the block: OpenTelemetry's attach and detach, or (with the API's default runtime
+    context) the same on its context variable, without their layers of calls and the detach's guard."""
+    variable = _current_context_variable()
+    if variable is None:
+        token = otel_context.attach(context)
+        try:
+            yield
+        finally:
+            otel_context.detach(token)
+        return
+    reset = variable.set(context)
+    try:
+        yield
+    finally:
+        variable.reset(reset)
+
+
 @functools.cache
 def tracer(name: str = "stemflow") -> trace.Tracer:
     """The tracer of `name`, made once: the SDK's get_tracer costs tens of microseconds a call.
@@ -531,25 +589,78 @@ class _UnsampledUninstrumented(trace.Tracer):
 
     def __init__(self, tracer: trace.Tracer) -> None:
         self._tracer = tracer
+        self._judged: tuple[Any, bool] = (None, False)  # (the SDK tracer's sampler, _drops_unsampled_children)
+
+    def _drops_unsampled_children(self) -> bool:
+        tracer = self._tracer
+        if isinstance(tracer, trace.ProxyTracer):  # made before a provider was installed: the one it now uses
+            tracer = tracer._tracer
+        sampler = getattr(tracer, "sampler", None)
+        if self._judged[0] is not sampler:
+            self._judged = (sampler, _drops_unsampled_children(sampler))
+        return self._judged[1]
 
     def start_span(self, *args: Any, **kwargs: Any) -> trace.Span:
         return self._tracer.start_span(*args, **kwargs)
 
     @contextmanager  # type: ignore[override]
     def start_as_current_span(self, *args: Any, **kwargs: Any) -> Iterator[trace.Span]:
+        context = kwargs["context"] if "context" in kwargs else args[1] if len(args) > 1 else None
+        parent = trace.get_current_span(context)
+        known = parent.get_span_context()
+        if not known.trace_flags.sampled and known.is_valid and self._drops_unsampled_children():
+            # The sampler would drop this span (parent-based, its parent not sampled): the SDK's work for it
+            # (sampler, ids, a span and its context) is skipped. The parent's span stays current, so what this
+            # block publishes carries the parent's traceparent, "not sampled" as the SDK's span would have.
+            if context is None and not is_instrumentation_enabled():
+                yield parent  # its span current and instrumentation suppressed already (an unsampled request)
+                return
+            with _current_context(suppressed(context)):
+                yield parent
+            return
         with self._tracer.start_as_current_span(*args, **kwargs) as span:
             if span.is_recording() or not span.get_span_context().is_valid:
                 yield span
                 return
-            with suppress_instrumentation():
+            with _current_context(suppressed()):
                 yield span
 
 
 def inject_headers(headers: MutableMapping[str, Any]) -> None:
-    """Write the current W3C trace context (traceparent, tracestate) into AMQP headers."""
+    """Write the current W3C trace context (traceparent, tracestate) into AMQP headers.
+
+    With the default propagators (W3C trace context and baggage) and no baggage, the headers are written here
+    as the trace-context propagator writes them, without the propagators' layers (half the cost of an
+    unsampled job's publish headers); anything else goes through the configured propagators."""
+    span_context = trace.get_current_span().get_span_context()
+    if span_context.is_valid and _default_propagators() and not baggage.get_all():
+        headers["traceparent"] = (
+            f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-{span_context.trace_flags:02x}"
+        )
+        if span_context.trace_state:
+            headers["tracestate"] = span_context.trace_state.to_header()
+        return
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     headers.update(carrier)
+
+
+_default_propagation: tuple[Any, bool] = (None, False)
+
+
+def _default_propagators() -> bool:
+    """Whether the global propagator is the SDK's default: W3C trace context, then W3C baggage (OTEL_PROPAGATORS
+    unset or "tracecontext,baggage")."""
+    global _default_propagation
+    propagator = propagate.get_global_textmap()
+    if _default_propagation[0] is not propagator:
+        kinds = [type(p) for p in getattr(propagator, "_propagators", ())]
+        default = type(propagator) is CompositePropagator and kinds == [
+            TraceContextTextMapPropagator,
+            W3CBaggagePropagator,
+        ]
+        _default_propagation = (propagator, default)
+    return _default_propagation[1]
 
 
 def extract_context(headers: Mapping[str, Any] | None) -> Context:
