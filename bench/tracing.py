@@ -45,6 +45,18 @@ The machine's load (os.getloadavg) is printed and saved with every figure.
         [--jobs-per-config 4] [--baseline-pythonpath DIR-or-PYTHONPATH] [--out bench/results/tracing.json]
 
 Needs `wrk` (Debian: `apt-get install -y wrk`).
+
+In process (--in-process): no server and no client, each configuration's gateway app driven through ASGI in a
+worker process of its own, in interleaved batches of each call; the worker's CPU time per request
+(bench/results/tracing_in_process.json). With --instructions, each batch's instructions instead, counted by
+valgrind's callgrind (stemflow_dev.instructions): the same from process to process and under any load, where
+CPU time moves by 3-4% between processes of the same code. Instructions leave out the kernel's work (socket
+and file I/O), which tracing barely adds to, so their ratios overstate what tracing costs in CPU time; under
+valgrind the gateway's timers are put off and spans are exported only at each batch's end (quiet_timers).
+About 50x slower: 3 rounds of 300 requests a call take ~15 minutes.
+
+    .venv/bin/python bench/tracing.py --in-process [--instructions] [--batches 30] [--batch-size 300]
+        [--calls get_cached,create_job] [--baseline-pythonpath DIR]
 """
 
 from __future__ import annotations
@@ -669,6 +681,7 @@ def run_inprocess_worker() -> None:
 
 async def _inprocess_worker() -> None:
     import asyncio
+    import gc
 
     from opentelemetry import trace
 
@@ -704,6 +717,9 @@ async def _inprocess_worker() -> None:
             body, content_type = (upload, upload_type) if method == "POST" else (b"", b"")
             statuses: set[int] = set()
             if counter is not None:
+                # Every batch from the same collector state: where a full collection lands depends on all the
+                # process allocated before, and one in a batch is millions of instructions.
+                gc.collect()
                 counter.start()
             cpu, loop_thread = time.process_time(), time.thread_time()
             for _ in range(n):
