@@ -785,9 +785,11 @@ def in_process(args: argparse.Namespace, sink_url: str, baseline: str | None, cp
                 env.update({**(tracing if extra.keys() - {"PYTHONPATH"} else {}), **extra})
                 argv = [sys.executable, __file__, "--in-process-worker"]
                 if args.instructions:
-                    out = Path(tmp) / f"callgrind-{config}"
+                    out = (args.keep_dumps or Path(tmp)) / f"callgrind-{config}"
                     argv = instructions.callgrind_argv(argv, out)
                     env.update({**instructions.child_environment(out), **quiet_timers(env["MONGODB_URL"])})
+                    if args.keep_dumps:
+                        env[instructions.KEEP_ENV] = "1"
                 workers[config] = subprocess.Popen(
                     pinned(cpu, argv),
                     env={**os.environ, **env},
@@ -1155,6 +1157,12 @@ def main() -> None:
         help="--in-process: count each batch's instructions under valgrind's callgrind (steady from process to "
         "process and under load; ~50x slower: use small batches), not its CPU time",
     )
+    parser.add_argument(
+        "--keep-dumps",
+        type=Path,
+        help="--instructions: keep each batch's callgrind dump in DIR/callgrind-<config>/stretch.N "
+        "(callgrind_annotate reads them), in the order of the batches, the warm-up's first",
+    )
     parser.add_argument("--in-process-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--sink", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--floor", help=argparse.SUPPRESS)
@@ -1170,6 +1178,8 @@ def main() -> None:
         return
     if args.instructions and not args.in_process:
         parser.error("--instructions goes with --in-process")
+    if args.keep_dumps and not args.instructions:
+        parser.error("--keep-dumps goes with --instructions")
     if args.instructions:
         from stemflow_dev.instructions import missing
 

@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 OUT_DIR_ENV = "STEMFLOW_CALLGRIND_OUT"
+KEEP_ENV = "STEMFLOW_CALLGRIND_KEEP"
 SHIM = r"""
 #include <valgrind/callgrind.h>
 int stemflow_on_valgrind(void) { return RUNNING_ON_VALGRIND; }
@@ -98,6 +99,9 @@ class Counter:
         if not self._shim.stemflow_on_valgrind():
             raise Unavailable("this process does not run under valgrind")
         self._running = False
+        # STEMFLOW_CALLGRIND_KEEP=1: each stretch's dump is kept as out_dir/stretch.N (functions' counts in it).
+        self.keep = os.environ.get(KEEP_ENV) == "1"
+        self.kept = 0
 
     @classmethod
     def from_environment(cls) -> Counter | None:
@@ -123,7 +127,11 @@ class Counter:
             raise RuntimeError(f"callgrind wrote no dump into {self.out_dir}")
         total = read_total(dumps[-1])
         for dump in dumps:
-            dump.unlink()
+            if self.keep:  # for callgrind_annotate: each stretch's dump, numbered in order
+                self.kept += 1
+                dump.rename(self.out_dir / f"stretch.{self.kept}")
+            else:
+                dump.unlink()
         return total
 
 

@@ -55,6 +55,17 @@ def test_counts_follow_the_work_in_every_thread_and_not_the_clock(tmp_path: Path
     assert not list(out.glob("callgrind.out.*")), "each stretch's dump is read and removed"
 
 
+def test_kept_dumps_hold_each_stretchs_count_in_order(tmp_path: Path) -> None:
+    out = tmp_path / "callgrind"
+    argv = instructions.callgrind_argv([sys.executable, "-c", CHILD], out)
+    environment = {**_environment(), **instructions.child_environment(out), instructions.KEEP_ENV: "1"}
+    done = subprocess.run(argv, env=environment, capture_output=True, text=True, check=True)
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    kept = [instructions.read_total(out / f"stretch.{n}") for n in range(1, 6)]
+    assert kept == [counts[name] for name in ("warm", "one", "two", "sleep", "thread")]
+    assert not (out / "stretch.6").exists()
+
+
 def test_outside_valgrind_there_is_no_counter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(instructions.OUT_DIR_ENV, raising=False)
     assert instructions.Counter.from_environment() is None
