@@ -384,9 +384,11 @@ def _root_bound(sampler: Sampler) -> int | None:
     return None
 
 
+@functools.cache
 def _current_context_variable() -> contextvars.ContextVar[Context] | None:
     """The context variable that holds OpenTelemetry's current context, when the runtime context is the API's
-    default (contextvars); None otherwise (OTEL_PYTHON_CONTEXT names another), and `attach` is used."""
+    default (contextvars); None otherwise (OTEL_PYTHON_CONTEXT names another), and `attach` is used. Found once:
+    the API picks its runtime context when it is imported, and `_current_context` asks on every switch."""
     from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 
     runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
